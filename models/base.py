@@ -1,0 +1,226 @@
+"""What the six ALBEF variants share (SPEC 4.1): encoder builders, momentum pairs, queues and the
+contrastive + matching objectives of pre-training and retrieval.
+
+The base registers nothing of its own: every submodule and buffer is assigned onto the model under
+its original name, so the state_dict keys are exactly those of the original checkpoints.
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils import concat_all_gather
+from .losses import distill_targets, hard_negative_weights, itc_loss, sample_negatives
+from .vit import VisionTransformer, load_deit, DEIT_BASE_URL
+from .xbert import BertConfig, BertModel
+
+VISION_DEFAULTS = {'vision_width': 768, 'vision_depth': 12, 'vision_num_heads': 12, 'patch_size': 16}
+
+
+def read_bert_config(config, **overrides):
+    """The BERT config of `config['bert_config']` (a JSON path or a dict), with task overrides."""
+    source = config['bert_config']
+    bert_config = BertConfig.from_dict(source) if isinstance(source, dict) else BertConfig.from_json_file(source)
+    for key, value in overrides.items():
+        setattr(bert_config, key, value)
+    vision_width = config.get('vision_width', VISION_DEFAULTS['vision_width'])
+    if 'encoder_width' not in overrides and getattr(bert_config, 'encoder_width', None) != vision_width:
+        raise ValueError(f"bert_config encoder_width={getattr(bert_config, 'encoder_width', None)} must equal "
+                         f'vision_width={vision_width}: the cross-attention reads the image tokens')
+    return bert_config
+
+
+class ALBEFBase(nn.Module):
+
+    # ---- builders ---------------------------------------------------------------------------
+    @staticmethod
+    def build_visual_encoder(config):
+        """ViT sized by the config (defaults: ViT-B/16), with all dropout rates 0."""
+        size = {k: config.get(k, v) for k, v in VISION_DEFAULTS.items()}
+        return VisionTransformer(img_size=config['image_res'], patch_size=size['patch_size'],
+                                 embed_dim=size['vision_width'], depth=size['vision_depth'],
+                                 num_heads=size['vision_num_heads'], mlp_ratio=4, qkv_bias=True)
+
+    @staticmethod
+    def build_text_encoder(config, text_encoder=None, cls=BertModel, **overrides):
+        """A BERT of class `cls` from `config['bert_config']` (plus overrides). `text_encoder` (a hub
+        name or local directory) loads pretrained BERT weights; None keeps a random init."""
+        bert_config = read_bert_config(config, **overrides)
+        kwargs = {'add_pooling_layer': False} if cls is BertModel else {}
+        if text_encoder:
+            return cls.from_pretrained(text_encoder, config=bert_config, **kwargs)
+        return cls(bert_config, **kwargs)
+
+    def init_deit(self, config):
+        """Initialise `visual_encoder` from DeiT (config key `deit_checkpoint`: a file or URL)."""
+        load_deit(self.visual_encoder, config.get('deit_checkpoint') or DEIT_BASE_URL)
+
+    # ---- momentum encoders ------------------------------------------------------------------
+    def _create_momentum(self, *names):
+        """Create `<name>_m` as a copy of each named module and pair them for the EMA."""
+        self.model_pairs = []
+        for name in names:
+            online = getattr(self, name)
+            setattr(self, name + '_m', copy.deepcopy(online))
+            self.model_pairs.append([online, getattr(self, name + '_m')])
+        self.copy_params()
+
+    @torch.no_grad()
+    def copy_params(self):
+        for model, model_m in self.model_pairs:
+            for param, param_m in zip(model.parameters(), model_m.parameters()):
+                param_m.data.copy_(param.data)
+                param_m.requires_grad = False
+
+    @torch.no_grad()
+    def _momentum_update(self):
+        for model, model_m in self.model_pairs:
+            for param, param_m in zip(model.parameters(), model_m.parameters()):
+                # m * theta_m and (1 - m) * theta rounded separately, then summed: bit-exact with the original
+                param_m.data.mul_(self.momentum).add_(param.data * (1. - self.momentum))
+
+    # ---- feature queues ---------------------------------------------------------------------
+    def _create_queues(self, embed_dim, queue_size, with_idx=False):
+        self.register_buffer('image_queue', F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer('text_queue', F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        if with_idx:
+            self.register_buffer('idx_queue', torch.full((1, queue_size), -100))
+        self.register_buffer('queue_ptr', torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, image_feat, text_feat, idx=None):
+        image_feats = concat_all_gather(image_feat)
+        text_feats = concat_all_gather(text_feat)
+        batch_size = image_feats.shape[0]
+        ptr = int(self.queue_ptr)
+        if self.queue_size % batch_size:
+            raise ValueError(f'queue_size {self.queue_size} must be a multiple of the global batch size '
+                             f'{batch_size} (batch size per process x processes)')
+        self.image_queue[:, ptr:ptr + batch_size] = image_feats.T
+        self.text_queue[:, ptr:ptr + batch_size] = text_feats.T
+        if idx is not None:
+            self.idx_queue[:, ptr:ptr + batch_size] = concat_all_gather(idx).T
+        self.queue_ptr[0] = (ptr + batch_size) % self.queue_size
+
+
+class ContrastiveALBEF(ALBEFBase):
+    """ITC with momentum distillation and ITM with hard negatives, shared by pre-training
+    (positives = the diagonal) and retrieval (positives = every caption of the same image)."""
+
+    itm_eps = 0.0  # retrieval adds 1e-4 before the sampling softmax (bit-level parity)
+
+    def _text_bert(self, encoder):
+        return encoder.base_model  # BertModel for retrieval, `.bert` of BertForMaskedLM for pre-training
+
+    def _image_features(self, visual_encoder, vision_proj, image):
+        image_embeds = visual_encoder(image)
+        return image_embeds, F.normalize(vision_proj(image_embeds[:, 0, :]), dim=-1)
+
+    def _text_features(self, text_encoder, text_proj, text):
+        text_embeds = self._text_bert(text_encoder)(text.input_ids, attention_mask=text.attention_mask,
+                                                    return_dict=True, mode='text').last_hidden_state
+        return text_embeds, F.normalize(text_proj(text_embeds[:, 0, :]), dim=-1)
+
+    def _fusion(self, text_embeds, text_atts, image_embeds, image_atts):
+        return self._text_bert(self.text_encoder)(
+            encoder_embeds=text_embeds, attention_mask=text_atts, encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_atts, return_dict=True, mode='fusion').last_hidden_state[:, 0, :]
+
+    def contrastive_forward(self, image, text, alpha, idx=None, distill=True):
+        """Returns (loss_ita, loss_itm, image_embeds, image_embeds_m) for one batch.
+
+        `idx` (B,) are image indices (retrieval); None means pre-training's diagonal positives.
+        """
+        image_embeds, image_feat = self._image_features(self.visual_encoder, self.vision_proj, image)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+        text_embeds, text_feat = self._text_features(self.text_encoder, self.text_proj, text)
+
+        if idx is not None:
+            idx = idx.view(-1, 1)
+            idx_all = torch.cat([idx.t(), self.idx_queue.clone().detach()], dim=1)
+            pos = torch.eq(idx, idx_all).float()
+            sim_targets = pos / pos.sum(1, keepdim=True)
+
+        with torch.no_grad():
+            self._momentum_update()
+            image_embeds_m, image_feat_m = self._image_features(self.visual_encoder_m, self.vision_proj_m, image)
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
+            _, text_feat_m = self._text_features(self.text_encoder_m, self.text_proj_m, text)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+            if idx is None:
+                sim_targets = torch.zeros(image.size(0), image_feat_all.size(1), device=image.device)
+                sim_targets.fill_diagonal_(1)
+            if distill:
+                sim_i2t_targets = distill_targets(image_feat_m @ text_feat_all / self.temp, sim_targets, alpha)
+                sim_t2i_targets = distill_targets(text_feat_m @ image_feat_all / self.temp, sim_targets, alpha)
+            else:
+                sim_i2t_targets = sim_t2i_targets = sim_targets
+
+        sim_i2t = image_feat @ text_feat_all / self.temp
+        sim_t2i = text_feat @ image_feat_all / self.temp
+        loss_ita = itc_loss(sim_i2t, sim_t2i, sim_i2t_targets, sim_t2i_targets)
+
+        self._dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
+
+        loss_itm = self._itm_loss(image_embeds, image_atts, text_embeds, text.attention_mask,
+                                  sim_i2t, sim_t2i, idx)
+        return loss_ita, loss_itm, image_embeds, image_embeds_m
+
+    def _itm_loss(self, image_embeds, image_atts, text_embeds, text_atts, sim_i2t, sim_t2i, idx):
+        bs = image_embeds.size(0)
+        output_pos = self._fusion(text_embeds, text_atts, image_embeds, image_atts)
+        with torch.no_grad():
+            if idx is None:
+                same = torch.eye(bs, dtype=torch.bool, device=image_embeds.device)
+            else:
+                same = torch.eq(idx, idx.t())
+            weights_i2t = hard_negative_weights(sim_i2t[:, :bs], same, self.itm_eps)
+            weights_t2i = hard_negative_weights(sim_t2i[:, :bs], same, self.itm_eps)
+            neg_image = sample_negatives(weights_t2i)  # a negative image for each text
+            neg_text = sample_negatives(weights_i2t)   # a negative text for each image
+
+        text_embeds_all = torch.cat([text_embeds, text_embeds[neg_text]], dim=0)
+        text_atts_all = torch.cat([text_atts, text_atts[neg_text]], dim=0)
+        image_embeds_all = torch.cat([image_embeds[neg_image], image_embeds], dim=0)
+        image_atts_all = torch.cat([image_atts, image_atts], dim=0)
+        output_neg = self._fusion(text_embeds_all, text_atts_all, image_embeds_all, image_atts_all)
+
+        vl_output = self.itm_head(torch.cat([output_pos, output_neg], dim=0))
+        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]
+                               ).to(image_embeds.device)
+        return F.cross_entropy(vl_output, itm_labels)
+
+
+class ClassifierALBEF(ALBEFBase):
+    """A classification head on the multimodal [CLS], trained with momentum distillation
+    (VE: one image per text; NLVR2: an image pair per text)."""
+
+    def _image_inputs(self, image_embeds, batch_size):
+        """The encoder states and masks the text encoder attends to (one tensor, or a list)."""
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        return image_embeds, image_atts
+
+    def _predict(self, visual_encoder, text_encoder, cls_head, image, text, batch_size):
+        states, atts = self._image_inputs(visual_encoder(image), batch_size)
+        output = text_encoder(text.input_ids, attention_mask=text.attention_mask, encoder_hidden_states=states,
+                              encoder_attention_mask=atts, return_dict=True)
+        return cls_head(output.last_hidden_state[:, 0, :])
+
+    def forward(self, image, text, targets, alpha=0, train=True):
+        from .losses import classification_distill_loss
+        batch_size = targets.size(0)
+        prediction = self._predict(self.visual_encoder, self.text_encoder, self.cls_head, image, text, batch_size)
+        if not train:
+            return prediction
+        prediction_m = None
+        if self.distill:
+            with torch.no_grad():
+                self._momentum_update()
+                prediction_m = self._predict(self.visual_encoder_m, self.text_encoder_m, self.cls_head_m,
+                                             image, text, batch_size)
+        return classification_distill_loss(prediction, targets, prediction_m, alpha)
+
+    @staticmethod
+    def make_cls_head(width, num_classes):
+        return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))

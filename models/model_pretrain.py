@@ -1,0 +1,75 @@
+"""Pre-training: ITC and ITM (momentum distillation, hard negatives) and MLM (SPEC 4.2)."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import ContrastiveALBEF
+from .xbert import BertForMaskedLM
+
+
+class ALBEF(ContrastiveALBEF):
+    def __init__(self, text_encoder=None, tokenizer=None, config=None, temp=0.07, init_deit=True):
+        super().__init__()
+        # `temp` is kept for the original signature; the value comes from config['temp']
+        self.tokenizer = tokenizer
+        self.mlm_probability = config['mlm_probability']
+        embed_dim = config['embed_dim']
+
+        self.visual_encoder = self.build_visual_encoder(config)
+        if init_deit:
+            self.init_deit(config)
+        self.text_encoder = self.build_text_encoder(config, text_encoder, BertForMaskedLM)
+        vision_width = self.visual_encoder.embed_dim
+        text_width = self.text_encoder.config.hidden_size
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.temp = nn.Parameter(torch.ones([]) * config['temp'])
+        self.queue_size = config['queue_size']
+        self.momentum = config['momentum']
+        self.itm_head = nn.Linear(text_width, 2)
+
+        self._create_momentum('visual_encoder', 'vision_proj', 'text_encoder', 'text_proj')
+        self._create_queues(embed_dim, self.queue_size)
+
+    def forward(self, image, text, alpha=0):
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        loss_ita, loss_itm, image_embeds, image_embeds_m = self.contrastive_forward(image, text, alpha)
+
+        # ---- masked language modelling, distilled from the momentum model -----------------------
+        input_ids = text.input_ids.clone()
+        labels = input_ids.clone()
+        probability_matrix = torch.full(labels.shape, self.mlm_probability)
+        input_ids, labels = self.mask(input_ids, self.text_encoder.config.vocab_size, image.device,
+                                      targets=labels, probability_matrix=probability_matrix)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+        with torch.no_grad():
+            logits_m = self.text_encoder_m(input_ids, attention_mask=text.attention_mask,
+                                           encoder_hidden_states=image_embeds_m, encoder_attention_mask=image_atts,
+                                           return_dict=True, return_logits=True)
+        loss_mlm = self.text_encoder(input_ids, attention_mask=text.attention_mask,
+                                     encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
+                                     return_dict=True, labels=labels, soft_labels=F.softmax(logits_m, dim=-1),
+                                     alpha=alpha).loss
+        return loss_mlm, loss_ita, loss_itm
+
+    def mask(self, input_ids, vocab_size, device, targets=None, masked_indices=None, probability_matrix=None):
+        """BERT masking: of the chosen tokens 80% become [MASK], 10% a random token, 10% stay.
+
+        Every random draw is made on the CPU generator, in the original's order (bernoulli 0.15,
+        0.8, 0.5, then randint over the whole shape), and [PAD] and [CLS] are never chosen.
+        """
+        ids_cpu = input_ids.cpu()
+        if masked_indices is None:
+            masked_indices = torch.bernoulli(probability_matrix).bool()
+        masked_indices = masked_indices.cpu().clone()
+        masked_indices[ids_cpu == self.tokenizer.pad_token_id] = False
+        masked_indices[ids_cpu == self.tokenizer.cls_token_id] = False
+        if targets is not None:
+            targets[~masked_indices.to(targets.device)] = -100  # loss only on masked tokens
+        replaced = torch.bernoulli(torch.full(input_ids.shape, 0.8)).bool() & masked_indices
+        random_words = torch.bernoulli(torch.full(input_ids.shape, 0.5)).bool() & masked_indices & ~replaced
+        random_ids = torch.randint(vocab_size, input_ids.shape, dtype=torch.long)
+        input_ids[replaced.to(input_ids.device)] = self.tokenizer.mask_token_id
+        input_ids[random_words.to(input_ids.device)] = random_ids[random_words].to(input_ids.device)
+        return (input_ids, targets) if targets is not None else input_ids

@@ -1,0 +1,55 @@
+"""Text-assignment (TA) pre-training for NLVR2 (SPEC 4.6): given a text and an image pair, say
+whether the text matches image 0 (label 0), image 1 (label 1) or neither (label 2)."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import ALBEFBase
+from .model_nlvr import pair_layers, share_cross_attention
+
+
+class ALBEF(ALBEFBase):
+    def __init__(self, text_encoder=None, tokenizer=None, config=None):
+        super().__init__()
+        self.tokenizer = tokenizer
+        embed_dim = config['embed_dim']
+        self.visual_encoder = self.build_visual_encoder(config)
+        self.text_encoder = self.build_text_encoder(config, text_encoder, num_hidden_layers=pair_layers(config))
+        share_cross_attention(self.text_encoder.encoder)
+        vision_width = self.visual_encoder.embed_dim
+        text_width = self.text_encoder.config.hidden_size
+        # vision_proj drives the negative sampling; text_proj and temp are loaded but unused
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.temp = nn.Parameter(torch.ones([]) * 0.07)
+        self.ta_head = nn.Linear(text_width, 3)
+
+    def forward(self, image, text):
+        image_embeds = self.visual_encoder(image)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+        with torch.no_grad():
+            image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+            sim = image_feat @ image_feat.t() / 0.07
+            weights = F.softmax(sim, dim=1).fill_diagonal_(0)
+
+        image_inputs, labels = [], []
+        for b in range(image.size(0)):
+            if torch.rand(1) > 1 / 3:
+                other = torch.multinomial(weights[b], 1).item()
+                if torch.rand(1) > 0.5:
+                    image_inputs.append((b, other))
+                    labels.append(0)
+                else:
+                    image_inputs.append((other, b))
+                    labels.append(1)
+            else:
+                first, second = torch.multinomial(weights[b], 2).tolist()
+                image_inputs.append((first, second))
+                labels.append(2)
+        pairs = torch.tensor(image_inputs, device=image.device)
+        labels = torch.tensor(labels, device=image.device)
+
+        output = self.text_encoder(text.input_ids, attention_mask=text.attention_mask,
+                                   encoder_hidden_states=[image_embeds[pairs[:, 0]], image_embeds[pairs[:, 1]]],
+                                   encoder_attention_mask=[image_atts, image_atts], return_dict=True)
+        return F.cross_entropy(self.ta_head(output.last_hidden_state[:, 0, :]), labels)
