@@ -32,6 +32,8 @@ def read_bert_config(config, **overrides):
 
 
 class ALBEFBase(nn.Module):
+    checkpoint_conversion = None  # how models/checkpoint.py converts a pre-training checkpoint
+    new_heads = ()                # heads a pre-trained checkpoint does not have
 
     # ---- builders ---------------------------------------------------------------------------
     @staticmethod

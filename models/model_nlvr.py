@@ -27,6 +27,8 @@ def pair_layers(config):
 
 
 class ALBEF(ClassifierALBEF):
+    new_heads = ('cls_head',)  # loaded from a text-assignment checkpoint, which has none
+
     def __init__(self, text_encoder=None, tokenizer=None, config=None):
         super().__init__()
         self.tokenizer = tokenizer

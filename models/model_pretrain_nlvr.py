@@ -9,6 +9,9 @@ from .model_nlvr import pair_layers, share_cross_attention
 
 
 class ALBEF(ALBEFBase):
+    checkpoint_conversion = 'ta'  # from a pre-training checkpoint (models/checkpoint.py)
+    new_heads = ('ta_head',)
+
     def __init__(self, text_encoder=None, tokenizer=None, config=None):
         super().__init__()
         self.tokenizer = tokenizer

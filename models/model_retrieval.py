@@ -7,6 +7,7 @@ from .base import ContrastiveALBEF
 
 class ALBEF(ContrastiveALBEF):
     itm_eps = 1e-4  # added before the negative-sampling softmax, as in the original
+    checkpoint_conversion = 'strip_bert'  # from a pre-training checkpoint (models/checkpoint.py)
 
     def __init__(self, text_encoder=None, tokenizer=None, config=None):
         super().__init__()

@@ -4,6 +4,9 @@ from .base import ClassifierALBEF
 
 
 class ALBEF(ClassifierALBEF):
+    checkpoint_conversion = 'strip_bert'  # from a pre-training checkpoint (models/checkpoint.py)
+    new_heads = ('cls_head',)
+
     def __init__(self, text_encoder=None, tokenizer=None, config=None):
         super().__init__()
         self.tokenizer = tokenizer

@@ -13,6 +13,8 @@ def tile(x, dim, n_tile):
 
 
 class ALBEF(ALBEFBase):
+    checkpoint_conversion = 'vqa'  # from a pre-training checkpoint (models/checkpoint.py)
+
     def __init__(self, text_encoder=None, text_decoder=None, tokenizer=None, config=None):
         super().__init__()
         self.tokenizer = tokenizer

@@ -23,3 +23,41 @@ def tokenizer(minilm_dir):
     """ALBEF tokenizer over the real bert-base-uncased vocabulary."""
     from models.tokenization_bert import BertTokenizer
     return BertTokenizer.from_pretrained(minilm_dir)
+
+
+# ---- tiny ALBEF models (shared by the model tests) ------------------------------------------------
+TINY_BERT_CONFIG = os.path.join(ROOT, 'tests', 'fixtures', 'config_bert_tiny.json')
+
+# ViT 32x32 with 8x8 patches (16 patches + CLS), width 48; BERT width 32, 4 layers, fusion at 2
+TINY_CONFIG = dict(bert_config=TINY_BERT_CONFIG, image_res=32, patch_size=8, vision_width=48, vision_depth=2,
+                   vision_num_heads=4, embed_dim=16, temp=0.07, mlm_probability=0.15, queue_size=16,
+                   momentum=0.995, distill=True, alpha=0.4)
+
+VARIANTS = ('pretrain', 'retrieval', 'vqa', 've', 'nlvr', 'pretrain_nlvr')
+
+
+def build_model(variant, tokenizer, config):
+    """Construct the task model `variant` (a models/model_<variant>.py) with a random BERT init."""
+    import importlib
+    module = importlib.import_module(f'models.model_{variant}')
+    if variant == 'pretrain':
+        return module.ALBEF(text_encoder=None, tokenizer=tokenizer, config=config, init_deit=False)
+    if variant == 'vqa':
+        return module.ALBEF(text_encoder=None, text_decoder=None, tokenizer=tokenizer, config=config)
+    return module.ALBEF(text_encoder=None, tokenizer=tokenizer, config=config)
+
+
+@pytest.fixture
+def tiny_config():
+    """A fresh copy of the tiny model config (safe to modify)."""
+    return dict(TINY_CONFIG)
+
+
+@pytest.fixture
+def make_model(tokenizer):
+    """Factory: `make_model(variant, seed=0, **config_overrides)` builds a tiny model of that variant."""
+    def make(variant, seed=0, **overrides):
+        import torch
+        torch.manual_seed(seed)
+        return build_model(variant, tokenizer, {**TINY_CONFIG, **overrides})
+    return make

@@ -1,0 +1,236 @@
+"""Reading original ALBEF checkpoints into any of the six variants (SPEC 4.8 and 8.2-8.8).
+
+One entry point, `load_checkpoint(model, path)`:
+
+1. read the file: a training checkpoint `{'model': state_dict, ...}` or a bare state_dict (the
+   released fine-tuned files, without momentum encoders and queues);
+2. convert a pre-training state_dict to the model's layout, exactly as the original scripts do:
+   strip `bert.` (retrieval, grounding, VE), build the answer decoder from the fusion layers (VQA),
+   or split every fusion layer into the two image sub-layers (NLVR2 text-assignment pre-training);
+3. resize `visual_encoder.pos_embed` (and `visual_encoder_m.pos_embed` when present) to the
+   model's image resolution;
+4. load, and account for every key that does not match: differences that a conversion is known to
+   leave (momentum encoders and queues absent from released files, heads the task adds, modules the
+   task drops) are reported; anything else raises `CheckpointError` naming the keys.
+"""
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .vit import interpolate_pos_embed
+
+QUEUE_BUFFERS = ('image_queue', 'text_queue', 'idx_queue', 'queue_ptr')
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not fit the model (names the offending keys)."""
+
+
+@dataclass
+class LoadReport:
+    """Keys that differed between checkpoint and model, all of them expected for the conversion."""
+    source: str
+    conversion: str
+    missing_keys: list = field(default_factory=list)
+    unexpected_keys: list = field(default_factory=list)
+    momentum_from_online: bool = False
+
+    def __str__(self):
+        lines = [f'loaded {self.source} ({self.conversion})']
+        if self.missing_keys:
+            lines.append(f'  not in the checkpoint (expected): {summarise(self.missing_keys)}')
+        if self.unexpected_keys:
+            lines.append(f'  not used by this model (expected): {summarise(self.unexpected_keys)}')
+        if self.momentum_from_online:
+            lines.append('  momentum encoders initialised from the loaded online weights')
+        return '\n'.join(lines)
+
+
+def summarise(keys, limit=8):
+    """Group keys by top-level module: 'text_encoder.cls.* (7 keys), itm_head.* (2 keys), temp'."""
+    groups = {}
+    for key in keys:
+        parts = key.split('.')
+        prefix = parts[0] + ('.cls' if parts[1:2] == ['cls'] else '') + ('.*' if len(parts) > 1 else '')
+        groups[prefix] = groups.get(prefix, 0) + 1
+    items = [f'{p} ({n} keys)' if n > 1 else p for p, n in groups.items()]
+    return ', '.join(items[:limit]) + (f', ... ({len(items) - limit} more groups)' if len(items) > limit else '')
+
+
+# ---- reading ------------------------------------------------------------------------------------
+def read_state_dict(checkpoint):
+    """A state_dict from a path, a loaded checkpoint object, or a state_dict."""
+    source = checkpoint
+    if isinstance(checkpoint, (str, os.PathLike)):
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+        try:
+            checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        except Exception:
+            checkpoint = _load_trusted(checkpoint)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get('model'), dict):
+        checkpoint = checkpoint['model']
+    if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):
+        raise CheckpointError(f'{source}: expected a state_dict or a {{"model": state_dict}} checkpoint')
+    return dict(checkpoint)
+
+
+def _load_trusted(path):
+    """Full unpickling, for training checkpoints that pickle Python objects (the original's config)."""
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as error:
+        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})') from None
+    warnings.warn(f'{path} holds Python objects besides tensors and was fully unpickled; '
+                  f'load only checkpoints you trust')
+    return checkpoint
+
+
+# ---- conversions (pure functions on state_dicts) ------------------------------------------------
+def is_pretrain_layout(state_dict):
+    """True for a pre-training checkpoint (its text encoder is a BertForMaskedLM: `text_encoder.bert.`)."""
+    return any(k.startswith('text_encoder.bert.') for k in state_dict)
+
+
+def _with_layer(key, field_index, layer_num):
+    parts = key.split('.')
+    parts[field_index] = str(layer_num)
+    return '.'.join(parts)
+
+
+def strip_bert(state_dict):
+    """Retrieval, grounding, VE: `text_encoder[_m].bert.X` -> `text_encoder[_m].X`."""
+    return {k.replace('bert.', '') if 'bert' in k else k: v for k, v in state_dict.items()}
+
+
+def pretrain_to_vqa(state_dict):
+    """VQA (SPEC 8.5): the encoder gets every BERT layer without `bert.`; the decoder gets the
+    embeddings, fusion layers 6-11 as decoder layers 0-5 and the MLM head."""
+    out = dict(state_dict)
+    fusion_layer = _fusion_layer(state_dict)
+    for key, value in state_dict.items():
+        if 'bert' in key:
+            out[key.replace('bert.', '')] = value
+        if 'text_encoder' in key:
+            if 'layer' in key:
+                layer_num = int(key.split('.')[4])
+                if layer_num >= fusion_layer:
+                    out[_with_layer(key, 4, layer_num - fusion_layer).replace('text_encoder', 'text_decoder')] = value
+            else:
+                out[key.replace('text_encoder', 'text_decoder')] = value
+            del out[key]
+    return out
+
+
+def pretrain_to_ta(state_dict):
+    """NLVR2 text-assignment (SPEC 8.3): strip `bert.`; fusion layer n goes to both image
+    sub-layers 2(n-6)+6 and 2(n-6)+7 of the 18-layer encoder."""
+    out = dict(state_dict)
+    fusion_layer = _fusion_layer(state_dict)
+    for key, value in state_dict.items():
+        if 'bert' not in key:
+            continue
+        new_key = key.replace('bert.', '')
+        layer_num = int(new_key.split('.')[3]) if 'layer' in new_key else -1
+        if layer_num >= fusion_layer:
+            sub_layer = 2 * (layer_num - fusion_layer) + fusion_layer
+            out[_with_layer(new_key, 3, sub_layer)] = value
+            out[_with_layer(new_key, 3, sub_layer + 1)] = value
+        else:
+            out[new_key] = value
+        del out[key]
+    return out
+
+
+def _fusion_layer(state_dict):
+    """The first layer with cross-attention in a pre-training state_dict (6 for ALBEF)."""
+    layers = [int(k.split('.')[4]) for k in state_dict
+              if k.startswith('text_encoder.bert.encoder.layer.') and '.crossattention.' in k]
+    if not layers:
+        raise CheckpointError('the pre-training state_dict has no cross-attention layers in text_encoder.bert')
+    return min(layers)
+
+
+CONVERSIONS = {'strip_bert': strip_bert, 'vqa': pretrain_to_vqa, 'ta': pretrain_to_ta}
+
+
+def strip_for_release(state_dict):
+    """The released fine-tuned format: no momentum encoders (`*_m`), no queues."""
+    return {k: v for k, v in state_dict.items()
+            if not k.split('.')[0].endswith('_m') and k not in QUEUE_BUFFERS}
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def load_checkpoint(model, checkpoint, allow_new_heads=True, sync_momentum=True):
+    """Load an original or our own checkpoint into `model` (any ALBEF variant); returns a LoadReport.
+
+    allow_new_heads: the task heads of `model.new_heads` may be absent (fine-tuning from a
+        pre-training checkpoint); pass False when evaluating a fine-tuned checkpoint.
+    sync_momentum: when the file has no momentum weights at all (released fine-tuned files), copy
+        the loaded online weights into the momentum encoders. (NLVR's faithful mode passes False.)
+    """
+    source = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else 'state_dict'
+    state_dict = read_state_dict(checkpoint)
+
+    conversion = getattr(model, 'checkpoint_conversion', None)
+    if conversion and is_pretrain_layout(state_dict):
+        state_dict = CONVERSIONS[conversion](state_dict)
+        description = f'converted from pre-training: {conversion}'
+    else:
+        description = 'no conversion'
+
+    own = model.state_dict()
+    for key in ('visual_encoder.pos_embed', 'visual_encoder_m.pos_embed'):
+        module = getattr(model, key.split('.')[0], None)
+        if key in state_dict and module is not None:
+            state_dict[key] = interpolate_pos_embed(state_dict[key], module)
+
+    wrong_shape = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}'
+                   for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    bad_missing = [k for k in missing if not _may_be_missing(model, k, allow_new_heads)]
+    bad_unexpected = [k for k in unexpected if not _is_foreign(model, k)]
+    if wrong_shape or bad_missing or bad_unexpected:
+        problems = []
+        if wrong_shape:
+            problems.append('wrong shape: ' + '; '.join(wrong_shape[:5]))
+        if bad_missing:
+            problems.append('missing: ' + ', '.join(bad_missing[:8]) + (' ...' if len(bad_missing) > 8 else ''))
+        if bad_unexpected:
+            problems.append('unexpected: ' + ', '.join(bad_unexpected[:8]) + (' ...' if len(bad_unexpected) > 8 else ''))
+        raise CheckpointError(f'{source} does not fit {type(model).__module__}.{type(model).__name__} '
+                              f'({description}): ' + ' | '.join(problems))
+
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+    momentum_keys = [k for k in own if k.split('.')[0].endswith('_m')]
+    from_online = bool(momentum_keys) and sync_momentum and all(k in missing for k in momentum_keys)
+    if from_online:
+        model.copy_params()
+    report = LoadReport(str(source), description, missing, unexpected, from_online)
+    print(report)
+    return report
+
+
+def _may_be_missing(model, key, allow_new_heads):
+    top = key.split('.')[0]
+    if top.endswith('_m') and top[:-2] in getattr(model, 'new_heads', ()):
+        return allow_new_heads
+    if top.endswith('_m') or top in QUEUE_BUFFERS:
+        return True
+    return allow_new_heads and top in getattr(model, 'new_heads', ())
+
+
+def _is_foreign(model, key):
+    """A checkpoint key for a module this model does not have (a head or projection of another task,
+    an MLM head on a text encoder without one), as opposed to a mismatch inside a shared module."""
+    parts = key.split('.')
+    roots = {name for name, _ in model.named_children()}
+    roots |= {name for name, _ in model.named_parameters(recurse=False)}
+    roots |= {name for name, _ in model.named_buffers(recurse=False)}
+    if parts[0] not in roots:
+        return True
+    encoder = getattr(model, parts[0])
+    return parts[0].startswith('text_') and len(parts) > 1 and parts[1] == 'cls' and not hasattr(encoder, 'cls')
