@@ -1,12 +1,19 @@
-"""Small helpers shared by the models and the scripts.
+"""Distributed helpers, metric logging and small utilities shared by the models and the scripts.
 
-Every distributed helper here is safe to call without a process group: with one process the
-gathers return their input, the world size is 1 and the rank is 0.
+Every distributed helper is safe without a process group: with one process the gathers return
+their input, barriers do nothing, the world size is 1 and the rank is 0.
 """
+import builtins
+import datetime
+import os
+import time
+from collections import defaultdict, deque
+
 import torch
 import torch.distributed as dist
 
 
+# ---- distributed --------------------------------------------------------------------------------
 def is_dist_avail_and_initialized():
     return dist.is_available() and dist.is_initialized()
 
@@ -23,6 +30,16 @@ def is_main_process():
     return get_rank() == 0
 
 
+def barrier():
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+
+
+def save_on_master(*args, **kwargs):
+    if is_main_process():
+        torch.save(*args, **kwargs)
+
+
 @torch.no_grad()
 def concat_all_gather(tensor):
     """All-gather `tensor` from every rank and concatenate on dim 0 in rank order (no gradient)."""
@@ -32,3 +49,194 @@ def concat_all_gather(tensor):
     gathered = [torch.empty_like(tensor) for _ in range(world_size)]
     dist.all_gather(gathered, tensor.contiguous())
     return torch.cat(gathered, dim=0)
+
+
+def all_reduce_sum(tensor):
+    """Sum over ranks, in place; the identity with one process."""
+    if is_dist_avail_and_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def launcher_env():
+    """(rank, world_size, local_rank) from torchrun / `launch --use_env` / SLURM, or None."""
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        return int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
+    if 'SLURM_PROCID' in os.environ and int(os.environ.get('SLURM_NTASKS', 1)) > 1:
+        rank = int(os.environ['SLURM_PROCID'])
+        local_rank = int(os.environ.get('SLURM_LOCALID', rank % max(torch.cuda.device_count(), 1)))
+        return rank, int(os.environ['SLURM_NTASKS']), local_rank
+    return None
+
+
+def init_distributed_mode(args):
+    """Set args.rank, args.world_size, args.gpu and args.distributed, and start the process group
+    when a launcher started several processes (gloo for --device cpu, NCCL for CUDA)."""
+    env = launcher_env() if getattr(args, 'distributed', True) else None
+    if env is None:
+        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
+        return
+    args.rank, args.world_size, args.gpu = env
+    args.distributed = True
+    use_cuda = str(args.device).startswith('cuda')
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+    if 'SLURM_PROCID' in os.environ and 'MASTER_ADDR' not in os.environ and args.dist_url == 'env://':
+        raise RuntimeError('SLURM launch: set MASTER_ADDR and MASTER_PORT (or pass --dist_url tcp://HOST:PORT)')
+    dist.init_process_group(backend='nccl' if use_cuda else 'gloo', init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank)
+    barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def setup_for_distributed(is_master):
+    """Silence print() on every rank but the first (print(..., force=True) still prints)."""
+    builtin_print = builtins.print
+
+    def print(*args, **kwargs):
+        force = kwargs.pop('force', False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print
+
+
+# ---- metric logging -----------------------------------------------------------------------------
+def _to_float(value):
+    return value.item() if torch.is_tensor(value) else float(value)
+
+
+class SmoothedValue:
+    """A window of recent values plus the running total. Tensor values stay on their device until
+    a statistic is read, so logging does not synchronise the host with the GPU every step."""
+
+    def __init__(self, window_size=20, fmt=None):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or '{median:.4f} ({global_avg:.4f})'
+
+    def update(self, value, n=1):
+        if torch.is_tensor(value):
+            value = value.detach()
+        self.deque.append(value)
+        self.count += n
+        self.total = self.total + value * n
+
+    def _values(self):
+        return torch.tensor([_to_float(v) for v in self.deque])
+
+    def synchronize_between_processes(self):
+        """Sum count and total over ranks (the window is not synchronised)."""
+        if not is_dist_avail_and_initialized():
+            return
+        device = 'cuda' if dist.get_backend() == 'nccl' else 'cpu'
+        t = torch.tensor([self.count, _to_float(self.total)], dtype=torch.float64, device=device)
+        barrier()
+        dist.all_reduce(t)
+        self.count, self.total = int(t[0].item()), t[1].item()
+
+    @property
+    def median(self):
+        return self._values().median().item()
+
+    @property
+    def avg(self):
+        return self._values().float().mean().item()
+
+    @property
+    def global_avg(self):
+        return _to_float(self.total) / self.count
+
+    @property
+    def max(self):
+        return max(_to_float(v) for v in self.deque)
+
+    @property
+    def value(self):
+        return _to_float(self.deque[-1])
+
+    def state_dict(self):
+        return {'deque': [_to_float(v) for v in self.deque], 'total': _to_float(self.total), 'count': self.count,
+                'window_size': self.deque.maxlen, 'fmt': self.fmt}
+
+    def load_state_dict(self, state):
+        self.deque = deque(state['deque'], maxlen=state['window_size'])
+        self.total, self.count, self.fmt = state['total'], state['count'], state['fmt']
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max,
+                               value=self.value)
+
+
+class MetricLogger:
+    def __init__(self, delimiter='\t'):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs):
+        for name, value in kwargs.items():
+            if not torch.is_tensor(value) and not isinstance(value, (float, int)):
+                raise TypeError(f'meter {name!r}: expected a number or a tensor, got {type(value).__name__}')
+            self.meters[name].update(value)
+
+    def __getattr__(self, attr):
+        if attr in self.__dict__.get('meters', {}):
+            return self.meters[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self):
+        return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
+
+    def global_avg(self):
+        return self.delimiter.join(f'{name}: {meter.global_avg:.4f}' for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def state_dict(self):
+        return {name: meter.state_dict() for name, meter in self.meters.items()}
+
+    def load_state_dict(self, state):
+        for name, meter_state in state.items():
+            meter = SmoothedValue()
+            meter.load_state_dict(meter_state)
+            self.meters[name] = meter
+
+    def log_every(self, iterable, print_freq, header='', start=0, samples_per_step=None, total=None):
+        """Yield (i, item) for i = start, start + 1, ...; every `print_freq` steps and at the last,
+        print the meters, the time per step, samples per second and the time remaining."""
+        total = len(iterable) if total is None else total
+        width = len(str(total))
+        start_time = end = time.time()
+        iter_time, data_time = SmoothedValue(fmt='{avg:.4f}'), SmoothedValue(fmt='{avg:.4f}')
+        i = start
+        for obj in iterable:
+            data_time.update(time.time() - end)
+            yield i, obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                parts = [header, f'[{i:{width}d}/{total}]', f'eta: {eta}', str(self), f'time: {iter_time}',
+                         f'data: {data_time}']
+                if samples_per_step:
+                    parts.append(f'samples/s: {samples_per_step / max(iter_time.avg, 1e-9):.1f}')
+                if torch.cuda.is_available():
+                    parts.append(f'max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}MB')
+                print(self.delimiter.join(p for p in parts if p), flush=True)
+            i += 1
+            end = time.time()
+        steps = max(i - start, 1)
+        total_time = time.time() - start_time
+        print(f'{header} Total time: {datetime.timedelta(seconds=int(total_time))} '
+              f'({total_time / steps:.4f} s / it)', flush=True)
+
+
+class AttrDict(dict):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.__dict__ = self

@@ -1,0 +1,490 @@
+"""The shared training scaffold: arguments, configs, process setup, data loading, the epoch loop,
+checkpoints with exact resume, and logging. Each task script builds its model and data, then
+runs its own short epoch loop with these verbs.
+
+A script is started in any of these ways, with the same code path:
+    python Pretrain.py --config configs/Pretrain.yaml --output_dir out          (one process)
+    torchrun --nproc_per_node=8 Pretrain.py ...                                 (also multi-node)
+    python -m torch.distributed.launch --nproc_per_node=8 --use_env Pretrain.py ...
+    srun python Pretrain.py ...                                                 (SLURM)
+"""
+import argparse
+import difflib
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+import utils
+from models.checkpoint import CheckpointError, load_checkpoint
+from models.tokenization_bert import BertTokenizer
+from optim import create_optimizer
+from scheduler import create_scheduler
+
+WARMUP_STEP_SIZE = 100  # the warm-up advances the scheduler every 100 iterations of epoch 0
+
+# keys every task config may carry besides its own
+COMMON_KEYS = {
+    'bert_config', 'image_res', 'vision_width', 'vision_depth', 'vision_num_heads', 'patch_size',
+    'text_encoder', 'init_text_encoder', 'num_workers', 'print_freq', 'save_every_steps',
+    'skip_bad_images', 'check_images', 'optimizer', 'schedular',
+}
+OPTIMIZER_KEYS = {'opt', 'lr', 'weight_decay'}
+SCHEDULER_KEYS = {'sched', 'lr', 'epochs', 'min_lr', 'decay_rate', 'warmup_lr', 'warmup_epochs',
+                  'cooldown_epochs'}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and key in the message."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+# ---- arguments and configuration ----------------------------------------------------------------
+def get_args_parser(config, output_dir):
+    """The flags every script shares; scripts add their own on top (argparse `parents=`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument('--config', default=config, help='task YAML file')
+    parser.add_argument('--output_dir', default=output_dir, help='where logs and checkpoints go')
+    parser.add_argument('--checkpoint', default='', help='checkpoint to start from (original or ours)')
+    parser.add_argument('--text_encoder', default=None,
+                        help="BERT name or directory for the tokenizer and weights (default: the config's "
+                             "text_encoder, else bert-base-uncased)")
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--seed', default=42, type=int)
+    parser.add_argument('--world_size', default=1, type=int, help='set by the launcher; kept for compatibility')
+    parser.add_argument('--dist_url', default='env://')
+    parser.add_argument('--distributed', default=True, action=argparse.BooleanOptionalAction,
+                        help='join the process group when a launcher started several processes')
+    parser.add_argument('--resume', action='store_true',
+                        help='continue from the newest checkpoint in --output_dir')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
+    return parser
+
+
+def load_yaml(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f'config file not found: {path}')
+    try:
+        with open(path) as f:
+            config = YAML(typ='safe').load(f)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark
+        raise ConfigError(f'{path}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {e.problem}') from None
+    except YAMLError as e:
+        raise ConfigError(f'{path}: YAML syntax error: {e}') from None
+    if not isinstance(config, dict):
+        raise ConfigError(f'{path}: expected a mapping of keys to values at the top level')
+    return config
+
+
+def check_keys(config, path, required, optional, section=''):
+    """Every required key present, and no key outside required | optional (with a suggestion)."""
+    where = f'{path}: {section}' if section else f'{path}: '
+    for key in required:
+        if key not in config:
+            raise ConfigError(f"{where}missing required key '{key}'")
+    known = set(required) | set(optional)
+    for key in config:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ''
+            raise ConfigError(f"{where}unknown key '{key}'{hint}")
+
+
+def load_config(path, required, optional=()):
+    """Read a task YAML and validate its keys against the task's schema."""
+    config = load_yaml(path)
+    check_keys(config, path, set(required) | {'optimizer', 'schedular'}, COMMON_KEYS | set(optional))
+    check_keys(config['optimizer'], path, OPTIMIZER_KEYS, {'fused'}, 'optimizer.')
+    check_keys(config['schedular'], path, SCHEDULER_KEYS, (), 'schedular.')
+    return config
+
+
+# ---- process setup ------------------------------------------------------------------------------
+@dataclass
+class Run:
+    args: argparse.Namespace
+    config: dict
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device('cpu')
+    output_dir: str = ''
+    tokenizer: object = None
+    _config_written: bool = False
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def path(self, name):
+        return os.path.join(self.output_dir, name)
+
+    def write_config(self):
+        """The effective config goes to output_dir/config.yaml with the first file the run writes,
+        so a run that fails on bad input leaves an existing output_dir untouched."""
+        if self._config_written or not self.is_main:
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        with open(self.path('config.yaml'), 'w') as f:
+            YAML(typ='safe').dump(self.config, f)
+        self._config_written = True
+
+
+def setup(args, config):
+    """Join the process group if launched with several processes, pick the device, seed."""
+    if str(args.device).startswith('cuda') and not torch.cuda.is_available():
+        raise ConfigError('--device cuda: CUDA is not available on this machine (use --device cpu)')
+    utils.init_distributed_mode(args)
+    device = torch.device(f'cuda:{args.gpu}' if str(args.device) == 'cuda' else args.device)
+    seed = args.seed + args.rank
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    config.setdefault('text_encoder', 'bert-base-uncased')
+    if args.text_encoder:
+        config['text_encoder'] = args.text_encoder
+    run = Run(args=args, config=config, rank=args.rank, world_size=args.world_size, device=device,
+              output_dir=args.output_dir)
+    if run.distributed:
+        print(f'process {run.rank} of {run.world_size} on {device} ({dist.get_backend()})', force=True)
+    else:
+        print(f'single process on {device}')
+    return run
+
+
+def build_tokenizer(config):
+    return BertTokenizer.from_pretrained(config['text_encoder'])
+
+
+def bert_weights(config):
+    """Where the text encoder's pretrained weights come from (None: random initialisation)."""
+    return config['text_encoder'] if config.get('init_text_encoder', True) else None
+
+
+def wrap_model(model, run, find_unused_parameters=False):
+    """(model to call, the bare model) — DistributedDataParallel only with several processes."""
+    model = model.to(run.device)
+    if not run.distributed:
+        return model, model
+    device_ids = [run.device.index] if run.device.type == 'cuda' else None
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                    find_unused_parameters=find_unused_parameters)
+    return ddp, model
+
+
+def build_optimization(config, model):
+    optimizer = create_optimizer(utils.AttrDict(config['optimizer']), model)
+    lr_scheduler, _ = create_scheduler(utils.AttrDict(config['schedular']), optimizer)
+    return optimizer, lr_scheduler
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def sample_seed(seed, epoch, index):
+    return (seed * 1_000_003 + epoch) * 1_000_033 + index
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Makes the random augmentation of each sample a function of (seed, epoch, index) alone.
+
+    Indices arrive as (epoch, index) pairs from ResumableSampler; the global random generators
+    (python, numpy, torch) are seeded for the sample and restored afterwards. Sample k of an epoch
+    is therefore the same tensor whether the run was interrupted or not, whatever the number of
+    workers.
+    """
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # the wrapped dataset's attributes (text, img2txt, ...)
+        if name in ('dataset', 'seed'):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        seed = sample_seed(self.seed, epoch, index)
+        random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        torch.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (also for one process) that yields (epoch, index) and can start
+    mid-epoch: `set_epoch(epoch, start)` skips the first `start` samples of this rank."""
+
+    def __init__(self, dataset, num_replicas, rank, seed):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def set_epoch(self, epoch, start=0):
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start:]
+        return iter([(self.epoch, i) for i in indices])
+
+
+def train_loader(dataset, batch_size, run, config, collate_fn=None):
+    sampler = ResumableSampler(dataset, run.world_size, run.rank, seed=run.args.seed)
+    num_workers = config.get('num_workers', 4)
+    return torch.utils.data.DataLoader(
+        SeededSamples(dataset, run.args.seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        collate_fn=collate_fn, drop_last=True, pin_memory=run.device.type == 'cuda',
+        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(run.args.seed))
+
+
+def eval_loader(dataset, batch_size, run, config, collate_fn=None, distributed=True):
+    """Evaluation order is the file order; with `distributed`, each rank takes every world-th item
+    (no padding, so nothing is counted twice)."""
+    sampler = None
+    if distributed and run.distributed:
+        sampler = list(range(run.rank, len(dataset), run.world_size))
+    num_workers = config.get('num_workers', 4)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       collate_fn=collate_fn, shuffle=False, drop_last=False,
+                                       pin_memory=run.device.type == 'cuda')
+
+
+# ---- training -----------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Where training stands: the next iteration is `step` of `epoch`."""
+    epoch: int = 0
+    step: int = 0
+    meters: dict = None
+    best: float = None
+    best_epoch: int = None
+    extra: dict = field(default_factory=dict)
+
+
+class LossGuard:
+    """Remembers the first non-finite loss without reading the loss back every step."""
+
+    def __init__(self):
+        self.first = None
+
+    def update(self, loss, epoch, step):
+        code = torch.tensor(epoch * 10 ** 9 + step, device=loss.device)
+        bad = ~torch.isfinite(loss.detach())
+        first = torch.full_like(code, -1) if self.first is None else self.first
+        self.first = torch.where(bad & (first < 0), code, first)
+
+    def check(self):
+        if self.first is not None and int(self.first) >= 0:
+            epoch, step = divmod(int(self.first), 10 ** 9)
+            raise NonFiniteLossError(f'the loss became non-finite at epoch {epoch}, step {step}; stopping '
+                                     f'(the last checkpoint written before it is kept)')
+
+
+def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, train_step, checkpointer=None,
+                    alpha_ramp=True, fmt='{:.3f}'):
+    """One epoch: `train_step(model, batch, alpha)` returns a dict of named losses, which are
+    summed, back-propagated and logged. Owns the alpha ramp of epoch 0, the warm-up stepping of
+    the scheduler every 100 iterations, the non-finite-loss stop and mid-epoch checkpoints."""
+    config = run.config
+    model.train()
+    logger = utils.MetricLogger(delimiter='  ')
+    logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    if state.step and state.meters:
+        logger.load_state_dict(state.meters)
+    num_steps = len(loader)
+    loader.sampler.set_epoch(epoch, start=state.step * loader.batch_size)
+    warmup_iterations = config['schedular']['warmup_epochs'] * WARMUP_STEP_SIZE
+    save_every = config.get('save_every_steps') or 0
+    print_freq = config.get('print_freq', 50)
+    guard = LossGuard()
+
+    for i, batch in logger.log_every(loader, print_freq, f'Train Epoch: [{epoch}]', start=state.step,
+                                     total=num_steps, samples_per_step=loader.batch_size * run.world_size):
+        alpha = config.get('alpha', 0)
+        if epoch == 0 and alpha_ramp:
+            alpha = alpha * min(1, i / num_steps)
+        losses = train_step(model, batch, alpha)
+        loss = sum(losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        guard.update(loss, epoch, i)
+        logger.update(lr=optimizer.param_groups[0]['lr'], **{k: v.detach() for k, v in losses.items()})
+        if epoch == 0 and i % WARMUP_STEP_SIZE == 0 and i <= warmup_iterations:
+            lr_scheduler.step(i // WARMUP_STEP_SIZE)
+        state.step = i + 1
+        if i % print_freq == 0:
+            guard.check()
+        if checkpointer and save_every and state.step % save_every == 0 and state.step < num_steps:
+            guard.check()
+            state.meters = logger.state_dict()
+            checkpointer.save('checkpoint_last.pth', state)
+    guard.check()
+    logger.synchronize_between_processes()
+    print('Averaged stats:', logger.global_avg())
+    state.step, state.meters = 0, None
+    return {name: fmt.format(meter.global_avg) for name, meter in logger.meters.items()}
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+def _rng_state():
+    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file beside `path`, then rename: a crash never leaves a torn file."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    """Saves and restores everything a run needs to continue exactly where it stopped."""
+
+    def __init__(self, run, model, optimizer, lr_scheduler):
+        self.run, self.model, self.optimizer, self.lr_scheduler = run, model, optimizer, lr_scheduler
+
+    def save(self, filename, state, epoch=None):
+        """Rank 0 writes {'model', 'optimizer', 'lr_scheduler', 'config', 'epoch'} (the original's
+        format) plus what exact resume needs: position, meters and every rank's RNG states."""
+        rng = _rng_state()
+        if self.run.distributed:
+            gathered = [None] * self.run.world_size
+            dist.all_gather_object(gathered, rng)
+            rng = gathered
+        else:
+            rng = [rng]
+        if self.run.is_main:
+            self.run.write_config()
+            atomic_save({
+                'model': self.model.state_dict(),
+                'optimizer': self.optimizer.state_dict(),
+                'lr_scheduler': self.lr_scheduler.state_dict(),
+                'config': self.run.config,
+                'epoch': state.epoch if epoch is None else epoch,
+                'resume': {'epoch': state.epoch, 'step': state.step, 'meters': state.meters, 'best': state.best,
+                           'best_epoch': state.best_epoch, 'extra': state.extra, 'rng': rng},
+            }, self.run.path(filename))
+        utils.barrier()
+
+    def newest(self):
+        """The checkpoint in output_dir that is furthest along, or None."""
+        best, best_position = None, None
+        if not os.path.isdir(self.run.output_dir):
+            return None
+        for name in sorted(os.listdir(self.run.output_dir)):
+            if not (name.startswith('checkpoint') and name.endswith('.pth')):
+                continue
+            path = self.run.path(name)
+            try:
+                ckpt = torch.load(path, map_location='cpu', weights_only=False)
+            except Exception as e:
+                print(f'skipping unreadable {path}: {e}')
+                continue
+            resume = ckpt.get('resume')
+            position = (resume['epoch'], resume['step']) if resume else (ckpt.get('epoch', -1) + 1, 0)
+            if best_position is None or position > best_position:
+                best, best_position = (path, ckpt), position
+        return best
+
+    def resume(self):
+        """Restore model, optimizer, scheduler, position and RNGs from the newest checkpoint."""
+        found = self.newest()
+        if found is None:
+            raise CheckpointError(f'--resume: no checkpoint to resume from in {self.run.output_dir}')
+        path, ckpt = found
+        self.model.load_state_dict(ckpt['model'])
+        self.optimizer.load_state_dict(ckpt['optimizer'])
+        self.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+        resume = ckpt.get('resume') or {'epoch': ckpt['epoch'] + 1, 'step': 0}
+        state = TrainState(epoch=resume['epoch'], step=resume['step'], meters=resume.get('meters'),
+                           best=resume.get('best'), best_epoch=resume.get('best_epoch'),
+                           extra=resume.get('extra') or {})
+        rng = resume.get('rng')
+        if rng and len(rng) == self.run.world_size:
+            _set_rng_state(rng[self.run.rank])
+        elif rng:
+            print(f'resuming with {self.run.world_size} processes from a run with {len(rng)}: '
+                  f'random streams are not continued')
+        print(f'resumed from {path} at epoch {state.epoch}, step {state.step}')
+        return state
+
+
+def start_state(args, run, model, optimizer, lr_scheduler, **load_kwargs):
+    """--resume: continue from output_dir; else load --checkpoint (if any) into the model."""
+    checkpointer = Checkpointer(run, model, optimizer, lr_scheduler)
+    if args.resume:
+        return checkpointer, checkpointer.resume()
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint, **load_kwargs)
+    return checkpointer, TrainState()
+
+
+def log_stats(run, stats):
+    """One JSON line per epoch in output_dir/log.txt (rank 0)."""
+    if run.is_main:
+        run.write_config()
+        with open(run.path('log.txt'), 'a') as f:
+            f.write(json.dumps(stats) + '\n')
+
+
+# ---- entry point --------------------------------------------------------------------------------
+def short_message(error):
+    """The last line of an error message (DataLoader workers wrap theirs in a traceback)."""
+    text = str(error).strip() or type(error).__name__
+    last = text.splitlines()[-1]
+    for prefix in ('dataset.base.DataError: ', 'DataError: '):
+        if last.startswith(prefix):
+            last = last[len(prefix):]
+    return last
+
+
+def launch(main, parser, argv=None):
+    """Parse arguments and run `main(args)`; bad input ends with a one-line error and exit status 2."""
+    from dataset import DataError
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, NonFiniteLossError) as error:
+        print(f'error: {short_message(error)}', file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if utils.is_dist_avail_and_initialized():
+            dist.destroy_process_group()

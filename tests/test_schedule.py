@@ -1,0 +1,112 @@
+"""Learning rates and parameter groups: the reference values of SPEC 6.1-6.3."""
+import pytest
+import torch
+
+import engine
+from optim import create_optimizer
+from scheduler import create_scheduler
+
+
+def lr_trace(config_path, epochs, iterations_per_epoch, style):
+    """The lr each optimizer step uses, driven exactly as the scripts drive the scheduler:
+    warm-up stepping every 100 iterations of epoch 0, then once per epoch ('start': step(e + w)
+    at the start of epoch e > 0; 'end': step(e + w + 1) at the end of epoch e)."""
+    config = engine.load_yaml(config_path)
+    model = torch.nn.Linear(2, 2)
+    optimizer = create_optimizer(config['optimizer'], model)
+    scheduler, _ = create_scheduler(config['schedular'], optimizer)
+    warmup = config['schedular']['warmup_epochs']
+    trace = []
+    for epoch in range(epochs):
+        if style == 'start' and epoch > 0:
+            scheduler.step(epoch + warmup)
+        for i in range(iterations_per_epoch if epoch == 0 else 1):
+            trace.append((epoch, i, optimizer.param_groups[0]['lr']))
+            assert optimizer.param_groups[0]['lr'] == optimizer.param_groups[1]['lr']
+            if epoch == 0 and i % engine.WARMUP_STEP_SIZE == 0 and i <= warmup * engine.WARMUP_STEP_SIZE:
+                scheduler.step(i // engine.WARMUP_STEP_SIZE)
+        if style == 'end':
+            scheduler.step(epoch + warmup + 1)
+    return trace
+
+
+def epoch_lrs(trace):
+    return [lr for epoch, i, lr in trace if epoch > 0]
+
+
+def at(trace, iteration):
+    return next(lr for epoch, i, lr in trace if epoch == 0 and i == iteration)
+
+
+def test_pretrain_warmup_and_cosine():
+    trace = lr_trace('configs/Pretrain.yaml', 30, 2101, 'start')
+    for i in (0, 1, 50, 100):
+        assert at(trace, i) == pytest.approx(1e-5, abs=1e-12)
+    for block in range(1, 20):
+        for i in (100 * block + 1, 100 * block + 100):
+            assert at(trace, i) == pytest.approx(1e-5 + 4.5e-6 * block, abs=1e-12)
+    assert at(trace, 2001) == pytest.approx(1e-4, abs=1e-12)
+    lrs = epoch_lrs(trace)
+    assert lrs[0] == pytest.approx(9.9753e-5, abs=1e-9)
+    assert lrs[14] == pytest.approx(5.5e-5, abs=1e-12)
+    assert lrs[28] == pytest.approx(1.0247e-5, abs=1e-9)
+
+
+def test_vqa():
+    trace = lr_trace('configs/VQA.yaml', 8, 501, 'start')
+    assert [at(trace, i) for i in (0, 100, 101, 200, 201, 300, 301, 400, 401)] == pytest.approx(
+        [1e-5, 1e-5, 1.25e-5, 1.25e-5, 1.5e-5, 1.5e-5, 1.75e-5, 1.75e-5, 2e-5], abs=1e-12)
+    assert epoch_lrs(trace) == pytest.approx(
+        [1.92769e-5, 1.72175e-5, 1.41355e-5, 1.05e-5, 6.8645e-6, 3.7825e-6, 1.7231e-6], abs=1e-10)
+
+
+@pytest.mark.parametrize('config, epochs, expected', [
+    ('configs/VE.yaml', 5, [1.81857e-5, 1.34357e-5, 7.5643e-6, 2.8143e-6]),
+    ('configs/NLVR.yaml', 10, [1.9535e-5, 1.81857e-5, 1.6084e-5, 1.34357e-5, 1.05e-5, 7.5643e-6, 4.9160e-6,
+                               2.8143e-6, 1.4650e-6]),
+])
+def test_two_step_warmup_then_cosine(config, epochs, expected):
+    trace = lr_trace(config, epochs, 201, 'end')
+    assert [at(trace, i) for i in (0, 100, 101, 200)] == pytest.approx([1e-5, 1e-5, 2e-5, 2e-5], abs=1e-12)
+    assert epoch_lrs(trace) == pytest.approx(expected, abs=1e-10)
+
+
+@pytest.mark.parametrize('config, epochs, expected', [
+    ('configs/Retrieval_flickr.yaml', 10, [9.7798e-6, 9.1406e-6, 8.145e-6, 6.8906e-6, 5.5e-6, 4.1094e-6, 2.855e-6,
+                                           1.8594e-6, 1.2202e-6]),
+    ('configs/Retrieval_coco.yaml', 5, [9.1406e-6, 6.8906e-6, 4.1094e-6, 1.8594e-6]),
+    ('configs/Grounding.yaml', 5, [9.1406e-6, 6.8906e-6, 4.1094e-6, 1.8594e-6]),
+])
+def test_constant_warmup_then_cosine(config, epochs, expected):
+    trace = lr_trace(config, epochs, 201, 'end')
+    assert {lr for epoch, i, lr in trace if epoch == 0} == {1e-5}
+    assert epoch_lrs(trace) == pytest.approx(expected, abs=1e-10)
+
+
+def test_text_assignment_pretraining():
+    trace = lr_trace('configs/NLVR_pretrain.yaml', 1, 301, 'start')
+    assert [at(trace, i) for i in (0, 100, 101, 300)] == pytest.approx([1e-5, 1e-5, 2e-5, 2e-5], abs=1e-12)
+
+
+def test_parameter_groups():
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.temp = torch.nn.Parameter(torch.tensor(0.07))
+            self.pos_embed = torch.nn.Parameter(torch.zeros(1, 5, 4))
+            self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 4))
+            self.norm = torch.nn.LayerNorm(4)
+            self.proj = torch.nn.Linear(4, 4)
+            self.proj_m = torch.nn.Linear(4, 4)
+            self.proj_m.requires_grad_(False)
+
+    model = Toy()
+    optimizer = create_optimizer({'opt': 'adamW', 'lr': 1e-4, 'weight_decay': 0.02}, model)
+    no_decay, decay = optimizer.param_groups
+    ids = lambda group: {id(p) for p in group['params']}
+    assert no_decay['weight_decay'] == 0 and decay['weight_decay'] == 0.02
+    assert ids(no_decay) == {id(model.norm.weight), id(model.norm.bias), id(model.proj.bias)}
+    assert ids(decay) == {id(model.temp), id(model.pos_embed), id(model.cls_token), id(model.proj.weight)}
+    assert (optimizer.defaults['betas'], optimizer.defaults['eps']) == ((0.9, 0.999), 1e-8)
+    with pytest.raises(ValueError, match="only 'adamW'"):
+        create_optimizer({'opt': 'sgd', 'lr': 1e-4, 'weight_decay': 0.02}, model)
