@@ -15,8 +15,10 @@ from the SPEC text, not from our modules:
   with dropout probability 0 (or in eval mode).
 
 Nothing here imports `models`; the only shared convention is the state_dict key layout.
-Training forwards return `(losses, new_state)`, where new_state is the full state_dict after the
-forward (momentum EMA applied, queues written, `temp` clamped) and `info` holds the samples drawn.
+Training forwards also return `new_state`, the full state_dict after the forward (momentum EMA
+applied, queues and queue_ptr written, `temp` clamped): pre-training and retrieval return
+`(losses, new_state, info)` with the samples drawn in `info`; VQA and VE/NLVR `(loss, new_state)`;
+the text-assignment forward `(loss, labels)` (it changes no state).
 """
 import math
 from dataclasses import dataclass

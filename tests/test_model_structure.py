@@ -1,7 +1,7 @@
 """Full-size models match the original ALBEF state_dict layout (SPEC 4.8, 3.7, 4.7).
 
 Every variant is built at full size on the meta device (no memory, no init) from its real task YAML
-and compared with /work/shared/reference/state_dict_keys: the same keys, shapes and dtypes, and the
+and compared with the original's keys (tests/fixtures/state_dict_keys): the same keys, shapes and dtypes, and the
 same aliasing (tied MLM decoder, NLVR2's shared cross-attention key/value), realised as one
 Parameter object that `.parameters()` yields once.
 """
@@ -15,13 +15,11 @@ from ruamel.yaml import YAML
 
 from conftest import ROOT, VARIANTS, build_model
 
-REFERENCE = os.environ.get('ALBEF_REFERENCE_KEYS',
-                           os.path.join(os.path.dirname(ROOT), 'shared', 'reference', 'state_dict_keys'))
+# a copy of shared/reference/state_dict_keys: keys and shapes of the original models at full size
+REFERENCE = os.path.join(ROOT, 'tests', 'fixtures', 'state_dict_keys')
 YAML_OF = {'pretrain': 'Pretrain.yaml', 'retrieval': 'Retrieval_coco.yaml', 'vqa': 'VQA.yaml', 've': 'VE.yaml',
            'nlvr': 'NLVR.yaml', 'pretrain_nlvr': 'NLVR_pretrain.yaml'}
 IMAGE_RES = {'pretrain': 256, 'pretrain_nlvr': 256, 'retrieval': 384, 'vqa': 384, 've': 384, 'nlvr': 384}
-
-pytestmark = pytest.mark.skipif(not os.path.isdir(REFERENCE), reason=f'no reference key files at {REFERENCE}')
 
 
 def _reference(name):
