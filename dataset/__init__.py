@@ -1,0 +1,158 @@
+"""Datasets, image transforms, samplers and loaders of the six tasks (SPEC 5).
+
+`create_dataset(name, config)` builds the datasets a task script uses from the original YAML keys
+(`train_file`/`val_file`/`test_file`, `image_root`, `vqa_root`, `vg_root`, `answer_list`,
+`image_res`), plus two optional keys: `skip_bad_images` (default False) and `check_images`
+(default True); see `dataset.base.AnnotationDataset`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from .base import AnnotationDataset, DataError, ImageError
+from .caption_dataset import pretrain_dataset, re_eval_dataset, re_train_dataset
+from .grounding_dataset import grounding_dataset
+from .nlvr_dataset import nlvr_dataset
+from .randaugment import RandomAugment
+from .ve_dataset import ve_dataset
+from .vqa_dataset import vqa_dataset
+
+__all__ = ['DataError', 'ImageError', 'create_dataset', 'create_sampler', 'create_loader',
+           'vqa_collate_fn', 'build_transform', 'pretrain_dataset', 're_train_dataset', 're_eval_dataset',
+           'vqa_dataset', 've_dataset', 'nlvr_dataset', 'grounding_dataset', 'TASKS']
+
+# CLIP statistics
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+AUGMENTS = ['Identity', 'AutoContrast', 'Equalize', 'Brightness', 'Sharpness', 'ShearX', 'ShearY',
+            'TranslateX', 'TranslateY', 'Rotate']
+
+
+def build_transform(kind: str, image_res: int) -> Callable:
+    """The image transform `kind` of SPEC 5.2: 'pretrain', 'train' (fine-tuning), 'test' or
+    'grounding_train'. All PIL-based, bicubic, with CLIP normalisation."""
+    from torchvision import transforms  # imported here: torchvision takes seconds to import
+    from torchvision.transforms import InterpolationMode
+
+    normalize = transforms.Normalize(MEAN, STD)
+    augment = RandomAugment(2, 7, isPIL=True, augs=AUGMENTS)
+    bicubic = InterpolationMode.BICUBIC
+    square = transforms.Resize((image_res, image_res), interpolation=bicubic)  # not aspect-preserving
+    if kind in ('pretrain', 'train'):
+        scale = (0.2, 1.0) if kind == 'pretrain' else (0.5, 1.0)
+        steps = [transforms.RandomResizedCrop(image_res, scale=scale, interpolation=bicubic),
+                 transforms.RandomHorizontalFlip(), augment]
+    elif kind == 'grounding_train':
+        # Parity: flipping does not swap 'left'/'right' in the referring expression.
+        steps = [square, transforms.RandomHorizontalFlip(), augment]
+    elif kind == 'test':
+        steps = [square]
+    else:
+        raise ValueError(f"unknown transform {kind!r}; expected 'pretrain', 'train', 'test' or 'grounding_train'")
+    return transforms.Compose(steps + [transforms.ToTensor(), normalize])
+
+
+@dataclass(frozen=True)
+class Split:
+    """How `create_dataset` builds one of a task's datasets: `cls(config[file_key], transform,
+    *[config[k] for k in root_keys], **kwargs, **{arg: config[key] for arg, key in config_kwargs})`."""
+    name: str
+    file_key: str
+    cls: type
+    transform: str
+    root_keys: tuple[str, ...] = ()
+    kwargs: dict = field(default_factory=dict)
+    config_kwargs: dict = field(default_factory=dict)
+
+    def build(self, config: dict, ann_file: str | Sequence[str] | None = None,
+              transform: Callable | None = None, **options: bool) -> AnnotationDataset:
+        """The dataset, from `ann_file` (default: the config's) with `transform` and base options."""
+        def need(key: str) -> Any:
+            if key not in config:
+                raise DataError(f"config has no '{key}' (needed by the {self.name} dataset, {self.cls.__name__})")
+            return config[key]
+        files = need(self.file_key) if ann_file is None else ann_file
+        roots = [need(key) for key in self.root_keys]
+        extra = {arg: need(key) for arg, key in self.config_kwargs.items()}
+        return self.cls(files, transform, *roots, **self.kwargs, **extra, **options)
+
+
+# task -> its datasets, in the order create_dataset returns them
+TASKS: dict[str, tuple[Split, ...]] = {
+    'pretrain': (Split('train', 'train_file', pretrain_dataset, 'pretrain'),),
+    're': (Split('train', 'train_file', re_train_dataset, 'train', ('image_root',)),
+           Split('val', 'val_file', re_eval_dataset, 'test', ('image_root',)),
+           Split('test', 'test_file', re_eval_dataset, 'test', ('image_root',))),
+    'vqa': (Split('train', 'train_file', vqa_dataset, 'train', ('vqa_root', 'vg_root'), {'split': 'train'}),
+            Split('test', 'test_file', vqa_dataset, 'test', ('vqa_root', 'vg_root'), {'split': 'test'},
+                  {'answer_list': 'answer_list'})),
+    've': (Split('train', 'train_file', ve_dataset, 'train', ('image_root',)),
+           Split('val', 'val_file', ve_dataset, 'test', ('image_root',)),
+           Split('test', 'test_file', ve_dataset, 'test', ('image_root',))),
+    'nlvr': (Split('train', 'train_file', nlvr_dataset, 'train', ('image_root',)),
+             Split('val', 'val_file', nlvr_dataset, 'test', ('image_root',)),
+             Split('test', 'test_file', nlvr_dataset, 'test', ('image_root',))),
+    'grounding': (Split('train', 'train_file', grounding_dataset, 'grounding_train', ('image_root',), {'mode': 'train'}),
+                  Split('test', 'test_file', grounding_dataset, 'test', ('image_root',), {'mode': 'test'})),
+}
+
+
+def create_dataset(dataset: str, config: dict) -> AnnotationDataset | tuple[AnnotationDataset, ...]:
+    """The datasets of task `dataset`: 'pretrain' -> one dataset; 're', 've', 'nlvr' -> (train, val,
+    test); 'vqa', 'grounding' -> (train, test)."""
+    if dataset not in TASKS:
+        raise ValueError(f'unknown dataset {dataset!r}; expected one of {", ".join(TASKS)}')
+    if 'image_res' not in config:
+        raise DataError("config has no 'image_res'")
+    options = {'skip_bad_images': bool(config.get('skip_bad_images', False)),
+               'check_images': bool(config.get('check_images', True))}
+    built = tuple(split.build(config, transform=build_transform(split.transform, config['image_res']), **options)
+                  for split in TASKS[dataset])
+    return built[0] if dataset == 'pretrain' else built
+
+
+def vqa_collate_fn(batch: Sequence[tuple]) -> tuple[torch.Tensor, list[str], list[str], torch.Tensor, list[int]]:
+    """Collate VQA training items: (images [B, 3, H, W], questions, answers flattened over the batch,
+    their weights as one float32 tensor, number of answers per question)."""
+    images, questions, answers, weights, counts = [], [], [], [], []
+    for image, question, item_answers, item_weights in batch:
+        images.append(image)
+        questions.append(question)
+        answers += item_answers
+        weights += item_weights
+        counts.append(len(item_answers))
+    return torch.stack(images, dim=0), questions, answers, torch.tensor(weights, dtype=torch.float32), counts
+
+
+def create_sampler(datasets: Sequence[Dataset], shuffles: Sequence[bool], num_tasks: int,
+                   global_rank: int) -> list[DistributedSampler]:
+    """One DistributedSampler per dataset."""
+    return [DistributedSampler(dataset, num_replicas=num_tasks, rank=global_rank, shuffle=shuffle)
+            for dataset, shuffle in zip(datasets, shuffles)]
+
+
+def _per_loader(value: int | Sequence[int], n: int) -> Sequence[int]:
+    return [value] * n if isinstance(value, int) else value
+
+
+def create_loader(datasets: Sequence[Dataset], samplers: Sequence[Sampler | None],
+                  batch_size: int | Sequence[int], num_workers: int | Sequence[int],
+                  is_trains: Sequence[bool], collate_fns: Sequence[Callable | None]) -> list[DataLoader]:
+    """One DataLoader per dataset (per-loader lists, as in the original; an int applies to all).
+
+    Train loaders shuffle when they have no sampler and drop the last partial batch; eval loaders
+    do neither. Memory is pinned only when CUDA is available.
+    """
+    n = len(datasets)
+    loaders = []
+    for dataset, sampler, bs, workers, is_train, collate_fn in zip(
+            datasets, samplers, _per_loader(batch_size, n), _per_loader(num_workers, n), is_trains, collate_fns):
+        loaders.append(DataLoader(
+            dataset, batch_size=bs, num_workers=workers, pin_memory=torch.cuda.is_available(),
+            sampler=sampler, shuffle=is_train and sampler is None, collate_fn=collate_fn,
+            drop_last=is_train, persistent_workers=workers > 0))
+    return loaders

@@ -1,0 +1,286 @@
+"""What the dataset classes share: reading annotation files and images, with errors that name the
+file, the item and the key or image at fault.
+
+Every error is a `DataError` (a ValueError) with a one-line message. A dataset validates all of its
+annotation items when it is built and, unless `check_images=False`, checks that every image file
+exists. With `skip_bad_images=True` an item whose image is missing or unreadable is replaced by the
+next readable item instead of stopping the run, and `num_skipped` counts the replacements.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from PIL import Image, ImageFile
+from torch.utils.data import Dataset
+
+# Parity: the original sets these globally (caption_dataset.py); every dataset module imports this one.
+ImageFile.LOAD_TRUNCATED_IMAGES = True
+Image.MAX_IMAGE_PIXELS = None
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """An annotation file, annotation item or image that cannot be used. The message is one line."""
+
+
+class ImageError(DataError):
+    """An image file is missing or unreadable (what `skip_bad_images` skips)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in the data. `index` is the item's position in `file` (None for a problem
+    with the whole file). `kind` is 'file', 'item', 'missing_image' or 'bad_image'."""
+    kind: str
+    file: str
+    index: int | None
+    message: str
+
+
+def as_file_list(ann_file: str | Sequence[str]) -> list[str]:
+    """A config's `*_file` value (one path or a list of paths) as a list."""
+    return [ann_file] if isinstance(ann_file, (str, os.PathLike)) else list(ann_file)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: 'an object', list: 'a list', str: 'a string', bool: 'a boolean', int: 'a number',
+             float: 'a number', type(None): 'null'}
+    return names.get(type(value), type(value).__name__)
+
+
+def _one_line(error: BaseException) -> str:
+    text = ' '.join(str(error).split())
+    return text or type(error).__name__
+
+
+def read_json(path: str) -> Any:
+    """Parse the JSON file at `path`, raising DataError for a missing file or invalid JSON."""
+    if not os.path.isfile(path):
+        raise DataError(f'annotation file not found: {path}')
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f'{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}') from None
+    except UnicodeDecodeError as e:
+        raise DataError(f'{path}: not UTF-8 text (byte {e.start}: {e.reason})') from None
+    except OSError as e:
+        raise DataError(f'{path}: cannot read file: {_one_line(e)}') from None
+
+
+def read_json_list(path: str) -> list:
+    """A JSON file whose top level must be a list."""
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise DataError(f'{path}: expected a JSON list, got {_json_type(data)}')
+    return data
+
+
+def load_rgb(path: str, where: str) -> Image.Image:
+    """Open `path` as an RGB PIL image; `where` ('item i of file') goes into the error message."""
+    try:
+        with Image.open(path) as img:
+            return img.convert('RGB')
+    except FileNotFoundError:
+        raise ImageError(f'image not found: {path} ({where})') from None
+    except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, ...)
+        raise ImageError(f'cannot read image {path} ({where}): {_one_line(e)}') from None
+
+
+def probe_image(path: str, where: str) -> tuple[str, str] | None:
+    """Check that `path` exists and that PIL can open and verify it. Returns None if so, else
+    (kind, message) with kind 'missing_image' or 'bad_image'."""
+    if not os.path.isfile(path):
+        return 'missing_image', f'image not found: {path} ({where})'
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as e:
+        return 'bad_image', f'cannot read image {path} ({where}): {_one_line(e)}'
+    return None
+
+
+def type_problem(item: dict, key: str, expected: type | tuple[type, ...], what: str) -> str | None:
+    """'has <key> of type X (expected <what>)' when item[key] is not an instance of `expected`."""
+    if isinstance(item[key], expected):
+        return None
+    return f"has '{key}' of type {type(item[key]).__name__} (expected {what})"
+
+
+class AnnotationDataset(Dataset):
+    """Base of the dataset classes: annotation items from one or more JSON files, plus images.
+
+    A subclass sets its own attributes (image roots, split, ...), calls `super().__init__`, and
+    defines `keys` (or `required_keys`), `image_paths(item)` and `get_item(index)`; it may define
+    `item_problem(item)` for value checks.
+
+    Args:
+        ann_file: a JSON file or a list of them (concatenated in order); each is a list of objects.
+        transform: applied to every PIL image (None returns the PIL image).
+        skip_bad_images: replace an item whose image is missing or unreadable by the next readable
+            item (index + 1, wrapping) and count it in `num_skipped` (per process: each DataLoader
+            worker counts in its own copy). Missing images found at construction are then reported
+            as a count (a warning) instead of an error.
+        check_images: check at construction that every image file exists.
+        strict: False records each problem in `problems` and leaves the bad items out instead of
+            raising (used by `dataset.check`).
+    """
+    keys: tuple[str, ...] = ()
+
+    def __init__(self, ann_file: str | Sequence[str], transform: Callable | None, *,
+                 skip_bad_images: bool = False, check_images: bool = True, strict: bool = True) -> None:
+        self.transform = transform
+        self.skip_bad_images = skip_bad_images
+        self.strict = strict
+        self.num_skipped = 0
+        self.num_missing_images = 0
+        self.problems: list[Problem] = []
+        self.ann_files = as_file_list(ann_file)
+        self.ann: list[dict] = []
+        self._starts: list[int] = []                     # first index of each file's items
+        self._origins: list[tuple[int, int]] | None = None if strict else []  # (file, item) per index
+        for file_index, path in enumerate(self.ann_files):
+            self._load_file(file_index, path)
+        if check_images:
+            self.check_images_exist()
+
+    # ---- subclass hooks --------------------------------------------------------------------
+    def required_keys(self, item: dict) -> Iterable[str]:
+        return self.keys
+
+    def item_problem(self, item: dict) -> str | None:
+        """What is wrong with an item's values (after its keys were found), as 'has ...', or None."""
+        return None
+
+    def image_paths(self, item: dict) -> list[str]:
+        raise NotImplementedError
+
+    def get_item(self, index: int) -> tuple:
+        raise NotImplementedError
+
+    # ---- annotations -----------------------------------------------------------------------
+    def report(self, problem: Problem) -> None:
+        """Raise the problem (strict) or record it."""
+        if self.strict:
+            raise DataError(problem.message)
+        self.problems.append(problem)
+
+    def _problem_of(self, item: Any) -> str | None:
+        if not isinstance(item, dict):
+            return f'is not an object (got {_json_type(item)})'
+        for key in self.required_keys(item):
+            if key not in item:
+                keys = ', '.join(repr(k) for k in item) or 'none'
+                return f"has no '{key}' (keys: {keys})"
+        return self.item_problem(item)
+
+    def _load_file(self, file_index: int, path: str) -> None:
+        try:
+            items = read_json_list(path)
+        except DataError as e:
+            self.report(Problem('file', path, None, str(e)))
+            return
+        self._starts.append(len(self.ann))
+        if self.strict:
+            for i, item in enumerate(items):
+                problem = self._problem_of(item)
+                if problem is not None:
+                    raise DataError(f'{path}: item {i} {problem}')
+            self.ann.extend(items)
+            return
+        for i, item in enumerate(items):
+            problem = self._problem_of(item)
+            if problem is not None:
+                self.problems.append(Problem('item', path, i, f'{path}: item {i} {problem}'))
+                continue
+            self.ann.append(item)
+            self._origins.append((file_index, i))
+
+    def origin(self, index: int) -> tuple[str, int]:
+        """(annotation file, position in that file) of item `index`."""
+        if self._origins is not None:
+            file_index, i = self._origins[index]
+            return self.ann_files[file_index], i
+        # the last file starting at or before `index` (empty files share the next file's start)
+        k = bisect.bisect_right(self._starts, index) - 1
+        return self.ann_files[k], index - self._starts[k]
+
+    def where(self, index: int) -> str:
+        path, i = self.origin(index)
+        return f'item {i} of {path}'
+
+    # ---- images ----------------------------------------------------------------------------
+    def load_image(self, path: str, index: int) -> Image.Image:
+        """The RGB image of item `index` (ImageError naming the item if missing or unreadable)."""
+        return load_rgb(path, self.where(index))
+
+    def apply_transform(self, image: Image.Image) -> Any:
+        return self.transform(image) if self.transform is not None else image
+
+    def check_images_exist(self) -> None:
+        """Check that every image file exists (consecutive repeats of a path are checked once)."""
+        last, last_ok = None, True
+        first_missing = None
+        for index, item in enumerate(self.ann):
+            ok = True
+            for path in self.image_paths(item):
+                if path != last:
+                    last, last_ok = path, os.path.isfile(path)
+                if not last_ok:
+                    ok = False
+                    message = f'image not found: {path} ({self.where(index)})'
+                    if not self.skip_bad_images:
+                        self.report(Problem('missing_image', *self.origin(index), message))
+                    first_missing = first_missing or message
+            self.num_missing_images += not ok
+        if self.num_missing_images and self.skip_bad_images:
+            logger.warning('%d of %d items have a missing image and will be skipped (first: %s)',
+                           self.num_missing_images, len(self.ann), first_missing)
+
+    def image_problems(self, workers: int = 8, progress: bool = False, desc: str = 'images',
+                       chunk: int = 1024) -> Iterator[Problem]:
+        """Open and verify every image with PIL (in `workers` threads); yield one problem per bad
+        (item, image) pair, in item order."""
+        jobs = ((index, path) for index, item in enumerate(self.ann) for path in self.image_paths(item))
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            total = sum(len(self.image_paths(item)) for item in self.ann)
+            bar = tqdm(total=total, desc=desc, unit='img', dynamic_ncols=True)
+
+        def probe(job: tuple[int, str]) -> Problem | None:
+            index, path = job
+            found = probe_image(path, self.where(index))
+            return None if found is None else Problem(found[0], *self.origin(index), found[1])
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            while batch := list(itertools.islice(jobs, chunk)):
+                yield from (problem for problem in pool.map(probe, batch) if problem is not None)
+                if bar is not None:
+                    bar.update(len(batch))
+        if bar is not None:
+            bar.close()
+
+    # ---- torch Dataset ---------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.ann)
+
+    def __getitem__(self, index: int) -> tuple:
+        if not self.skip_bad_images:
+            return self.get_item(index)
+        for _ in range(len(self)):
+            try:
+                return self.get_item(index)
+            except ImageError as e:
+                self.num_skipped += 1
+                logger.warning('skipped: %s', e)
+                index = (index + 1) % len(self)
+        raise DataError(f"no readable image in {', '.join(self.ann_files)}")

@@ -1,0 +1,528 @@
+"""dataset/: text preprocessing, dataset classes, errors, loaders and evaluation helpers (SPEC 5).
+
+All data is written to tmp_path: tiny PIL images and JSON annotation files.
+"""
+import json
+import logging
+import os
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
+
+import dataset
+from dataset import (DataError, create_dataset, create_loader, create_sampler, grounding_dataset, nlvr_dataset,
+                     pretrain_dataset, re_eval_dataset, re_train_dataset, ve_dataset, vqa_collate_fn, vqa_dataset)
+from dataset.utils import collect_result, computeIoU, pre_caption, pre_question, save_result
+
+
+def make_image(path, size=(8, 6), color=(200, 30, 90)):
+    """A tiny one-colour image, PNG-encoded whatever the extension, so the colour is exact."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new('RGB', size, color).save(path, format='PNG')
+    return str(path)
+
+
+def write_json(path, data):
+    with open(path, 'w') as f:
+        json.dump(data, f)
+    return str(path)
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Root folder with a.jpg, b.jpg, c.png (each a different colour) and broken.jpg (not an image)."""
+    root = tmp_path / 'images'
+    make_image(root / 'a.jpg', color=(255, 0, 0))
+    make_image(root / 'b.jpg', color=(0, 255, 0))
+    make_image(root / 'c.png', color=(0, 0, 255))
+    (root / 'broken.jpg').write_bytes(b'not an image')
+    return str(root)
+
+
+def color_of(image):
+    return image.getpixel((0, 0))
+
+
+# ---- pre_caption / pre_question ----------------------------------------------------------------
+
+@pytest.mark.parametrize('text, max_words, expected', [
+    ("A  Man's dog-walker/ride <person>!\n", 30, 'a mans dog walker ride person'),
+    ('  Hello,   World!  ', 30, 'hello world'),
+    ('trail \n', 30, 'trail'),
+    ('a  b c', 2, 'a b'),
+    ('The <PERSON> (left); "quoted" *x* #1: ~ok?', 30, 'the person left quoted x 1 ok'),
+    ('tab\tinside', 30, 'tab\tinside'),  # a lone tab is not collapsed
+    ('one two three four', 3, 'one two three'),
+    ('x' + ' word' * 40, 30, ' '.join(['x'] + ['word'] * 29)),
+])
+def test_pre_caption(text, max_words, expected):
+    assert pre_caption(text, max_words) == expected
+
+
+@pytest.mark.parametrize('text, max_words, expected', [
+    ('  Hello,   World!  ', 30, '  hello   world'),
+    ('trail \n', 30, 'trail \n'),  # the newline stops rstrip(' ')
+    ('a  b c', 2, 'a '),  # the empty string between two spaces is a word
+    ("What's the man's <person>-job?", 30, 'whats the mans <person> job'),
+    ('Is it red ?  ', 30, 'is it red'),
+])
+def test_pre_question(text, max_words, expected):
+    assert pre_question(text, max_words) == expected
+
+
+def test_default_max_words_is_50():
+    text = ' '.join(['w'] * 60)
+    assert len(pre_caption(text).split(' ')) == 50
+    assert len(pre_question(text).split(' ')) == 50
+
+
+# ---- dataset classes ---------------------------------------------------------------------------
+
+def test_pretrain_dataset(tmp_path, images):
+    ann = write_json(tmp_path / 'pre.json', [
+        {'image': os.path.join(images, 'a.jpg'), 'caption': 'A red square!'},
+        {'image': os.path.join(images, 'b.jpg'), 'caption': ['first one', 'second one']},
+    ])
+    ds = pretrain_dataset([ann], None)
+    assert len(ds) == 2
+    image, caption = ds[0]
+    assert color_of(image) == (255, 0, 0) and image.mode == 'RGB' and caption == 'a red square'
+    assert {ds[1][1] for _ in range(40)} == {'first one', 'second one'}  # random.choice per call
+    with_transform = pretrain_dataset(ann, dataset.build_transform('pretrain', 16))
+    tensor, _ = with_transform[1]
+    assert tensor.shape == (3, 16, 16) and tensor.dtype == torch.float32
+
+
+def test_re_train_dataset_img_idx_by_first_appearance(tmp_path, images):
+    ann = write_json(tmp_path / 'train.json', [
+        {'image': 'b.jpg', 'caption': 'B one', 'image_id': 'img-9'},
+        {'image': 'a.jpg', 'caption': 'A one', 'image_id': 'img-2'},
+        {'image': 'b.jpg', 'caption': 'B two', 'image_id': 'img-9'},
+        {'image': 'c.png', 'caption': 'C one', 'image_id': 'img-5'},
+    ])
+    ds = re_train_dataset([ann], None, images)
+    assert [ds[i][2] for i in range(4)] == [0, 1, 0, 2]
+    image, caption, idx = ds[3]
+    assert color_of(image) == (0, 0, 255) and caption == 'c one' and idx == 2
+
+
+def test_re_train_dataset_concatenates_files(tmp_path, images):
+    first = write_json(tmp_path / 'one.json', [{'image': 'a.jpg', 'caption': 'x', 'image_id': 1}])
+    second = write_json(tmp_path / 'two.json', [{'image': 'b.jpg', 'caption': 'y', 'image_id': 2},
+                                                {'image': 'a.jpg', 'caption': 'z', 'image_id': 1}])
+    ds = re_train_dataset([first, second], None, images)
+    assert [(ds[i][1], ds[i][2]) for i in range(3)] == [('x', 0), ('y', 1), ('z', 0)]
+    assert ds.origin(2) == (second, 1)
+
+
+def test_re_eval_dataset(tmp_path, images):
+    ann = write_json(tmp_path / 'test.json', [
+        {'image': 'a.jpg', 'caption': ['A red one.', 'Another red']},
+        {'image': 'b.jpg', 'caption': ['Green!']},
+        {'image': 'c.png', 'caption': ['blue 1', 'blue 2', 'blue 3']},
+    ])
+    ds = re_eval_dataset(ann, None, images)
+    assert len(ds) == 3
+    assert ds.text == ['a red one', 'another red', 'green', 'blue 1', 'blue 2', 'blue 3']
+    assert ds.image == ['a.jpg', 'b.jpg', 'c.png']
+    assert ds.txt2img == {0: 0, 1: 0, 2: 1, 3: 2, 4: 2, 5: 2}
+    assert ds.img2txt == {0: [0, 1], 1: [2], 2: [3, 4, 5]}
+    image, index = ds[1]
+    assert color_of(image) == (0, 255, 0) and index == 1
+
+
+def vqa_items(images):
+    return [
+        {'dataset': 'vqa', 'image': 'a.jpg', 'question': "What's   this?",
+         'answer': ['no', 'yes', 'yes', 'no', 'maybe', 'yes', 'no', 'no', 'no', 'no']},
+        {'dataset': 'vg', 'image': 'b.jpg', 'question': 'Where?', 'answer': 'park'},
+    ]
+
+
+def test_vqa_train_answers_and_weights(tmp_path, images):
+    vg_root = os.path.join(images, 'vg')
+    make_image(os.path.join(vg_root, 'b.jpg'), color=(1, 2, 3))
+    ann = write_json(tmp_path / 'vqa.json', vqa_items(images))
+    ds = vqa_dataset([ann], None, images, vg_root)
+    image, question, answers, weights = ds[0]
+    assert color_of(image) == (255, 0, 0)
+    assert question == 'whats   this'
+    assert answers == ['no[SEP]', 'yes[SEP]', 'maybe[SEP]']  # order of first occurrence, eos appended
+    assert weights == [0.6, 0.30000000000000004, 0.1]       # repeated addition of 1/10
+    assert weights[1] != 0.3
+    image, question, answers, weights = ds[1]
+    assert color_of(image) == (1, 2, 3)  # 'vg' images come from vg_root
+    assert (question, answers, weights) == ('where', ['park[SEP]'], [0.5])
+
+
+def test_vqa_custom_eos(tmp_path, images):
+    make_image(os.path.join(images, 'vg', 'b.jpg'))
+    ann = write_json(tmp_path / 'vqa.json', vqa_items(images))
+    assert vqa_dataset(ann, None, images, os.path.join(images, 'vg'), eos='</s>')[1][2] == ['park</s>']
+
+
+def test_vqa_test_split(tmp_path, images):
+    long_question = ' '.join(['word'] * 60)
+    ann = write_json(tmp_path / 'vqa_test.json', [
+        {'dataset': 'vqa', 'image': 'c.png', 'question': long_question, 'question_id': 42}])
+    answer_list = write_json(tmp_path / 'answers.json', ['yes', 'no', 'two'])
+    ds = vqa_dataset([ann], None, images, images, split='test', answer_list=answer_list)
+    image, question, question_id = ds[0]
+    assert color_of(image) == (0, 0, 255) and question_id == 42
+    assert len(question.split(' ')) == 50  # test-time questions keep up to 50 words
+    assert ds.answer_list == ['yes', 'no', 'two']
+
+
+def test_ve_dataset_labels(tmp_path, images):
+    os.rename(os.path.join(images, 'a.jpg'), os.path.join(images, '1001.jpg'))
+    ann = write_json(tmp_path / 've.json', [
+        {'image': '1001', 'sentence': 'A RED thing.', 'label': label}
+        for label in ('entailment', 'neutral', 'contradiction')])
+    ds = ve_dataset(ann, None, images)
+    assert [ds[i][2] for i in range(3)] == [2, 1, 0]
+    image, sentence, _ = ds[0]
+    assert color_of(image) == (255, 0, 0) and sentence == 'a red thing'
+
+
+def test_nlvr_dataset(tmp_path, images):
+    ann = write_json(tmp_path / 'nlvr.json', [
+        {'images': ['a.jpg', 'b.jpg'], 'sentence': 'Left is red.', 'label': 'True'},
+        {'images': ['b.jpg', 'c.png'], 'sentence': 'x', 'label': 'False'},
+        {'images': ['a.jpg', 'c.png'], 'sentence': 'y', 'label': True},  # only the string 'True' counts
+    ])
+    ds = nlvr_dataset([ann], None, images)
+    image0, image1, sentence, label = ds[0]
+    assert (color_of(image0), color_of(image1), sentence, label) == ((255, 0, 0), (0, 255, 0), 'left is red', 1)
+    assert ds[1][3] == 0 and ds[2][3] == 0
+
+
+def test_grounding_dataset(tmp_path, images):
+    make_image(os.path.join(images, 'other', 'a.jpg'), color=(9, 9, 9))
+    items = [
+        {'image': 'b.jpg', 'text': 'Left guy', 'ref_id': 11},
+        {'image': 'other/a.jpg', 'text': 'The red one', 'ref_id': 12},
+        {'image': 'a.jpg', 'text': 'same file name', 'ref_id': 13},
+        {'image': 'b.jpg', 'text': 'right guy', 'ref_id': 14},
+    ]
+    ann = write_json(tmp_path / 'ground.json', items)
+    train = grounding_dataset([ann], None, images, mode='train')
+    assert [train[i][2] for i in range(4)] == [0, 1, 1, 0]  # by file name, not by path
+    image, caption, _ = train[1]
+    assert color_of(image) == (9, 9, 9) and caption == 'the red one'
+    test = grounding_dataset([ann], None, images, mode='test')
+    assert [test[i][2] for i in range(4)] == [11, 12, 13, 14]
+
+
+def test_vqa_collate_fn():
+    batch = [(torch.zeros(3, 4, 4), 'q1', ['a[SEP]', 'b[SEP]'], [0.6, 0.30000000000000004]),
+             (torch.ones(3, 4, 4), 'q2', ['c[SEP]'], [0.5])]
+    images, questions, answers, weights, n = vqa_collate_fn(batch)
+    assert images.shape == (2, 3, 4, 4) and images[1].eq(1).all()
+    assert questions == ['q1', 'q2']
+    assert answers == ['a[SEP]', 'b[SEP]', 'c[SEP]']
+    assert weights.dtype == torch.float32 and torch.equal(weights, torch.tensor([0.6, 0.3, 0.5]))
+    assert n == [2, 1]
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+def test_missing_annotation_file(tmp_path, images):
+    path = str(tmp_path / 'nope.json')
+    with pytest.raises(DataError) as info:
+        re_train_dataset([path], None, images)
+    assert str(info.value) == f'annotation file not found: {path}'
+
+
+def test_malformed_json_names_line_and_column(tmp_path, images):
+    text = '[\n  {"image": "a.jpg",\n   "caption": "x",,\n}]'
+    path = tmp_path / 'bad.json'
+    path.write_text(text)
+    with pytest.raises(json.JSONDecodeError) as parsed:
+        json.loads(text)
+    with pytest.raises(DataError) as info:
+        re_train_dataset(str(path), None, images)
+    e = parsed.value
+    assert str(info.value) == f'{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}'
+    assert e.lineno == 3
+
+
+def test_not_a_list(tmp_path, images):
+    path = write_json(tmp_path / 'dict.json', {'image': 'a.jpg'})
+    with pytest.raises(DataError) as info:
+        re_eval_dataset(path, None, images)
+    assert str(info.value) == f'{path}: expected a JSON list, got an object'
+
+
+def test_item_not_an_object(tmp_path, images):
+    path = write_json(tmp_path / 'items.json', [{'image': 'a.jpg', 'caption': ['x']}, 'b.jpg', 3])
+    with pytest.raises(DataError) as info:
+        re_eval_dataset(path, None, images)
+    assert str(info.value) == f'{path}: item 1 is not an object (got a string)'
+
+
+def test_missing_key_lists_the_keys_present(tmp_path, images):
+    good = write_json(tmp_path / 'good.json', [{'image': 'a.jpg', 'caption': 'x', 'image_id': 1}])
+    path = write_json(tmp_path / 'keys.json', [
+        {'image': 'a.jpg', 'caption': 'x', 'image_id': 1},
+        {'image': 'a.jpg', 'caption': 'x', 'image_id': 1},
+        {'image': 'b.jpg', 'image_id': 2, 'captions': 'typo'},
+    ])
+    with pytest.raises(DataError) as info:
+        re_train_dataset([good, path], None, images)
+    assert str(info.value) == f"{path}: item 2 has no 'caption' (keys: 'image', 'image_id', 'captions')"
+
+
+@pytest.mark.parametrize('make, item, message', [
+    (lambda ann, root: ve_dataset(ann, None, root), {'image': 'a', 'sentence': 's', 'label': 'yes'},
+     "has label 'yes' (expected 'entailment', 'neutral' or 'contradiction')"),
+    (lambda ann, root: vqa_dataset(ann, None, root, root), {'dataset': 'coco', 'image': 'a.jpg', 'question': 'q',
+                                                            'answer': ['a']},
+     "has dataset 'coco' (expected 'vqa' or 'vg')"),
+    (lambda ann, root: vqa_dataset(ann, None, root, root, split='test', answer_list=''),
+     {'dataset': 'vqa', 'image': 'a.jpg', 'question': 'q', 'answer': ['a']},
+     "has no 'question_id' (keys: 'dataset', 'image', 'question', 'answer')"),
+    (lambda ann, root: nlvr_dataset(ann, None, root), {'images': ['a.jpg'], 'sentence': 's', 'label': 'True'},
+     "has 'images' ['a.jpg'] (expected a list of 2 paths)"),
+    (lambda ann, root: re_eval_dataset(ann, None, root), {'image': 'a.jpg', 'caption': 'one string'},
+     "has 'caption' of type str (expected a list of strings)"),
+    (lambda ann, root: grounding_dataset(ann, None, root, mode='test'), {'image': 'a.jpg', 'text': 't'},
+     "has no 'ref_id' (keys: 'image', 'text')"),
+])
+def test_item_value_errors(tmp_path, images, make, item, message):
+    path = write_json(tmp_path / 'ann.json', [item])
+    with pytest.raises(DataError) as info:
+        make(path, images)
+    assert str(info.value) == f'{path}: item 0 {message}'
+
+
+def test_missing_image_at_construction(tmp_path, images):
+    path = write_json(tmp_path / 'ann.json', [{'image': 'a.jpg', 'caption': 'x', 'image_id': 1},
+                                              {'image': 'gone.jpg', 'caption': 'y', 'image_id': 2}])
+    with pytest.raises(DataError) as info:
+        re_train_dataset(path, None, images)
+    assert str(info.value) == f"image not found: {os.path.join(images, 'gone.jpg')} (item 1 of {path})"
+
+
+def test_missing_image_at_load_time(tmp_path, images):
+    path = write_json(tmp_path / 'ann.json', [{'images': ['a.jpg', 'gone.jpg'], 'sentence': 'x', 'label': 'True'}])
+    ds = nlvr_dataset(path, None, images, check_images=False)
+    with pytest.raises(DataError) as info:
+        ds[0]
+    assert str(info.value) == f"image not found: {os.path.join(images, 'gone.jpg')} (item 0 of {path})"
+
+
+def test_unreadable_image(tmp_path, images):
+    broken = os.path.join(images, 'broken.jpg')
+    path = write_json(tmp_path / 'ann.json', [{'image': broken, 'caption': 'x'}])
+    ds = pretrain_dataset(path, None)  # the file exists, so construction passes
+    with pytest.raises(DataError) as info:
+        ds[0]
+    assert str(info.value) == f"cannot read image {broken} (item 0 of {path}): cannot identify image file '{broken}'"
+    assert '\n' not in str(info.value)
+
+
+def test_errors_are_value_errors():
+    assert issubclass(DataError, ValueError) and dataset.DataError is dataset.base.DataError
+
+
+# ---- skip_bad_images ---------------------------------------------------------------------------
+
+def test_skip_bad_images_replaces_with_next_readable_item(tmp_path, images, caplog):
+    path = write_json(tmp_path / 'ann.json', [
+        {'image': 'a.jpg', 'caption': 'zero', 'image_id': 0},
+        {'image': 'gone.jpg', 'caption': 'one', 'image_id': 1},
+        {'image': 'broken.jpg', 'caption': 'two', 'image_id': 2},
+        {'image': 'b.jpg', 'caption': 'three', 'image_id': 3},
+        {'image': 'gone.jpg', 'caption': 'four', 'image_id': 4},
+    ])
+    with caplog.at_level(logging.WARNING, logger='dataset.base'):
+        ds = re_train_dataset(path, None, images, skip_bad_images=True)
+    assert ds.num_missing_images == 2
+    assert '2 of 5 items have a missing image' in caplog.text
+    assert ds.num_skipped == 0
+    assert ds[1][1:] == ('three', 3)  # 1 missing, 2 unreadable -> 3
+    assert ds.num_skipped == 2
+    assert ds[4][1:] == ('zero', 0)   # wraps around
+    assert ds.num_skipped == 3
+    assert ds[3][1:] == ('three', 3) and ds.num_skipped == 3
+
+
+def test_skip_bad_images_with_no_readable_image(tmp_path, images):
+    path = write_json(tmp_path / 'ann.json', [{'image': 'gone.jpg', 'caption': 'x', 'image_id': 0}])
+    ds = re_train_dataset(path, None, images, skip_bad_images=True)
+    with pytest.raises(DataError, match='no readable image in'):
+        ds[0]
+
+
+def test_skip_bad_images_does_not_hide_other_errors(tmp_path, images):
+    path = write_json(tmp_path / 'ann.json', [{'image': 'a.jpg', 'caption': 'x', 'image_id': 0}])
+    ds = re_train_dataset(path, lambda image: 1 / 0, images, skip_bad_images=True)
+    with pytest.raises(ZeroDivisionError):
+        ds[0]
+
+
+# ---- create_dataset / samplers / loaders -------------------------------------------------------
+
+@pytest.fixture
+def configs(tmp_path, images):
+    """A config per task over the tiny images, with image_res 16."""
+    make_image(os.path.join(images, '7.jpg'))
+    re_train = write_json(tmp_path / 're_train.json', [{'image': 'a.jpg', 'caption': 'x', 'image_id': 0},
+                                                      {'image': 'b.jpg', 'caption': 'y', 'image_id': 1}])
+    re_test = write_json(tmp_path / 're_test.json', [{'image': 'a.jpg', 'caption': ['x', 'z']}])
+    vqa_train = write_json(tmp_path / 'vqa_train.json', [{'dataset': 'vqa', 'image': 'a.jpg', 'question': 'q',
+                                                          'answer': ['a', 'b']}])
+    vqa_test = write_json(tmp_path / 'vqa_test.json', [{'dataset': 'vqa', 'image': 'a.jpg', 'question': 'q',
+                                                        'question_id': 5}])
+    answers = write_json(tmp_path / 'answers.json', ['a', 'b'])
+    ve = write_json(tmp_path / 've.json', [{'image': '7', 'sentence': 's', 'label': 'neutral'}])
+    nlvr = write_json(tmp_path / 'nlvr.json', [{'images': ['a.jpg', 'b.jpg'], 'sentence': 's', 'label': 'True'}])
+    ground = write_json(tmp_path / 'ground.json', [{'image': 'a.jpg', 'text': 't', 'ref_id': 3}])
+    pre = write_json(tmp_path / 'pre.json', [{'image': os.path.join(images, 'a.jpg'), 'caption': 'c'}])
+    base = {'image_res': 16, 'image_root': images}
+    return {
+        'pretrain': {'image_res': 16, 'train_file': [pre]},
+        're': {**base, 'train_file': [re_train], 'val_file': re_test, 'test_file': re_test},
+        'vqa': {'image_res': 16, 'train_file': [vqa_train], 'test_file': [vqa_test], 'answer_list': answers,
+                'vqa_root': images, 'vg_root': images},
+        've': {**base, 'train_file': ve, 'val_file': ve, 'test_file': ve},
+        'nlvr': {**base, 'train_file': [nlvr], 'val_file': [nlvr], 'test_file': [nlvr]},
+        'grounding': {**base, 'train_file': [ground], 'test_file': [ground, ground]},
+    }
+
+
+@pytest.mark.parametrize('task, classes', [
+    ('pretrain', pretrain_dataset),
+    ('re', (re_train_dataset, re_eval_dataset, re_eval_dataset)),
+    ('vqa', (vqa_dataset, vqa_dataset)),
+    ('ve', (ve_dataset, ve_dataset, ve_dataset)),
+    ('nlvr', (nlvr_dataset, nlvr_dataset, nlvr_dataset)),
+    ('grounding', (grounding_dataset, grounding_dataset)),
+])
+def test_create_dataset(configs, task, classes):
+    built = create_dataset(task, configs[task])
+    if task == 'pretrain':
+        assert isinstance(built, pretrain_dataset)
+        built, classes = (built,), (classes,)
+    assert tuple(type(d) for d in built) == classes
+    for d in built:
+        item = d[0]
+        images = [x for x in item if isinstance(x, torch.Tensor)]
+        assert images and all(x.shape == (3, 16, 16) for x in images)
+    if task == 'vqa':
+        assert (built[0].split, built[1].split, built[1].answer_list) == ('train', 'test', ['a', 'b'])
+    if task == 'grounding':
+        assert (built[0].mode, built[1].mode, len(built[1])) == ('train', 'test', 2)
+
+
+def test_create_dataset_options_and_errors(configs, tmp_path):
+    config = dict(configs['re'], train_file=[write_json(tmp_path / 'gone.json', [
+        {'image': 'gone.jpg', 'caption': 'x', 'image_id': 0}])])
+    with pytest.raises(DataError, match='image not found'):
+        create_dataset('re', config)
+    train, _, _ = create_dataset('re', dict(config, check_images=False))
+    assert train.num_missing_images == 0 and not train.skip_bad_images
+    train, _, _ = create_dataset('re', dict(config, skip_bad_images=True))
+    assert train.num_missing_images == 1 and train.skip_bad_images
+    with pytest.raises(DataError) as info:
+        create_dataset('re', {k: v for k, v in config.items() if k != 'image_root'})
+    assert str(info.value) == "config has no 'image_root' (needed by the train dataset, re_train_dataset)"
+    with pytest.raises(ValueError, match='unknown dataset'):
+        create_dataset('coco', config)
+
+
+def test_transforms_match_spec():
+    from torchvision import transforms
+    pre = dataset.build_transform('pretrain', 256).transforms
+    assert isinstance(pre[0], transforms.RandomResizedCrop) and pre[0].scale == (0.2, 1.0)
+    assert pre[0].interpolation == transforms.InterpolationMode.BICUBIC
+    assert isinstance(pre[1], transforms.RandomHorizontalFlip)
+    assert (pre[2].N, pre[2].M, pre[2].isPIL, pre[2].augs) == (2, 7, True, dataset.AUGMENTS)
+    assert pre[-1].mean == (0.48145466, 0.4578275, 0.40821073)
+    assert pre[-1].std == (0.26862954, 0.26130258, 0.27577711)
+    assert dataset.build_transform('train', 384).transforms[0].scale == (0.5, 1.0)
+    test = dataset.build_transform('test', 384).transforms
+    assert isinstance(test[0], transforms.Resize) and test[0].size == (384, 384) and len(test) == 3
+    ground = dataset.build_transform('grounding_train', 384).transforms
+    assert [type(t).__name__ for t in ground] == ['Resize', 'RandomHorizontalFlip', 'RandomAugment',
+                                                  'ToTensor', 'Normalize']
+
+
+def test_test_transform_is_pil_bicubic_resize():
+    import numpy as np
+    image = Image.fromarray((np.random.RandomState(0).rand(10, 14, 3) * 255).astype(np.uint8))
+    out = dataset.build_transform('test', 8)(image)
+    ref = torch.from_numpy(np.array(image.resize((8, 8), Image.BICUBIC))).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(dataset.MEAN)[:, None, None], torch.tensor(dataset.STD)[:, None, None]
+    assert torch.allclose(out, (ref - mean) / std, atol=1e-6)
+
+
+def test_create_sampler_and_loader(configs):
+    train, val, test = create_dataset('re', configs['re'])
+    samplers = create_sampler([train, val], [True, False], num_tasks=2, global_rank=1)
+    assert all(isinstance(s, DistributedSampler) for s in samplers)
+    assert (samplers[0].shuffle, samplers[1].shuffle, samplers[0].num_replicas, samplers[0].rank) == (True, False, 2, 1)
+    assert len(samplers[0]) == 1
+
+    loaders = create_loader([train, val, test], [None, None, None], batch_size=[2, 3, 3], num_workers=[0, 0, 0],
+                            is_trains=[True, False, False], collate_fns=[None, None, None])
+    train_loader, val_loader, _ = loaders
+    assert isinstance(train_loader.sampler, RandomSampler) and train_loader.drop_last
+    assert isinstance(val_loader.sampler, SequentialSampler) and not val_loader.drop_last
+    assert train_loader.pin_memory == torch.cuda.is_available() and not train_loader.persistent_workers
+    image, caption, idx = next(iter(train_loader))
+    assert image.shape == (2, 3, 16, 16) and len(caption) == 2 and sorted(idx.tolist()) == [0, 1]
+    image, index = next(iter(val_loader))
+    assert image.shape == (1, 3, 16, 16) and index.tolist() == [0]
+
+    with_sampler = create_loader([train], [samplers[0]], 1, 0, [True], [None])[0]
+    assert with_sampler.sampler is samplers[0] and len(with_sampler) == 1
+
+
+def test_vqa_loader_with_collate(configs):
+    train, _ = create_dataset('vqa', configs['vqa'])
+    loader = create_loader([train], [None], [1], [0], [True], [vqa_collate_fn])[0]
+    image, questions, answers, weights, n = next(iter(loader))
+    assert image.shape == (1, 3, 16, 16) and answers == ['a[SEP]', 'b[SEP]'] and n == [2]
+    assert weights.tolist() == [0.5, 0.5]
+
+
+def test_loader_persistent_workers(configs):
+    train, _, _ = create_dataset('re', configs['re'])
+    loader = create_loader([train], [None], 2, 1, [False], [None])[0]
+    assert loader.persistent_workers and loader.num_workers == 1
+
+
+# ---- evaluation helpers ------------------------------------------------------------------------
+
+@pytest.mark.parametrize('box2, expected', [
+    ([9, 0, 10, 10], 0.0),          # one shared pixel column: not an overlap (strict test)
+    ([8, 0, 10, 10], 20 / 180),
+    ([2, 3, 4, 5], 20 / 100),       # nested
+    ([0, 0, 10, 10], 1.0),
+    ([20, 20, 5, 5], 0.0),          # disjoint
+    ([0, 9, 10, 10], 0.0),          # one shared pixel row
+])
+def test_computeIoU(box2, expected):
+    assert computeIoU([0, 0, 10, 10], box2) == expected
+
+
+def test_save_result_without_process_group(tmp_path):
+    result_dir = str(tmp_path / 'result')
+    path = save_result([{'question_id': 1, 'answer': 'yes'}], result_dir, 'vqa_result_epoch0')
+    assert path == os.path.join(result_dir, 'vqa_result_epoch0.json')
+    with open(path) as f:
+        assert json.load(f) == [{'question_id': 1, 'answer': 'yes'}]
+    assert os.path.isfile(os.path.join(result_dir, 'vqa_result_epoch0_rank0.json'))
+    path = save_result({'a': 1}, result_dir, 'd', is_json=False, is_list=False)
+    assert path.endswith('d.pth') and torch.load(path) == {'a': 1}
+
+
+def test_collect_result_without_process_group(tmp_path):
+    result = [{'ref_id': 3, 'pred': torch.ones(2, 2)}]
+    merged = collect_result(result, str(tmp_path), 'epoch0', is_json=False)
+    assert len(merged) == 1 and merged[0]['ref_id'] == 3 and torch.equal(merged[0]['pred'], torch.ones(2, 2))
+    assert not os.path.exists(tmp_path / 'epoch0.pth')
+    assert collect_result({'k': 'v'}, str(tmp_path), 'j', is_list=False) == {'k': 'v'}
