@@ -90,15 +90,15 @@ def load_yaml(path):
 def check_keys(config, path, required, optional, section=''):
     """Every required key present, and no key outside required | optional (with a suggestion)."""
     where = f'{path}: {section}' if section else f'{path}: '
-    for key in required:
-        if key not in config:
-            raise ConfigError(f"{where}missing required key '{key}'")
     known = set(required) | set(optional)
-    for key in config:
+    for key in config:  # unknown keys first: a misspelt required key is reported with its fix
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ''
             raise ConfigError(f"{where}unknown key '{key}'{hint}")
+    for key in sorted(required):
+        if key not in config:
+            raise ConfigError(f"{where}missing required key '{key}'")
 
 
 def load_config(path, required, optional=()):
@@ -205,7 +205,8 @@ class SeededSamples(torch.utils.data.Dataset):
     Indices arrive as (epoch, index) pairs from ResumableSampler; the global random generators
     (python, numpy, torch) are seeded for the sample and restored afterwards. Sample k of an epoch
     is therefore the same tensor whether the run was interrupted or not, whatever the number of
-    workers.
+    workers. Each item comes with the number of bad images skipped to produce it
+    (`skip_bad_images`), which the collate function sums, so the count reaches the main process.
     """
 
     def __init__(self, dataset, seed):
@@ -226,8 +227,10 @@ class SeededSamples(torch.utils.data.Dataset):
         random.seed(seed)
         np.random.seed(seed % 2 ** 32)
         torch.manual_seed(seed)
+        skipped = getattr(self.dataset, 'num_skipped', 0)
         try:
-            return self.dataset[index]
+            item = self.dataset[index]
+            return item, getattr(self.dataset, 'num_skipped', 0) - skipped
         finally:
             random.setstate(states[0])
             np.random.set_state(states[1])
@@ -251,12 +254,24 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return iter([(self.epoch, i) for i in indices])
 
 
+class CountSkipped:
+    """Collate (item, skipped) pairs into (batch, total skipped)."""
+
+    def __init__(self, collate_fn=None):
+        self.collate_fn = collate_fn or torch.utils.data.default_collate
+
+    def __call__(self, pairs):
+        items, skipped = zip(*pairs)
+        return self.collate_fn(list(items)), sum(skipped)
+
+
 def train_loader(dataset, batch_size, run, config, collate_fn=None):
+    """Shuffled, resumable training batches; iterating yields (batch, images skipped)."""
     sampler = ResumableSampler(dataset, run.world_size, run.rank, seed=run.args.seed)
     num_workers = config.get('num_workers', 4)
     return torch.utils.data.DataLoader(
         SeededSamples(dataset, run.args.seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        collate_fn=collate_fn, drop_last=True, pin_memory=run.device.type == 'cuda',
+        collate_fn=CountSkipped(collate_fn), drop_last=True, pin_memory=run.device.type == 'cuda',
         persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(run.args.seed))
 
 
@@ -320,12 +335,14 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
     save_every = config.get('save_every_steps') or 0
     print_freq = config.get('print_freq', 50)
     guard = LossGuard()
+    skipped = state.extra.get('skipped_images', 0) if state.step else 0
 
-    for i, batch in logger.log_every(loader, print_freq, f'Train Epoch: [{epoch}]', start=state.step,
+    for i, (batch, skipped_now) in logger.log_every(loader, print_freq, f'Train Epoch: [{epoch}]', start=state.step,
                                      total=num_steps, samples_per_step=loader.batch_size * run.world_size):
         alpha = config.get('alpha', 0)
         if epoch == 0 and alpha_ramp:
             alpha = alpha * min(1, i / num_steps)
+        skipped += skipped_now
         losses = train_step(model, batch, alpha)
         loss = sum(losses.values())
         optimizer.zero_grad()
@@ -340,18 +357,24 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
             guard.check()
         if checkpointer and save_every and state.step % save_every == 0 and state.step < num_steps:
             guard.check()
-            state.meters = logger.state_dict()
+            state.meters, state.extra['skipped_images'] = logger.state_dict(), skipped
             checkpointer.save('checkpoint_last.pth', state)
     guard.check()
     logger.synchronize_between_processes()
     print('Averaged stats:', logger.global_avg())
     state.step, state.meters = 0, None
-    return {name: fmt.format(meter.global_avg) for name, meter in logger.meters.items()}
+    stats = {name: fmt.format(meter.global_avg) for name, meter in logger.meters.items()}
+    if config.get('skip_bad_images'):
+        stats['skipped_images'] = int(utils.all_reduce_sum(torch.tensor(skipped)).item())
+    return stats
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
 def _rng_state():
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    # numpy's key array as a tensor, so the checkpoint loads with torch.load(weights_only=True)
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+    state = {'python': random.getstate(), 'numpy': numpy_state, 'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
@@ -359,7 +382,8 @@ def _rng_state():
 
 def _set_rng_state(state):
     random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
+    kind, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])

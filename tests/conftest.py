@@ -61,3 +61,71 @@ def make_model(tokenizer):
         torch.manual_seed(seed)
         return build_model(variant, tokenizer, {**TINY_CONFIG, **overrides})
     return make
+
+
+# ---- the demo world and configs pointing at it (end-to-end tests) ---------------------------------
+@pytest.fixture(scope='session')
+def demo_world(tmp_path_factory):
+    """A small demo world (60 train scenes), generated once per test session."""
+    from dataset import toy
+    out = str(tmp_path_factory.mktemp('demo') / 'data')
+    toy.main(['--out', out, '--scale', '0.1'])
+    return out
+
+
+def _merge(base, overrides):
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _relocate(value, world):
+    if isinstance(value, str) and value.startswith('data/demo'):
+        return world + value[len('data/demo'):]
+    if isinstance(value, list):
+        return [_relocate(v, world) for v in value]
+    return value
+
+
+@pytest.fixture
+def demo_config(demo_world, tmp_path):
+    """`demo_config(name, **overrides)` -> path of configs/demo/<name>.yaml rewritten to use the
+    session's demo world, with `overrides` merged in (nested dicts merge key by key)."""
+    from ruamel.yaml import YAML
+
+    def make(name, **overrides):
+        with open(os.path.join(ROOT, 'configs', 'demo', f'{name}.yaml')) as f:
+            config = YAML(typ='safe').load(f)
+        config = {k: _relocate(v, demo_world) for k, v in config.items()}
+        config['bert_config'] = os.path.join(ROOT, config['bert_config'])
+        _merge(config, overrides)
+        path = tmp_path / f'{name}.yaml'
+        with open(path, 'w') as f:
+            YAML(typ='safe').dump(config, f)
+        return str(path)
+    return make
+
+
+def run_script(script, *args, nproc=1, launcher='torchrun', timeout=600, env=None):
+    """Run a task script as users do: plainly, or under torchrun / torch.distributed.launch."""
+    import subprocess
+    command = [sys.executable]
+    if nproc > 1 and launcher == 'torchrun':
+        command += ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+    elif nproc > 1:
+        command += ['-m', 'torch.distributed.launch', f'--nproc_per_node={nproc}', '--use_env',
+                    '--master_port', str(_free_port())]
+    command += [os.path.join(ROOT, script), *map(str, args)]
+    full_env = {**os.environ, 'OMP_NUM_THREADS': '1' if nproc > 1 else os.environ.get('OMP_NUM_THREADS', '2'),
+                'PYTHONWARNINGS': 'ignore', **(env or {})}
+    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]

@@ -1,0 +1,62 @@
+"""ALBEF pre-training: ITC + ITM + MLM with momentum distillation (SPEC 8.2).
+
+    python Pretrain.py --config configs/Pretrain.yaml --output_dir output/Pretrain
+    torchrun --nproc_per_node=8 Pretrain.py --config configs/Pretrain.yaml --output_dir output/Pretrain
+"""
+import argparse
+
+import engine
+from dataset import create_dataset
+from models.model_pretrain import ALBEF
+
+REQUIRED = {'train_file', 'bert_config', 'image_res', 'batch_size', 'embed_dim', 'temp', 'mlm_probability',
+            'queue_size', 'momentum', 'alpha'}
+OPTIONAL = {'init_deit', 'deit_checkpoint'}
+
+
+def train_step(model, batch, alpha, run):
+    image, caption = batch
+    image = image.to(run.device, non_blocking=True)
+    text = run.tokenizer(caption, padding='longest', truncation=True, max_length=25, return_tensors='pt')
+    loss_mlm, loss_ita, loss_itm = model(image, text.to(run.device), alpha=alpha)
+    return {'loss_mlm': loss_mlm, 'loss_ita': loss_ita, 'loss_itm': loss_itm}
+
+
+def main(args):
+    config = engine.load_config(args.config, REQUIRED, OPTIONAL)
+    run = engine.setup(args, config)
+    run.tokenizer = engine.build_tokenizer(config)
+
+    print('Creating dataset')
+    dataset = create_dataset('pretrain', config)
+    loader = engine.train_loader(dataset, config['batch_size'], run, config)
+
+    print('Creating model')
+    model = ALBEF(config=config, text_encoder=engine.bert_weights(config), tokenizer=run.tokenizer,
+                  init_deit=config.get('init_deit', True) and not args.checkpoint and not args.resume)
+    model = model.to(run.device)
+    optimizer, lr_scheduler = engine.build_optimization(config, model)
+    checkpointer, state = engine.start_state(args, run, model, optimizer, lr_scheduler)
+    model, model_without_ddp = engine.wrap_model(model, run)
+
+    warmup_epochs = config['schedular']['warmup_epochs']
+    print('Start training')
+    for epoch in range(state.epoch, config['schedular']['epochs']):
+        state.epoch = epoch
+        if epoch > 0:
+            lr_scheduler.step(epoch + warmup_epochs)
+        train_stats = engine.train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state,
+                                             lambda m, b, a: train_step(m, b, a, run), checkpointer)
+        state.epoch = epoch + 1
+        checkpointer.save(f'checkpoint_{epoch:02d}.pth', state, epoch=epoch)
+        engine.log_stats(run, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[engine.get_args_parser('./configs/Pretrain.yaml', 'Pretrain/')])
+    return parser
+
+
+if __name__ == '__main__':
+    engine.launch(main, get_parser())

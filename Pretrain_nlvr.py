@@ -1,0 +1,60 @@
+"""Text-assignment pre-training for NLVR2 (SPEC 8.3): from a pre-training checkpoint, learn to tell
+which image of a pair (or neither) a text describes. Its checkpoint starts NLVR.py.
+
+    python Pretrain_nlvr.py --config configs/NLVR_pretrain.yaml --checkpoint ALBEF.pth --output_dir out
+"""
+import argparse
+
+import engine
+from dataset import create_dataset
+from models.model_pretrain_nlvr import ALBEF
+
+REQUIRED = {'train_file', 'bert_config', 'image_res', 'batch_size', 'embed_dim'}
+OPTIONAL = {'temp', 'alpha'}
+
+
+def train_step(model, batch, alpha, run):
+    image, caption = batch
+    image = image.to(run.device, non_blocking=True)
+    text = run.tokenizer(caption, padding='longest', truncation=True, max_length=25, return_tensors='pt')
+    return {'loss': model(image, text.to(run.device))}
+
+
+def main(args):
+    config = engine.load_config(args.config, REQUIRED, OPTIONAL)
+    run = engine.setup(args, config)
+    run.tokenizer = engine.build_tokenizer(config)
+
+    print('Creating dataset')
+    dataset = create_dataset('pretrain', config)
+    loader = engine.train_loader(dataset, config['batch_size'], run, config)
+
+    print('Creating model')
+    model = ALBEF(config=config, text_encoder=engine.bert_weights(config), tokenizer=run.tokenizer)
+    model = model.to(run.device)
+    optimizer, lr_scheduler = engine.build_optimization(config, model)
+    checkpointer, state = engine.start_state(args, run, model, optimizer, lr_scheduler)
+    model, model_without_ddp = engine.wrap_model(model, run, find_unused_parameters=True)
+
+    warmup_epochs = config['schedular']['warmup_epochs']
+    print('Start training')
+    for epoch in range(state.epoch, config['schedular']['epochs']):
+        state.epoch = epoch
+        if epoch > 0:
+            lr_scheduler.step(epoch + warmup_epochs)
+        train_stats = engine.train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state,
+                                             lambda m, b, a: train_step(m, b, a, run), checkpointer,
+                                             alpha_ramp=False)
+        state.epoch = epoch + 1
+        checkpointer.save(f'checkpoint_{epoch:02d}.pth', state, epoch=epoch)
+        engine.log_stats(run, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
+
+
+def get_parser():
+    return argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   parents=[engine.get_args_parser('./configs/NLVR_pretrain.yaml',
+                                                                   'output/NLVR_pretrain')])
+
+
+if __name__ == '__main__':
+    engine.launch(main, get_parser())

@@ -1,0 +1,122 @@
+"""Pretrain.py and Pretrain_nlvr.py end to end on the demo world: every way of starting them,
+the loss falling, exact resume after SIGKILL, and the text-assignment checkpoint feeding NLVR."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+
+SMALL = dict(batch_size=8, queue_size=32, num_workers=0, print_freq=2)
+
+
+def read_log(output_dir):
+    with open(os.path.join(output_dir, 'log.txt')) as f:
+        return [json.loads(line) for line in f]
+
+
+def epoch_loss(stats):
+    return sum(float(v) for k, v in stats.items() if k.startswith('train_loss'))
+
+
+def assert_ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_pretrain_one_process_loss_falls(demo_config, tmp_path):
+    config = demo_config('Pretrain', **SMALL, schedular={'epochs': 4})
+    out = tmp_path / 'out'
+    result = run_script('Pretrain.py', '--config', config, '--output_dir', out, '--device', 'cpu')
+    assert_ok(result)
+    stats = read_log(out)
+    assert [s['epoch'] for s in stats] == [0, 1, 2, 3]
+    assert {'train_lr', 'train_loss_mlm', 'train_loss_ita', 'train_loss_itm'} <= set(stats[0])
+    assert epoch_loss(stats[-1]) < epoch_loss(stats[0]) - 0.2, stats
+    assert sorted(os.listdir(out)) == ['checkpoint_00.pth', 'checkpoint_01.pth', 'checkpoint_02.pth',
+                                       'checkpoint_03.pth', 'config.yaml', 'log.txt']
+    # the step log: losses, learning rate, throughput and time remaining
+    step_lines = [line for line in result.stdout.splitlines() if line.startswith('Train Epoch')]
+    assert step_lines and all(k in step_lines[0] for k in ('loss_mlm', 'lr:', 'samples/s:', 'eta:'))
+    assert 'single process on cpu' in result.stdout
+    checkpoint = torch.load(out / 'checkpoint_03.pth', map_location='cpu', weights_only=False)
+    assert set(checkpoint) >= {'model', 'optimizer', 'lr_scheduler', 'config', 'epoch'} and checkpoint['epoch'] == 3
+
+
+@pytest.mark.parametrize('launcher', ['torchrun', 'launch'])
+def test_pretrain_two_processes(demo_config, tmp_path, launcher):
+    config = demo_config('Pretrain', **SMALL, schedular={'epochs': 1})
+    out = tmp_path / 'out'
+    result = run_script('Pretrain.py', '--config', config, '--output_dir', out, '--device', 'cpu',
+                        nproc=2, launcher=launcher)
+    assert_ok(result)
+    assert 'process 1 of 2 on cpu (gloo)' in result.stdout + result.stderr
+    assert sorted(os.listdir(out)) == ['checkpoint_00.pth', 'config.yaml', 'log.txt']
+    assert len(read_log(out)) == 1
+    # only rank 0 logs the step lines
+    assert (result.stdout + result.stderr).count('Train Epoch: [0]  [0/') == 1
+
+
+def final_state(path):
+    checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+    return checkpoint['model'], checkpoint['optimizer']['state']
+
+
+def test_kill_and_resume_is_exact(demo_config, tmp_path):
+    config = demo_config('Pretrain', **SMALL, save_every_steps=2, schedular={'epochs': 2})
+    reference = tmp_path / 'reference'
+    assert_ok(run_script('Pretrain.py', '--config', config, '--output_dir', reference, '--device', 'cpu'))
+
+    out = tmp_path / 'interrupted'
+    command = [sys.executable, os.path.join(ROOT, 'Pretrain.py'), '--config', config, '--output_dir', str(out),
+               '--device', 'cpu']
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = out / 'checkpoint_last.pth'
+    deadline = time.time() + 300
+    while not last.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert last.exists() and not (out / 'checkpoint_01.pth').exists(), 'the run was not interrupted mid-way'
+
+    result = run_script('Pretrain.py', '--config', config, '--output_dir', out, '--device', 'cpu', '--resume')
+    assert_ok(result)
+    assert 'resumed from' in result.stdout
+    model, optimizer = final_state(out / 'checkpoint_01.pth')
+    model_ref, optimizer_ref = final_state(reference / 'checkpoint_01.pth')
+    assert model.keys() == model_ref.keys()
+    for key in model_ref:
+        assert torch.equal(model[key], model_ref[key]), key
+    for index in optimizer_ref:
+        for name, value in optimizer_ref[index].items():
+            assert torch.equal(optimizer[index][name], value)
+    assert read_log(out)[-1] == read_log(reference)[-1]
+
+
+def test_text_assignment_pretraining_feeds_nlvr(demo_config, tmp_path):
+    from models.checkpoint import load_checkpoint
+    from models.model_nlvr import ALBEF
+    from models.tokenization_bert import BertTokenizer
+    from engine import load_yaml
+
+    pretrain_out = tmp_path / 'pretrain'
+    assert_ok(run_script('Pretrain.py', '--config', demo_config('Pretrain', **SMALL, schedular={'epochs': 1}),
+                         '--output_dir', pretrain_out, '--device', 'cpu'))
+    config = demo_config('NLVR_pretrain', batch_size=8, num_workers=0, schedular={'epochs': 1})
+    out = tmp_path / 'ta'
+    result = run_script('Pretrain_nlvr.py', '--config', config, '--checkpoint', pretrain_out / 'checkpoint_00.pth',
+                        '--output_dir', out, '--device', 'cpu')
+    assert_ok(result)
+    assert 'converted from pre-training: ta' in result.stdout
+    assert read_log(out)[0]['train_loss']
+
+    nlvr_config = dict(load_yaml(config), distill=True)
+    model = ALBEF(config=nlvr_config, tokenizer=BertTokenizer.from_pretrained(nlvr_config['text_encoder']))
+    report = load_checkpoint(model, str(out / 'checkpoint_00.pth'), sync_momentum=False)
+    assert {k.split('.')[0] for k in report.unexpected_keys} == {'vision_proj', 'text_proj', 'temp', 'ta_head'}
+    assert {k.split('.')[0] for k in report.missing_keys} == {'cls_head', 'cls_head_m', 'visual_encoder_m',
+                                                              'text_encoder_m'}
