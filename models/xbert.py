@@ -127,13 +127,18 @@ class BertSelfAttention(nn.Module):
         return x.view(*x.shape[:2], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, output_attentions=False):
+                encoder_attention_mask=None, output_attentions=False, encoder_index=None):
         source = encoder_hidden_states if self.is_cross_attention else hidden_states
         if self.is_cross_attention:
             attention_mask = encoder_attention_mask
         query = self._heads(self.query(hidden_states))
         key = self._heads(self.key(source))
         value = self._heads(self.value(source))
+        if encoder_index is not None:
+            # each image's keys and values are projected once, then shared by all its rows
+            key, value = key[encoder_index], value[encoder_index]
+            if attention_mask is not None and attention_mask.size(0) != query.size(0):
+                attention_mask = attention_mask[encoder_index]
 
         capture = self.save_attention and self.is_cross_attention
         if capture or output_attentions or head_mask is not None:
@@ -185,9 +190,9 @@ class BertAttention(nn.Module):
         self.output = BertSelfOutput(config)
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, output_attentions=False):
+                encoder_attention_mask=None, output_attentions=False, encoder_index=None):
         context, probs = self.self(hidden_states, attention_mask, head_mask, encoder_hidden_states,
-                                   encoder_attention_mask, output_attentions)
+                                   encoder_attention_mask, output_attentions, encoder_index)
         return self.output(context, hidden_states), probs
 
 
@@ -216,7 +221,7 @@ class BertLayer(nn.Module):
         self.output = BertOutput(config)
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, output_attentions=False):
+                encoder_attention_mask=None, output_attentions=False, encoder_index=None):
         hidden_states, self_probs = self.attention(hidden_states, attention_mask, head_mask,
                                                    output_attentions=output_attentions)
         cross_probs = None
@@ -229,7 +234,8 @@ class BertLayer(nn.Module):
                 i = (self.layer_num - self.config.fusion_layer) % len(encoder_hidden_states)
                 encoder_hidden_states, encoder_attention_mask = encoder_hidden_states[i], encoder_attention_mask[i]
             hidden_states, cross_probs = self.crossattention(
-                hidden_states, None, head_mask, encoder_hidden_states, encoder_attention_mask, output_attentions)
+                hidden_states, None, head_mask, encoder_hidden_states, encoder_attention_mask, output_attentions,
+                encoder_index)
         layer_output = self.output(self.intermediate(hidden_states), hidden_states)
         return layer_output, self_probs, cross_probs
 
@@ -252,14 +258,14 @@ class BertEncoder(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, output_attentions=False, output_hidden_states=False,
-                mode='multi_modal'):
+                mode='multi_modal', encoder_index=None):
         start, end = self.layer_range(mode)
         all_hidden, all_self, all_cross = [], [], []
         for i in range(start, end):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             args = (hidden_states, attention_mask, head_mask[i] if head_mask is not None else None,
-                    encoder_hidden_states, encoder_attention_mask, output_attentions)
+                    encoder_hidden_states, encoder_attention_mask, output_attentions, encoder_index)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 out = torch.utils.checkpoint.checkpoint(self.layer[i], *args, use_reentrant=False)
             else:
@@ -516,7 +522,10 @@ class BertModel(BertPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 head_mask=None, inputs_embeds=None, encoder_embeds=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, past_key_values=None, use_cache=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, is_decoder=False, mode='multi_modal'):
+                output_hidden_states=None, return_dict=None, is_decoder=False, mode='multi_modal',
+                encoder_index=None):
+        """`encoder_index` (optional, B): row b attends to encoder_hidden_states[encoder_index[b]], so
+        images shared by many texts (retrieval re-ranking) are projected once per layer."""
         if past_key_values is not None:
             raise ValueError('past_key_values (incremental decoding) is not supported: ALBEF scores whole '
                              'answers and never decodes token by token')
@@ -541,7 +550,7 @@ class BertModel(BertPreTrainedModel):
                 encoder_mask = [self.invert_attention_mask(m) for m in encoder_attention_mask]
             else:
                 if encoder_attention_mask is None:
-                    encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=device)
+                    encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=encoder_hidden_states.device)
                 encoder_mask = self.invert_attention_mask(encoder_attention_mask)
         else:
             encoder_mask = None
@@ -551,8 +560,10 @@ class BertModel(BertPreTrainedModel):
             embedding_output = encoder_embeds
         else:
             embedding_output = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        if encoder_index is not None and isinstance(encoder_hidden_states, (list, tuple)):
+            raise ValueError('encoder_index cannot be combined with a list of encoder_hidden_states')
         out = self.encoder(embedding_output, extended_mask, head_mask, encoder_hidden_states, encoder_mask,
-                           bool(output_attentions), bool(output_hidden_states), mode)
+                           bool(output_attentions), bool(output_hidden_states), mode, encoder_index)
         out.pooler_output = self.pooler(out.last_hidden_state) if self.pooler is not None else None
         return out if return_dict is not False else out.to_tuple()
 

@@ -92,14 +92,15 @@ def _relocate(value, world):
 
 @pytest.fixture
 def demo_config(demo_world, tmp_path):
-    """`demo_config(name, **overrides)` -> path of configs/demo/<name>.yaml rewritten to use the
-    session's demo world, with `overrides` merged in (nested dicts merge key by key)."""
+    """`demo_config(name, world=None, **overrides)` -> path of configs/demo/<name>.yaml rewritten to
+    use `world` (default: the session's small demo world), with `overrides` merged in (nested dicts
+    merge key by key)."""
     from ruamel.yaml import YAML
 
-    def make(name, **overrides):
+    def make(name, world=None, **overrides):
         with open(os.path.join(ROOT, 'configs', 'demo', f'{name}.yaml')) as f:
             config = YAML(typ='safe').load(f)
-        config = {k: _relocate(v, demo_world) for k, v in config.items()}
+        config = {k: _relocate(v, world or demo_world) for k, v in config.items()}
         config['bert_config'] = os.path.join(ROOT, config['bert_config'])
         _merge(config, overrides)
         path = tmp_path / f'{name}.yaml'
@@ -129,3 +130,27 @@ def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope='session')
+def pretrained_demo(tmp_path_factory):
+    """A demo world (scale 0.3: 180 train, 30 val and 30 test scenes) and a checkpoint of
+    Pretrain.py trained on it with configs/demo/Pretrain.yaml, made once per test session and shared
+    by the fine-tuning tests. Returns {'world': dir, 'checkpoint': path, 'config': dict}."""
+    from dataset import toy
+    from ruamel.yaml import YAML
+    base = tmp_path_factory.mktemp('pretrained_demo')
+    world = str(base / 'data')
+    toy.main(['--out', world, '--scale', '0.3'])
+    with open(os.path.join(ROOT, 'configs', 'demo', 'Pretrain.yaml')) as f:
+        config = {k: _relocate(v, world) for k, v in YAML(typ='safe').load(f).items()}
+    config['bert_config'] = os.path.join(ROOT, config['bert_config'])
+    config.update(num_workers=0, print_freq=100)
+    path = base / 'Pretrain.yaml'
+    with open(path, 'w') as f:
+        YAML(typ='safe').dump(config, f)
+    out = base / 'pretrain'
+    result = run_script('Pretrain.py', '--config', path, '--output_dir', out, '--device', 'cpu')
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    last = sorted(p for p in os.listdir(out) if p.startswith('checkpoint_'))[-1]
+    return {'world': world, 'checkpoint': str(out / last), 'config': config}

@@ -1,0 +1,113 @@
+"""Image-text retrieval on MSCOCO / Flickr30K (SPEC 8.4): fine-tuning with ITC + ITM, and
+evaluation by ITC candidates re-ranked with ITM.
+
+    python Retrieval.py --config configs/Retrieval_flickr.yaml --checkpoint ALBEF.pth --output_dir out
+    python Retrieval.py --config configs/Retrieval_coco.yaml --checkpoint mscoco.pth --output_dir out --evaluate
+"""
+import argparse
+
+import torch
+from tqdm import tqdm
+
+import engine
+import utils
+from dataset import create_dataset
+from models.model_retrieval import ALBEF
+from models.retrieval_eval import image_features, itm_eval, retrieval_scores, text_features
+
+REQUIRED = {'train_file', 'val_file', 'test_file', 'image_root', 'bert_config', 'image_res', 'batch_size_train',
+            'batch_size_test', 'queue_size', 'momentum', 'embed_dim', 'temp', 'k_test', 'alpha', 'distill',
+            'warm_up'}
+OPTIONAL = {'itc_only', 'rerank_pairs_per_pass'}
+
+
+def train_step(model, batch, alpha, run):
+    image, caption, idx = batch
+    image, idx = image.to(run.device, non_blocking=True), idx.to(run.device, non_blocking=True)
+    # max_length without truncation truncates nothing, as in the original
+    text = run.tokenizer(caption, padding='longest', max_length=30, return_tensors='pt').to(run.device)
+    loss_ita, loss_itm = model(image, text, alpha=alpha, idx=idx)
+    return {'loss_itm': loss_itm, 'loss_ita': loss_ita}
+
+
+@torch.no_grad()
+def evaluation(model, data_loader, tokenizer, device, config):
+    """(score_i2t, score_t2i) of the whole split, as numpy arrays on every rank."""
+    model.eval()
+    itc_only = config.get('itc_only', False)
+    print(f"Evaluating {len(data_loader.dataset.image)} images x {len(data_loader.dataset.text)} texts at "
+          f"{config['image_res']} px: " + ('ITC similarity only' if itc_only else
+                                           f"ITC top-{config['k_test']} re-ranked by ITM"))
+    text_feats, text_embeds, text_atts = text_features(model, data_loader.dataset.text, tokenizer, device)
+    image_feats, image_embeds = [], []
+    for image, _ in tqdm(data_loader, desc='image features', disable=not utils.is_main_process(), leave=False):
+        feats, embeds = image_features(model, image.to(device, non_blocking=True))
+        image_feats.append(feats)
+        image_embeds.append(embeds)
+    return retrieval_scores(model, torch.cat(image_feats), torch.cat(image_embeds), text_feats, text_embeds,
+                            text_atts, config['k_test'], itc_only, config.get('rerank_pairs_per_pass', 1024))
+
+
+def evaluate_split(model, loader, run):
+    score_i2t, score_t2i = evaluation(model, loader, run.tokenizer, run.device, run.config)
+    return itm_eval(score_i2t, score_t2i, loader.dataset.txt2img, loader.dataset.img2txt)
+
+
+def main(args):
+    config = engine.load_config(args.config, REQUIRED, OPTIONAL)
+    run = engine.setup(args, config)
+    run.tokenizer = engine.build_tokenizer(config)
+
+    print('Creating retrieval dataset')
+    train_dataset, val_dataset, test_dataset = create_dataset('re', config)
+    train_loader = engine.train_loader(train_dataset, config['batch_size_train'], run, config)
+    val_loader, test_loader = (engine.eval_loader(d, config['batch_size_test'], run, config, distributed=False)
+                               for d in (val_dataset, test_dataset))
+
+    print('Creating model')
+    model = ALBEF(config=config, text_encoder=engine.bert_weights(config), tokenizer=run.tokenizer)
+    model = model.to(run.device)
+    optimizer, lr_scheduler = engine.build_optimization(config, model)
+    checkpointer, state = engine.start_state(args, run, model, optimizer, lr_scheduler,
+                                             allow_new_heads=not args.evaluate)
+    model, model_without_ddp = engine.wrap_model(model, run)
+
+    warmup_epochs = config['schedular']['warmup_epochs']
+    print('Start training' if not args.evaluate else 'Start evaluation')
+    for epoch in range(state.epoch, config['schedular']['epochs']):
+        state.epoch = epoch
+        train_stats = {}
+        if not args.evaluate:
+            train_stats = engine.train_one_epoch(model, train_loader, optimizer, lr_scheduler, epoch, run, state,
+                                                 lambda m, b, a: train_step(m, b, a, run), checkpointer,
+                                                 alpha_ramp=config['warm_up'])
+        val_result = evaluate_split(model_without_ddp, val_loader, run)
+        test_result = evaluate_split(model_without_ddp, test_loader, run)
+        print(f'val: {val_result}\ntest: {test_result}')
+        engine.log_stats(run, {**{f'train_{k}': v for k, v in train_stats.items()},
+                               **{f'val_{k}': v for k, v in val_result.items()},
+                               **{f'test_{k}': v for k, v in test_result.items()}, 'epoch': epoch})
+        if args.evaluate:
+            break
+        if state.best is None or val_result['r_mean'] > state.best:
+            state.best, state.best_epoch = val_result['r_mean'], epoch
+            checkpointer.save('checkpoint_best.pth', state, epoch=epoch)
+        lr_scheduler.step(epoch + warmup_epochs + 1)
+        state.epoch = epoch + 1
+        checkpointer.save('checkpoint_last.pth', state, epoch=epoch)
+
+    if run.is_main and not args.evaluate and state.best_epoch is not None:
+        with open(run.path('log.txt'), 'a') as f:
+            f.write(f'best epoch: {state.best_epoch}\n')
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[engine.get_args_parser('./configs/Retrieval_flickr.yaml',
+                                                                     'output/Retrieval_flickr')])
+    parser.add_argument('--evaluate', action='store_true', help='evaluate the checkpoint, no training')
+    return parser
+
+
+if __name__ == '__main__':
+    engine.launch(main, get_parser())

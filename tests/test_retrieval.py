@@ -1,0 +1,103 @@
+"""Retrieval.py end to end on the demo world: zero-shot evaluation of the demo pre-training
+checkpoint, a short fine-tuning, two processes, the released-file format, and the embedding API."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import run_script
+from models.checkpoint import strip_for_release
+from models.retrieval_eval import chance_metrics
+
+METRICS = ('txt_r1', 'txt_r5', 'txt_r10', 'txt_r_mean', 'img_r1', 'img_r5', 'img_r10', 'img_r_mean', 'r_mean')
+
+
+def last_stats(output_dir):
+    with open(os.path.join(output_dir, 'log.txt')) as f:
+        return [json.loads(line) for line in f if line.startswith('{')][-1]
+
+
+def assert_ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope='module')
+def retrieval(pretrained_demo, tmp_path_factory):
+    """Zero-shot evaluation and a short fine-tuning, shared by the tests below."""
+    from ruamel.yaml import YAML
+    from conftest import ROOT, _relocate
+    base = tmp_path_factory.mktemp('retrieval')
+    with open(os.path.join(ROOT, 'configs', 'demo', 'Retrieval.yaml')) as f:
+        config = {k: _relocate(v, pretrained_demo['world']) for k, v in YAML(typ='safe').load(f).items()}
+    config.update(bert_config=os.path.join(ROOT, config['bert_config']), num_workers=0, print_freq=100)
+    path = base / 'Retrieval.yaml'
+    with open(path, 'w') as f:
+        YAML(typ='safe').dump(config, f)
+
+    zero_shot = base / 'zero_shot'
+    result = run_script('Retrieval.py', '--config', path, '--checkpoint', pretrained_demo['checkpoint'],
+                        '--output_dir', zero_shot, '--device', 'cpu', '--evaluate')
+    assert_ok(result)
+    finetuned = base / 'finetuned'
+    assert_ok(run_script('Retrieval.py', '--config', path, '--checkpoint', pretrained_demo['checkpoint'],
+                         '--output_dir', finetuned, '--device', 'cpu'))
+    return {'config': str(path), 'zero_shot': zero_shot, 'zero_shot_stdout': result.stdout,
+            'finetuned': finetuned, 'world': pretrained_demo['world']}
+
+
+def test_zero_shot_evaluation(retrieval):
+    stats = last_stats(retrieval['zero_shot'])
+    assert set(stats) == {f'{split}_{m}' for split in ('val', 'test') for m in METRICS} | {'epoch'}
+    assert 'ITC top-16 re-ranked by ITM' in retrieval['zero_shot_stdout']
+    with open(os.path.join(retrieval['world'], 'retrieval_test.json')) as f:
+        images = json.load(f)
+    chance = chance_metrics(len(images), 5 * len(images), 5)['r_mean']
+    assert stats['test_r_mean'] > chance + 10, (stats['test_r_mean'], chance)
+
+
+def test_finetuning_improves_on_zero_shot(retrieval):
+    assert last_stats(retrieval['finetuned'])['test_r_mean'] > last_stats(retrieval['zero_shot'])['test_r_mean']
+    files = os.listdir(retrieval['finetuned'])
+    assert {'checkpoint_best.pth', 'checkpoint_last.pth', 'config.yaml', 'log.txt'} <= set(files)
+    with open(os.path.join(retrieval['finetuned'], 'log.txt')) as f:
+        assert f.read().splitlines()[-1].startswith('best epoch: ')
+
+
+def evaluate(retrieval, checkpoint, output_dir, **kwargs):
+    result = run_script('Retrieval.py', '--config', retrieval['config'], '--checkpoint', checkpoint,
+                        '--output_dir', output_dir, '--device', 'cpu', '--evaluate', **kwargs)
+    assert_ok(result)
+    return {k: v for k, v in last_stats(output_dir).items() if k != 'epoch'}
+
+
+def test_released_format_and_two_processes(retrieval, tmp_path):
+    """The fine-tuned checkpoint stripped to the released format (bare state_dict, no momentum
+    encoders, no queues) evaluates to the same metrics, and so does a two-process evaluation."""
+    best = retrieval['finetuned'] / 'checkpoint_best.pth'
+    full = evaluate(retrieval, best, tmp_path / 'full')
+    state = torch.load(best, map_location='cpu', weights_only=True)['model']
+    torch.save(strip_for_release(state), tmp_path / 'released.pth')
+    assert evaluate(retrieval, tmp_path / 'released.pth', tmp_path / 'released') == full
+    assert evaluate(retrieval, best, tmp_path / 'two', nproc=2) == full
+
+
+def test_embedding_api(retrieval):
+    from models import search
+    from ruamel.yaml import YAML
+    config = YAML(typ='safe').load(open(retrieval['config']))
+    model = search.load(str(retrieval['finetuned'] / 'checkpoint_best.pth'), config, device='cpu')
+    with open(config['test_file']) as f:
+        items = json.load(f)[:4]
+    images = [os.path.join(config['image_root'], item['image']) for item in items]
+    texts = [item['caption'][0] for item in items]
+    image_embeds, text_embeds = search.image_embeddings(model, images), search.text_embeddings(model, texts)
+    assert image_embeds.shape == text_embeds.shape == (4, config['embed_dim'])
+    torch.testing.assert_close(image_embeds.norm(dim=1), torch.ones(4))
+    scores = search.itm_scores(model, images, texts)
+    assert scores.shape == (4,) and ((scores >= 0) & (scores <= 1)).all()
+    # the raw logits are the re-ranking scores of the evaluation
+    logits = search.itm_scores(model, images, texts, probability=False)
+    assert logits.shape == (4,) and torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match='scores pairs: got 4 images and 3 texts'):
+        search.itm_scores(model, images, texts[:3])
