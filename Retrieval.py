@@ -13,7 +13,7 @@ import engine
 import utils
 from dataset import create_dataset
 from models.model_retrieval import ALBEF
-from models.retrieval_eval import image_features, itm_eval, retrieval_scores, text_features
+from models.retrieval_eval import chance_metrics, image_features, itm_eval, retrieval_scores, text_features
 
 REQUIRED = {'train_file', 'val_file', 'test_file', 'image_root', 'bert_config', 'image_res', 'batch_size_train',
             'batch_size_test', 'queue_size', 'momentum', 'embed_dim', 'temp', 'k_test', 'alpha', 'distill',
@@ -50,7 +50,12 @@ def evaluation(model, data_loader, tokenizer, device, config):
 
 def evaluate_split(model, loader, run):
     score_i2t, score_t2i = evaluation(model, loader, run.tokenizer, run.device, run.config)
-    return itm_eval(score_i2t, score_t2i, loader.dataset.txt2img, loader.dataset.img2txt)
+    dataset = loader.dataset
+    result = itm_eval(score_i2t, score_t2i, dataset.txt2img, dataset.img2txt)
+    chance = chance_metrics(len(dataset.image), len(dataset.text), len(dataset.text) / len(dataset.image))
+    print(f"r_mean {result['r_mean']:.2f} (txt {result['txt_r_mean']:.2f}, img {result['img_r_mean']:.2f}); "
+          f"a random ranking: {chance['r_mean']:.2f}")
+    return result
 
 
 def main(args):

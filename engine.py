@@ -34,7 +34,7 @@ WARMUP_STEP_SIZE = 100  # the warm-up advances the scheduler every 100 iteration
 COMMON_KEYS = {
     'bert_config', 'image_res', 'vision_width', 'vision_depth', 'vision_num_heads', 'patch_size',
     'text_encoder', 'init_text_encoder', 'num_workers', 'print_freq', 'save_every_steps',
-    'skip_bad_images', 'check_images', 'optimizer', 'schedular',
+    'skip_bad_images', 'check_images', 'augment', 'optimizer', 'schedular',
 }
 OPTIMIZER_KEYS = {'opt', 'lr', 'weight_decay'}
 SCHEDULER_KEYS = {'sched', 'lr', 'epochs', 'min_lr', 'decay_rate', 'warmup_lr', 'warmup_epochs',
@@ -512,3 +512,25 @@ def launch(main, parser, argv=None):
     finally:
         if utils.is_dist_avail_and_initialized():
             dist.destroy_process_group()
+
+
+# ---- evaluation helpers shared by the task scripts ----
+@torch.no_grad()
+def evaluate_accuracy(model, loader, run, unpack):
+    """Classification accuracy of `model` over a whole split, as the original logs it: {'acc': '0.xxxx'}.
+
+    With an `eval_loader(..., distributed=True)` each rank scores its own share and the counts are
+    summed over ranks, so every example counts exactly once. `unpack(batch)` returns
+    (image, texts, targets); texts are tokenised with padding='longest'.
+    """
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.long, device=run.device)  # correct, seen
+    for batch in loader:
+        image, text, targets = unpack(batch)
+        image, targets = image.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
+        text_input = run.tokenizer(text, padding='longest', return_tensors='pt').to(run.device)
+        prediction = model(image, text_input, targets, train=False)
+        counts[0] += (prediction.argmax(dim=1) == targets).sum()
+        counts[1] += targets.numel()
+    correct, seen = utils.all_reduce_sum(counts).tolist()
+    return {'acc': '{:.4f}'.format(correct / max(seen, 1))}

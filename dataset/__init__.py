@@ -2,8 +2,9 @@
 
 `create_dataset(name, config)` builds the datasets a task script uses from the original YAML keys
 (`train_file`/`val_file`/`test_file`, `image_root`, `vqa_root`, `vg_root`, `answer_list`,
-`image_res`), plus two optional keys: `skip_bad_images` (default False) and `check_images`
-(default True); see `dataset.base.AnnotationDataset`.
+`image_res`), plus three optional keys: `skip_bad_images` (default False), `check_images`
+(default True; see `dataset.base.AnnotationDataset`) and `augment` (default True; false trains
+without random crops, flips and RandomAugment).
 """
 from __future__ import annotations
 
@@ -110,7 +111,11 @@ def create_dataset(dataset: str, config: dict) -> AnnotationDataset | tuple[Anno
         raise DataError("config has no 'image_res'")
     options = {'skip_bad_images': bool(config.get('skip_bad_images', False)),
                'check_images': bool(config.get('check_images', True))}
-    built = tuple(split.build(config, transform=build_transform(split.transform, config['image_res']), **options)
+    # `augment: false` trains on the test transform (the demo world, whose captions hinge on colours
+    # and left/right, which colour augmentations and flips would falsify)
+    augment = config.get('augment', True)
+    built = tuple(split.build(config, transform=build_transform(split.transform if augment else 'test',
+                                                                config['image_res']), **options)
                   for split in TASKS[dataset])
     return built[0] if dataset == 'pretrain' else built
 

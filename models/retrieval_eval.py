@@ -172,13 +172,13 @@ def itm_eval(scores_i2t, scores_t2i, txt2img, img2txt):
 
 
 def chance_metrics(num_images, num_texts, texts_per_image):
-    """Expected recall of a random ranking (the demo prints it next to the metrics)."""
+    """Expected recall of a random ranking (printed next to the metrics)."""
     def recall(k, n, positives):
         # P(at least one of `positives` items in the top k of n shuffled)
         if k >= n:
             return 100.0
         miss = 1.0
-        for j in range(positives):
+        for j in range(int(round(positives))):
             miss *= (n - k - j) / (n - j)
         return 100.0 * (1 - miss)
     tr = [recall(k, num_texts, texts_per_image) for k in (1, 5, 10)]
