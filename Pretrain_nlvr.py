@@ -36,19 +36,7 @@ def main(args):
     checkpointer, state = engine.start_state(args, run, model, optimizer, lr_scheduler)
     model, model_without_ddp = engine.wrap_model(model, run, find_unused_parameters=True)
 
-    warmup_epochs = config['schedular']['warmup_epochs']
-    print('Start training')
-    for epoch in range(state.epoch, config['schedular']['epochs']):
-        state.epoch = epoch
-        if epoch > 0:
-            lr_scheduler.step(epoch + warmup_epochs)
-        train_stats = engine.train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state,
-                                             lambda m, b, a: train_step(m, b, a, run), checkpointer,
-                                             alpha_ramp=False)
-        state.epoch = epoch + 1
-        checkpointer.save(f'checkpoint_{epoch:02d}.pth', state, epoch=epoch)
-        engine.log_stats(run, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
-
+    engine.fit(model, loader, optimizer, lr_scheduler, run, state, checkpointer, train_step, alpha_ramp=False)
 
 def get_parser():
     return argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -77,34 +77,10 @@ def main(args):
                                              allow_new_heads=not args.evaluate)
     model, model_without_ddp = engine.wrap_model(model, run)
 
-    warmup_epochs = config['schedular']['warmup_epochs']
-    print('Start training' if not args.evaluate else 'Start evaluation')
-    for epoch in range(state.epoch, config['schedular']['epochs']):
-        state.epoch = epoch
-        train_stats = {}
-        if not args.evaluate:
-            train_stats = engine.train_one_epoch(model, train_loader, optimizer, lr_scheduler, epoch, run, state,
-                                                 lambda m, b, a: train_step(m, b, a, run), checkpointer,
-                                                 alpha_ramp=config['warm_up'])
-        val_result = evaluate_split(model_without_ddp, val_loader, run)
-        test_result = evaluate_split(model_without_ddp, test_loader, run)
-        print(f'val: {val_result}\ntest: {test_result}')
-        engine.log_stats(run, {**{f'train_{k}': v for k, v in train_stats.items()},
-                               **{f'val_{k}': v for k, v in val_result.items()},
-                               **{f'test_{k}': v for k, v in test_result.items()}, 'epoch': epoch})
-        if args.evaluate:
-            break
-        if state.best is None or val_result['r_mean'] > state.best:
-            state.best, state.best_epoch = val_result['r_mean'], epoch
-            checkpointer.save('checkpoint_best.pth', state, epoch=epoch)
-        lr_scheduler.step(epoch + warmup_epochs + 1)
-        state.epoch = epoch + 1
-        checkpointer.save('checkpoint_last.pth', state, epoch=epoch)
-
-    if run.is_main and not args.evaluate and state.best_epoch is not None:
-        with open(run.path('log.txt'), 'a') as f:
-            f.write(f'best epoch: {state.best_epoch}\n')
-
+    evaluate = engine.split_evaluator({'val': val_loader, 'test': test_loader},
+                                      lambda loader: evaluate_split(model_without_ddp, loader, run))
+    engine.fit(model, train_loader, optimizer, lr_scheduler, run, state, checkpointer, train_step, evaluate,
+               best_key='val_r_mean', evaluate_only=args.evaluate, alpha_ramp=config['warm_up'])
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,

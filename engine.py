@@ -9,6 +9,7 @@ A script is started in any of these ways, with the same code path:
     srun python Pretrain.py ...                                                 (SLURM)
 """
 import argparse
+import contextlib
 import difflib
 import json
 import os
@@ -35,7 +36,9 @@ COMMON_KEYS = {
     'bert_config', 'image_res', 'vision_width', 'vision_depth', 'vision_num_heads', 'patch_size',
     'text_encoder', 'init_text_encoder', 'num_workers', 'print_freq', 'save_every_steps',
     'skip_bad_images', 'check_images', 'augment', 'optimizer', 'schedular',
+    'amp', 'accum_steps', 'grad_checkpointing', 'compile',
 }
+AMP_MODES = ('bf16', 'fp16', 'off')
 OPTIMIZER_KEYS = {'opt', 'lr', 'weight_decay'}
 SCHEDULER_KEYS = {'sched', 'lr', 'epochs', 'min_lr', 'decay_rate', 'warmup_lr', 'warmup_epochs',
                   'cooldown_epochs'}
@@ -68,6 +71,15 @@ def get_args_parser(config, output_dir):
     parser.add_argument('--resume', action='store_true',
                         help='continue from the newest checkpoint in --output_dir')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
+    speed = parser.add_argument_group('speed and memory (each also a config key of the same name)')
+    speed.add_argument('--amp', choices=AMP_MODES, default=None,
+                       help='mixed precision for training (default: bf16 on GPUs that support it, else off)')
+    speed.add_argument('--grad_checkpointing', default=None, action=argparse.BooleanOptionalAction,
+                       help='recompute the online encoders\' activations in the backward pass (less memory)')
+    speed.add_argument('--accum_steps', type=int, default=None,
+                       help='micro-batches per optimizer step (gradient accumulation; default 1)')
+    speed.add_argument('--compile', default=None, action=argparse.BooleanOptionalAction,
+                       help='torch.compile the model; falls back to eager mode where that fails')
     return parser
 
 
@@ -120,7 +132,15 @@ class Run:
     device: torch.device = torch.device('cpu')
     output_dir: str = ''
     tokenizer: object = None
+    amp: str = 'off'
+    accum_steps: int = 1
+    scaler: object = None
     _config_written: bool = False
+
+    def autocast(self):
+        """The training-step precision context (a no-op with amp 'off')."""
+        dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(self.amp, torch.float32)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp != 'off')
 
     @property
     def distributed(self):
@@ -159,13 +179,56 @@ def setup(args, config):
     config.setdefault('text_encoder', 'bert-base-uncased')
     if args.text_encoder:
         config['text_encoder'] = args.text_encoder
+    speed_options(args, config, device)
     run = Run(args=args, config=config, rank=args.rank, world_size=args.world_size, device=device,
-              output_dir=args.output_dir)
+              output_dir=args.output_dir, amp=config['amp'], accum_steps=config['accum_steps'],
+              scaler=torch.amp.GradScaler(device.type, enabled=config['amp'] == 'fp16'))
     if run.distributed:
         print(f'process {run.rank} of {run.world_size} on {device} ({dist.get_backend()})', force=True)
     else:
         print(f'single process on {device}')
     return run
+
+
+def speed_options(args, config, device):
+    """Resolve amp / accum_steps / grad_checkpointing / compile: the flag, else the config key,
+    else the default; the effective values are written back into the config (and config.yaml)."""
+    for key in ('amp', 'accum_steps', 'grad_checkpointing', 'compile'):
+        if getattr(args, key, None) is not None:
+            config[key] = getattr(args, key)
+    if config.get('amp') is None:
+        config['amp'] = 'bf16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'off'
+    if config['amp'] is False:  # YAML `amp: off` reads as a boolean
+        config['amp'] = 'off'
+    if config['amp'] not in AMP_MODES:
+        raise ConfigError(f"amp: expected one of {', '.join(AMP_MODES)}, got {config['amp']!r}")
+    if config['amp'] == 'bf16' and device.type == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise ConfigError('amp bf16: this GPU does not support bfloat16 (use --amp fp16 or --amp off)')
+    config.setdefault('accum_steps', 1)
+    if isinstance(config['accum_steps'], bool) or not isinstance(config['accum_steps'], int) \
+            or config['accum_steps'] < 1:
+        raise ConfigError(f"accum_steps: expected a positive integer, got {config['accum_steps']!r}")
+    config.setdefault('grad_checkpointing', False)
+    config.setdefault('compile', False)
+
+
+class CompileFallback:
+    """Calls the torch.compile'd model, and the eager one for good once compiling fails."""
+
+    def __init__(self, compiled, eager):
+        self.compiled, self.eager, self.failed = compiled, eager, False
+
+    def __call__(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as error:  # torch._dynamo / inductor errors vary by platform
+                self.failed = True
+                print(f'torch.compile failed ({short_message(error)}); continuing in eager mode', flush=True)
+        return self.eager(*args, **kwargs)
+
+    def __getattr__(self, name):  # train(), eval(), no_sync(), module, ...
+        return getattr(self.eager, name)
 
 
 def build_tokenizer(config):
@@ -178,14 +241,19 @@ def bert_weights(config):
 
 
 def wrap_model(model, run, find_unused_parameters=False):
-    """(model to call, the bare model) — DistributedDataParallel only with several processes."""
+    """(model to call, the bare model): DistributedDataParallel only with several processes, with
+    gradient checkpointing and torch.compile when asked for."""
     model = model.to(run.device)
-    if not run.distributed:
-        return model, model
-    device_ids = [run.device.index] if run.device.type == 'cuda' else None
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
-                                                    find_unused_parameters=find_unused_parameters)
-    return ddp, model
+    if run.config.get('grad_checkpointing'):
+        model.set_grad_checkpointing(True)
+    wrapped = model
+    if run.distributed:
+        device_ids = [run.device.index] if run.device.type == 'cuda' else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                            find_unused_parameters=find_unused_parameters)
+    if run.config.get('compile'):
+        wrapped = CompileFallback(torch.compile(wrapped), wrapped)
+    return wrapped, model
 
 
 def build_optimization(config, model):
@@ -337,17 +405,28 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
     guard = LossGuard()
     skipped = state.extra.get('skipped_images', 0) if state.step else 0
 
+    accum = run.accum_steps
+    bare_model = getattr(model, 'module', model)  # under DistributedDataParallel
     for i, (batch, skipped_now) in logger.log_every(loader, print_freq, f'Train Epoch: [{epoch}]', start=state.step,
                                      total=num_steps, samples_per_step=loader.batch_size * run.world_size):
         alpha = config.get('alpha', 0)
         if epoch == 0 and alpha_ramp:
             alpha = alpha * min(1, i / num_steps)
         skipped += skipped_now
-        losses = train_step(model, batch, alpha)
-        loss = sum(losses.values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        # accumulation: the momentum encoders move once per optimizer step (on its first micro-batch)
+        # and the gradients are all-reduced only on its last
+        last_micro = (i + 1) % accum == 0 or i + 1 == num_steps
+        bare_model.momentum_paused = i % accum != 0
+        sync = contextlib.nullcontext() if last_micro or not run.distributed else model.no_sync()
+        with sync:
+            with run.autocast():
+                losses = train_step(model, batch, alpha)
+                loss = sum(losses.values())
+            run.scaler.scale(loss / accum if accum > 1 else loss).backward()
+        if last_micro:
+            run.scaler.step(optimizer)
+            run.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
         guard.update(loss, epoch, i)
         logger.update(lr=optimizer.param_groups[0]['lr'], **{k: v.detach() for k, v in losses.items()})
         if epoch == 0 and i % WARMUP_STEP_SIZE == 0 and i <= warmup_iterations:
@@ -355,10 +434,12 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
         state.step = i + 1
         if i % print_freq == 0:
             guard.check()
-        if checkpointer and save_every and state.step % save_every == 0 and state.step < num_steps:
+        if checkpointer and save_every and state.step % save_every == 0 and state.step % accum == 0 \
+                and state.step < num_steps:
             guard.check()
             state.meters, state.extra['skipped_images'] = logger.state_dict(), skipped
             checkpointer.save('checkpoint_last.pth', state)
+    bare_model.momentum_paused = False
     guard.check()
     logger.synchronize_between_processes()
     print('Averaged stats:', logger.global_avg())
@@ -367,6 +448,46 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
     if config.get('skip_bad_images'):
         stats['skipped_images'] = int(utils.all_reduce_sum(torch.tensor(skipped)).item())
     return stats
+
+
+def fit(model, loader, optimizer, lr_scheduler, run, state, checkpointer, train_step, evaluate=None,
+        best_key=None, evaluate_only=False, alpha_ramp=True, fmt='{:.3f}'):
+    """The epoch loop of every script: train one epoch, evaluate, log one JSON line, step the
+    schedule, checkpoint.
+
+    With `evaluate(epoch) -> {name: value}` (fine-tuning) the evaluation runs after every epoch,
+    `checkpoint_best.pth` keeps the epoch with the highest `best_key`, `checkpoint_last.pth` the
+    newest, and log.txt ends with 'best epoch: N'. Without it (pre-training, VQA) every epoch
+    is kept as `checkpoint_NN.pth`. `evaluate_only` evaluates once and writes only the log.
+    """
+    warmup_epochs = run.config['schedular']['warmup_epochs']
+    print('Start evaluation' if evaluate_only else 'Start training')
+    for epoch in range(state.epoch, run.config['schedular']['epochs']):
+        state.epoch = epoch
+        stats = {}
+        if not evaluate_only:
+            train_stats = train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state,
+                                          lambda m, b, a: train_step(m, b, a, run), checkpointer,
+                                          alpha_ramp=alpha_ramp, fmt=fmt)
+            stats.update({f'train_{k}': v for k, v in train_stats.items()})
+        if evaluate is not None:
+            stats.update(evaluate(epoch))
+        log_stats(run, {**stats, 'epoch': epoch})
+        if evaluate_only:
+            return stats
+        lr_scheduler.step(epoch + warmup_epochs + 1)
+        state.epoch = epoch + 1
+        if evaluate is None:
+            checkpointer.save(f'checkpoint_{epoch:02d}.pth', state, epoch=epoch)
+            continue
+        if state.best is None or float(stats[best_key]) > state.best:
+            state.best, state.best_epoch = float(stats[best_key]), epoch
+            checkpointer.save('checkpoint_best.pth', state, epoch=epoch)
+        checkpointer.save('checkpoint_last.pth', state, epoch=epoch)
+    if evaluate is not None and run.is_main and state.best_epoch is not None:
+        with open(run.path('log.txt'), 'a') as f:
+            f.write(f'best epoch: {state.best_epoch}\n')
+    return None
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -424,7 +545,8 @@ class Checkpointer:
                 'config': self.run.config,
                 'epoch': state.epoch if epoch is None else epoch,
                 'resume': {'epoch': state.epoch, 'step': state.step, 'meters': state.meters, 'best': state.best,
-                           'best_epoch': state.best_epoch, 'extra': state.extra, 'rng': rng},
+                           'best_epoch': state.best_epoch, 'extra': state.extra, 'rng': rng,
+                           'scaler': self.run.scaler.state_dict() if self.run.scaler.is_enabled() else None},
             }, self.run.path(filename))
         utils.barrier()
 
@@ -438,7 +560,8 @@ class Checkpointer:
                 continue
             path = self.run.path(name)
             try:
-                ckpt = torch.load(path, map_location='cpu', weights_only=False)
+                # memory-mapped: only the small 'resume' entry is read from each candidate
+                ckpt = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
             except Exception as e:
                 print(f'skipping unreadable {path}: {e}')
                 continue
@@ -461,6 +584,8 @@ class Checkpointer:
         state = TrainState(epoch=resume['epoch'], step=resume['step'], meters=resume.get('meters'),
                            best=resume.get('best'), best_epoch=resume.get('best_epoch'),
                            extra=resume.get('extra') or {})
+        if resume.get('scaler') and self.run.scaler.is_enabled():
+            self.run.scaler.load_state_dict(resume['scaler'])
         rng = resume.get('rng')
         if rng and len(rng) == self.run.world_size:
             _set_rng_state(rng[self.run.rank])
@@ -515,6 +640,19 @@ def launch(main, parser, argv=None):
 
 
 # ---- evaluation helpers shared by the task scripts ----
+def split_evaluator(loaders, score):
+    """The `evaluate(epoch)` of `fit`: {'<split>_<metric>': value} over the named loaders
+    ({'val': ..., 'test': ...}), where `score(loader)` returns {metric: value}."""
+    def evaluate(epoch):
+        stats = {}
+        for split, loader in loaders.items():
+            result = score(loader)
+            print(f'{split}: {result}')
+            stats.update({f'{split}_{k}': v for k, v in result.items()})
+        return stats
+    return evaluate
+
+
 @torch.no_grad()
 def evaluate_accuracy(model, loader, run, unpack):
     """Classification accuracy of `model` over a whole split, as the original logs it: {'acc': '0.xxxx'}.

@@ -1,0 +1,140 @@
+"""Visual question answering on VQA v2 (SPEC 8.5): fine-tune the answer decoder with momentum
+distillation, then answer every test question by ranking the candidates of `answer_list`.
+
+    python VQA.py --config configs/VQA.yaml --checkpoint ALBEF.pth --output_dir output/VQA
+    python VQA.py --config configs/VQA.yaml --checkpoint vqa.pth --output_dir output/VQA --evaluate
+
+The answers go to output_dir/result/vqa_result_epoch<N>.json ([{"question_id", "answer"}], each
+test question once, in test-file order) for the evaluation server. When the test items carry their
+annotators' answers, the VQA accuracy is also computed and logged (`vqa_acc`, in percent).
+With `topk_answers: K` in the config, the K best answers of each question and their
+probabilities go to vqa_result_epoch<N>_top<K>.json as well.
+"""
+import argparse
+import json
+import os
+
+import torch
+
+import engine
+import utils
+from dataset import create_dataset, vqa_collate_fn
+from dataset.utils import collect_result
+from dataset.vqa_eval import has_ground_truth, vqa_accuracy
+from models.model_vqa import ALBEF
+
+REQUIRED = {'train_file', 'test_file', 'answer_list', 'vqa_root', 'vg_root', 'bert_config', 'image_res',
+            'batch_size_train', 'batch_size_test', 'k_test', 'alpha', 'distill', 'warm_up', 'eos'}
+OPTIONAL = {'topk_answers'}
+
+
+def train_step(model, batch, alpha, run):
+    image, question, answer, weights, n = batch
+    image, weights = image.to(run.device, non_blocking=True), weights.to(run.device, non_blocking=True)
+    question_input = run.tokenizer(question, padding='longest', truncation=True, max_length=25,
+                                   return_tensors='pt').to(run.device)
+    answer_input = run.tokenizer(answer, padding='longest', return_tensors='pt').to(run.device)
+    return {'loss': model(image, question_input, answer_input, train=True, alpha=alpha, k=n, weights=weights)}
+
+
+@torch.no_grad()
+def evaluation(model, data_loader, tokenizer, device, config):
+    """This rank's answers: [{'question_id', 'answer'}], plus 'topk': [(answer, probability), ...]
+    with the config key `topk_answers`."""
+    model.eval()
+    answer_list = data_loader.dataset.answer_list
+    answer_input = tokenizer([a + config['eos'] for a in answer_list], padding='longest',
+                             return_tensors='pt').to(device)
+    k = min(config['k_test'], len(answer_list))
+    result = []
+    for image, question, question_id in data_loader:
+        image = image.to(device, non_blocking=True)
+        question_input = tokenizer(question, padding='longest', return_tensors='pt').to(device)
+        topk_ids, topk_probs = model(image, question_input, answer_input, train=False, k=k)
+        for qid, ids, probs in zip(question_id, topk_ids.tolist(), topk_probs.tolist()):
+            # re-sorted by probability: the first candidate is the answer
+            result.append({'question_id': int(qid), 'answer': answer_list[ids[0]]})
+            if config.get('topk_answers'):
+                result[-1]['topk'] = [(answer_list[i], p) for i, p in zip(ids, probs)]
+    return result
+
+
+def in_test_order(results, dataset):
+    """All ranks' answers, each question once, in the order of the test file."""
+    order = {}
+    for item in dataset.ann:
+        order.setdefault(int(item['question_id']), len(order))
+    unique = {r['question_id']: r for r in results}
+    return [unique[qid] for qid in sorted(unique, key=order.__getitem__)]
+
+
+def write_results(run, results, epoch, topk):
+    """vqa_result_epoch<N>.json (and the top-k file); returns the path of the first."""
+    result_dir = run.path('result')
+    path = os.path.join(result_dir, f'vqa_result_epoch{epoch}.json')
+    with open(path, 'w') as f:
+        json.dump([{'question_id': r['question_id'], 'answer': r['answer']} for r in results], f)
+    if topk:
+        with open(os.path.join(result_dir, f'vqa_result_epoch{epoch}_top{topk}.json'), 'w') as f:
+            json.dump([{'question_id': r['question_id'], 'answers': [a for a, _ in r['topk'][:topk]],
+                        'probs': [p for _, p in r['topk'][:topk]]} for r in results], f)
+    print(f'result file saved to {path}')
+    return path
+
+
+def main(args):
+    config = engine.load_config(args.config, REQUIRED, OPTIONAL)
+    run = engine.setup(args, config)
+    run.tokenizer = engine.build_tokenizer(config)
+
+    print('Creating VQA datasets')
+    train_dataset, test_dataset = create_dataset('vqa', config)
+    train_loader = engine.train_loader(train_dataset, config['batch_size_train'], run, config,
+                                       collate_fn=vqa_collate_fn)
+    test_loader = engine.eval_loader(test_dataset, config['batch_size_test'], run, config, distributed=True)
+
+    print('Creating model')
+    text_decoder = (args.text_decoder or config['text_encoder']) if engine.bert_weights(config) else None
+    model = ALBEF(config=config, text_encoder=engine.bert_weights(config), text_decoder=text_decoder,
+                  tokenizer=run.tokenizer)
+    model = model.to(run.device)
+    optimizer, lr_scheduler = engine.build_optimization(config, model)
+    checkpointer, state = engine.start_state(args, run, model, optimizer, lr_scheduler,
+                                             allow_new_heads=not args.evaluate)
+    model, model_without_ddp = engine.wrap_model(model, run)
+
+    if not args.evaluate:
+        engine.fit(model, train_loader, optimizer, lr_scheduler, run, state, checkpointer, train_step,
+                   alpha_ramp=config['warm_up'])
+    last_epoch = 0 if args.evaluate else config['schedular']['epochs'] - 1
+
+    print('Answering the test questions')
+    results = evaluation(model_without_ddp, test_loader, run.tokenizer, run.device, config)
+    results = collect_result(results, run.path('result'), f'vqa_result_epoch{last_epoch}')
+    if run.is_main:
+        results = in_test_order(results, test_dataset)
+        write_results(run, results, last_epoch, config.get('topk_answers'))
+        if has_ground_truth(test_dataset.ann):
+            answered = {r['question_id'] for r in results}  # all of them, unless skip_bad_images skipped some
+            scored = [item for item in test_dataset.ann if int(item['question_id']) in answered]
+            if len(scored) < len(test_dataset.ann):
+                print(f'{len(test_dataset.ann) - len(scored)} test questions without an answer are not scored')
+            accuracy = vqa_accuracy(results, scored)
+            print(f"VQA accuracy on {accuracy['num_questions']} questions: {accuracy['overall']:.2f}")
+            engine.log_stats(run, {'vqa_acc': f"{accuracy['overall']:.2f}",
+                                   **{f'vqa_acc_{t}': f'{a:.2f}' for t, a in accuracy['per_answer_type'].items()},
+                                   'epoch': last_epoch})
+    utils.barrier()
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[engine.get_args_parser('./configs/VQA.yaml', 'output/VQA')])
+    parser.add_argument('--text_decoder', default=None,
+                        help='BERT name or directory for the answer decoder weights (default: the text encoder)')
+    parser.add_argument('--evaluate', action='store_true', help='answer the test questions with the checkpoint')
+    return parser
+
+
+if __name__ == '__main__':
+    engine.launch(main, get_parser())
