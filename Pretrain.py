@@ -17,8 +17,9 @@ OPTIONAL = {'init_deit', 'deit_checkpoint'}
 def train_step(model, batch, alpha, run):
     image, caption = batch
     image = image.to(run.device, non_blocking=True)
+    # left on the CPU: the model draws the MLM masks there, then moves the text
     text = run.tokenizer(caption, padding='longest', truncation=True, max_length=25, return_tensors='pt')
-    loss_mlm, loss_ita, loss_itm = model(image, text.to(run.device), alpha=alpha)
+    loss_mlm, loss_ita, loss_itm = model(image, text, alpha=alpha)
     return {'loss_mlm': loss_mlm, 'loss_ita': loss_ita, 'loss_itm': loss_itm}
 
 
@@ -39,18 +40,7 @@ def main(args):
     checkpointer, state = engine.start_state(args, run, model, optimizer, lr_scheduler)
     model, model_without_ddp = engine.wrap_model(model, run)
 
-    warmup_epochs = config['schedular']['warmup_epochs']
-    print('Start training')
-    for epoch in range(state.epoch, config['schedular']['epochs']):
-        state.epoch = epoch
-        if epoch > 0:
-            lr_scheduler.step(epoch + warmup_epochs)
-        train_stats = engine.train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state,
-                                             lambda m, b, a: train_step(m, b, a, run), checkpointer)
-        state.epoch = epoch + 1
-        checkpointer.save(f'checkpoint_{epoch:02d}.pth', state, epoch=epoch)
-        engine.log_stats(run, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
-
+    engine.fit(model, loader, optimizer, lr_scheduler, run, state, checkpointer, train_step)
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,

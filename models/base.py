@@ -75,12 +75,28 @@ class ALBEFBase(nn.Module):
                 param_m.data.copy_(param.data)
                 param_m.requires_grad = False
 
+    momentum_paused = False  # set by the engine on all but the first micro-batch of an accumulated step
+
     @torch.no_grad()
     def _momentum_update(self):
+        if self.momentum_paused:
+            return
         for model, model_m in self.model_pairs:
             for param, param_m in zip(model.parameters(), model_m.parameters()):
                 # m * theta_m and (1 - m) * theta rounded separately, then summed: bit-exact with the original
                 param_m.data.mul_(self.momentum).add_(param.data * (1. - self.momentum))
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute the activations of the online ViT blocks and BERT layers in the backward pass
+        instead of storing them. The momentum encoders (no gradients) are not touched; the
+        online and momentum modules stay separate objects with separate weights."""
+        for name, module in self.named_children():
+            if name.endswith('_m'):
+                continue
+            if hasattr(module, 'blocks') and hasattr(module, 'gradient_checkpointing'):  # ViT
+                module.gradient_checkpointing = enable
+            elif hasattr(module, 'set_gradient_checkpointing'):  # BERT encoder or decoder
+                module.set_gradient_checkpointing(enable)
 
     # ---- feature queues ---------------------------------------------------------------------
     def _create_queues(self, embed_dim, queue_size, with_idx=False):
@@ -95,15 +111,17 @@ class ALBEFBase(nn.Module):
         image_feats = concat_all_gather(image_feat)
         text_feats = concat_all_gather(text_feat)
         batch_size = image_feats.shape[0]
-        ptr = int(self.queue_ptr)
         if self.queue_size % batch_size:
             raise ValueError(f'queue_size {self.queue_size} must be a multiple of the global batch size '
                              f'{batch_size} (batch size per process x processes)')
-        self.image_queue[:, ptr:ptr + batch_size] = image_feats.T
-        self.text_queue[:, ptr:ptr + batch_size] = text_feats.T
+        # the columns ptr .. ptr + batch_size - 1, computed on the device: the pointer is never read
+        # back to the host. The queues stay float32 whatever precision the features come in.
+        columns = self.queue_ptr + torch.arange(batch_size, device=self.queue_ptr.device)
+        self.image_queue.index_copy_(1, columns, image_feats.T.to(self.image_queue.dtype))
+        self.text_queue.index_copy_(1, columns, text_feats.T.to(self.text_queue.dtype))
         if idx is not None:
-            self.idx_queue[:, ptr:ptr + batch_size] = concat_all_gather(idx).T
-        self.queue_ptr[0] = (ptr + batch_size) % self.queue_size
+            self.idx_queue.index_copy_(1, columns, concat_all_gather(idx).T.to(self.idx_queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + batch_size) % self.queue_size)
 
 
 class ContrastiveALBEF(ALBEFBase):
@@ -124,10 +142,12 @@ class ContrastiveALBEF(ALBEFBase):
                                                     return_dict=True, mode='text').last_hidden_state
         return text_embeds, F.normalize(text_proj(text_embeds[:, 0, :]), dim=-1)
 
-    def _fusion(self, text_embeds, text_atts, image_embeds, image_atts):
+    def _fusion(self, text_embeds, text_atts, image_embeds, image_atts, image_index=None):
+        """The multimodal [CLS] of each text; row b attends to image image_index[b] (default b)."""
         return self._text_bert(self.text_encoder)(
             encoder_embeds=text_embeds, attention_mask=text_atts, encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_atts, return_dict=True, mode='fusion').last_hidden_state[:, 0, :]
+            encoder_attention_mask=image_atts, return_dict=True, mode='fusion',
+            encoder_index=image_index).last_hidden_state[:, 0, :]
 
     def contrastive_forward(self, image, text, alpha, idx=None, distill=True):
         """Returns (loss_ita, loss_itm, image_embeds, image_embeds_m) for one batch.
@@ -170,8 +190,9 @@ class ContrastiveALBEF(ALBEFBase):
         return loss_ita, loss_itm, image_embeds, image_embeds_m
 
     def _itm_loss(self, image_embeds, image_atts, text_embeds, text_atts, sim_i2t, sim_t2i, idx):
+        """ITM over B positive pairs and 2B hard negatives (a negative image for each text, a
+        negative text for each image), in the original's order [positives; negatives]."""
         bs = image_embeds.size(0)
-        output_pos = self._fusion(text_embeds, text_atts, image_embeds, image_atts)
         with torch.no_grad():
             if idx is None:
                 same = torch.eye(bs, dtype=torch.bool, device=image_embeds.device)
@@ -182,13 +203,17 @@ class ContrastiveALBEF(ALBEFBase):
             neg_image = sample_negatives(weights_t2i)  # a negative image for each text
             neg_text = sample_negatives(weights_i2t)   # a negative text for each image
 
-        text_embeds_all = torch.cat([text_embeds, text_embeds[neg_text]], dim=0)
-        text_atts_all = torch.cat([text_atts, text_atts[neg_text]], dim=0)
-        image_embeds_all = torch.cat([image_embeds[neg_image], image_embeds], dim=0)
-        image_atts_all = torch.cat([image_atts, image_atts], dim=0)
-        output_neg = self._fusion(text_embeds_all, text_atts_all, image_embeds_all, image_atts_all)
-
-        vl_output = self.itm_head(torch.cat([output_pos, output_neg], dim=0))
+        # One fusion pass over all 3B pairs. Every pair's image is one of the B images of the batch,
+        # so each fusion layer projects the B images' keys and values once and the pairs index
+        # them (`encoder_index`), instead of projecting 3B copies in two passes as the original
+        # does. Rows do not interact: the outputs are the original's (with dropout active the
+        # random masks are drawn in a different order).
+        arange = torch.arange(bs, device=image_embeds.device)
+        text_embeds_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]], dim=0)
+        text_atts_all = torch.cat([text_atts, text_atts, text_atts[neg_text]], dim=0)
+        image_index = torch.cat([arange, neg_image, arange])
+        vl_output = self.itm_head(self._fusion(text_embeds_all, text_atts_all, image_embeds, image_atts,
+                                               image_index))
         itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]
                                ).to(image_embeds.device)
         return F.cross_entropy(vl_output, itm_labels)

@@ -136,9 +136,10 @@ class BertSelfAttention(nn.Module):
         value = self._heads(self.value(source))
         if encoder_index is not None:
             # each image's keys and values are projected once, then shared by all its rows
-            key, value = key[encoder_index], value[encoder_index]
+            # (index_select: its backward is an index_add, much cheaper than indexing's index_put)
+            key, value = key.index_select(0, encoder_index), value.index_select(0, encoder_index)
             if attention_mask is not None and attention_mask.size(0) != query.size(0):
-                attention_mask = attention_mask[encoder_index]
+                attention_mask = attention_mask.index_select(0, encoder_index)
 
         capture = self.save_attention and self.is_cross_attention
         if capture or output_attentions or head_mask is not None:

@@ -34,5 +34,8 @@ def create_optimizer(args, model):
         parameters = param_groups(model, weight_decay, skip)
     else:
         parameters = [{'params': [p for p in model.parameters() if p.requires_grad], 'weight_decay': 0.0}]
-    return torch.optim.AdamW(parameters, lr=_get(args, 'lr'), betas=(0.9, 0.999), eps=1e-8,
-                             fused=_get(args, 'fused', None))
+    fused = _get(args, 'fused', None)
+    if fused is None:  # the fused kernel where torch has one: one pass over all parameters, not a loop
+        fused = all(p.device.type in ('cpu', 'cuda') and p.is_floating_point()
+                    for group in parameters for p in group['params'])
+    return torch.optim.AdamW(parameters, lr=_get(args, 'lr'), betas=(0.9, 0.999), eps=1e-8, fused=fused)
