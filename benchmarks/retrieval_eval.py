@@ -6,11 +6,13 @@
 The evaluation re-ranks the top k_test=256 ITC candidates of 5,000 images (i2t) and 25,000 texts
 (t2i): 7.68 million (image, text) fusion passes. Both paths below compute the same scores:
 
-  one query at a time   the original's loop: one fusion pass of k pairs per query, each pair with
-                        its own copy of the image tokens
-  batched               `pairs_per_pass` pairs per pass, ordered by image and text length, each
-                        image's cross-attention keys and values computed once per pass and the
-                        padding columns all texts of a pass share left out
+  one query at a time   the original's loop (written out below): one fusion pass of k pairs per
+                        query, each pair with its own copy of the image tokens and an all-ones
+                        image mask, texts padded to max_length
+  batched               models.retrieval_eval.score_pairs: `pairs_per_pass` pairs per pass, ordered
+                        by text-length bucket, image and length; each image's cross-attention keys
+                        and values computed once per pass and read by all its texts as one query
+                        sequence; the padding columns all texts of a pass share left out
 
 Each path is timed on a sample of its real workload (i2t: a few image queries with all their
 candidates; t2i: every pair of a few images, which is how the batched path groups the full run),
@@ -57,11 +59,30 @@ class Fusion(nn.Module):
         self.itm_head = nn.Linear(size['width'], 2)
 
 
+@torch.no_grad()
+def one_query_at_a_time(model, image_feats, text_feats, text_atts, image_idx, text_idx, k):
+    """The original's loop: per query, its k pairs in one fusion pass, the image tokens copied for
+    every pair, an all-ones image mask, texts padded to the tokenizer's max_length."""
+    scores = []
+    for start in range(0, len(image_idx), k):
+        images, texts = image_idx[start:start + k], text_idx[start:start + k]
+        encoder_output = torch.stack([image_feats[int(i)] for i in images])
+        encoder_att = torch.ones(encoder_output.shape[:2], dtype=torch.long, device=encoder_output.device)
+        output = model.text_encoder(encoder_embeds=text_feats[texts], attention_mask=text_atts[texts],
+                                    encoder_hidden_states=encoder_output, encoder_attention_mask=encoder_att,
+                                    mode='fusion')
+        scores.append(model.itm_head(output.last_hidden_state[:, 0, :])[:, 1])
+    return torch.cat(scores)
+
+
 def time_pairs(model, image_feats, text_feats, text_atts, image_idx, text_idx, device, **kwargs):
     if device.type == 'cuda':
         torch.cuda.synchronize()
     start = time.perf_counter()
-    score_pairs(model, image_feats, text_feats, text_atts, image_idx, text_idx, **kwargs)
+    if kwargs.get('share_images', True):
+        score_pairs(model, image_feats, text_feats, text_atts, image_idx, text_idx, **kwargs)
+    else:
+        one_query_at_a_time(model, image_feats, text_feats, text_atts, image_idx, text_idx, kwargs['pairs_per_pass'])
     if device.type == 'cuda':
         torch.cuda.synchronize()
     return len(image_idx) / (time.perf_counter() - start)

@@ -212,8 +212,9 @@ class ContrastiveALBEF(ALBEFBase):
         text_embeds_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]], dim=0)
         text_atts_all = torch.cat([text_atts, text_atts, text_atts[neg_text]], dim=0)
         image_index = torch.cat([arange, neg_image, arange])
-        vl_output = self.itm_head(self._fusion(text_embeds_all, text_atts_all, image_embeds, image_atts,
-                                               image_index))
+        # image_atts is all ones: no encoder mask attends to every image token just the same, and
+        # lets the attention kernel skip the mask
+        vl_output = self.itm_head(self._fusion(text_embeds_all, text_atts_all, image_embeds, None, image_index))
         itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]
                                ).to(image_embeds.device)
         return F.cross_entropy(vl_output, itm_labels)

@@ -52,12 +52,11 @@ class ALBEF(ContrastiveALBEF):
         masked = (labels != -100).flatten().nonzero().squeeze(1).to(image.device, non_blocking=True)
         input_ids = input_ids.to(image.device, non_blocking=True)
         labels = labels.flatten().to(image.device, non_blocking=True).index_select(0, masked)
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+        # no image mask: every image token is attended, as with the original's all-ones mask
         with torch.no_grad():
             logits_m = self._masked_logits(self.text_encoder_m, input_ids, text.attention_mask, image_embeds_m,
-                                           image_atts, masked)
-        logits = self._masked_logits(self.text_encoder, input_ids, text.attention_mask, image_embeds, image_atts,
-                                     masked)
+                                           None, masked)
+        logits = self._masked_logits(self.text_encoder, input_ids, text.attention_mask, image_embeds, None, masked)
         loss_mlm = mlm_loss(logits, labels, F.softmax(logits_m, dim=-1), alpha)
         return loss_mlm, loss_ita, loss_itm
 

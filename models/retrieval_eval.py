@@ -39,10 +39,9 @@ def image_features(model, images):
 def itm_logits(model, image_feats, text_feats, text_atts, image_index=None):
     """ITM logits (B, 2) of (image, text) pairs, from the text-layer outputs and the image tokens.
     With `image_index` (B,), pair b uses image_feats[image_index[b]] (images projected once)."""
-    image_atts = torch.ones(image_feats.shape[:-1], dtype=torch.long, device=image_feats.device)
+    # no image mask: every image token is attended (the original's all-ones mask, without the mask)
     output = model.text_encoder(encoder_embeds=text_feats, attention_mask=text_atts,
-                                encoder_hidden_states=image_feats, encoder_attention_mask=image_atts,
-                                mode='fusion', encoder_index=image_index)
+                                encoder_hidden_states=image_feats, mode='fusion', encoder_index=image_index)
     return model.itm_head(output.last_hidden_state[:, 0, :])
 
 
@@ -60,25 +59,37 @@ def candidate_pairs(sims, rows, k, direction):
     return queries, candidates, image_idx, text_idx
 
 
+LENGTH_BUCKET = 4  # texts whose lengths differ by less than this share a re-ranking pass
+
+
 @torch.no_grad()
 def score_pairs(model, image_feats, text_feats, text_atts, image_idx, text_idx, pairs_per_pass=1024,
                 share_images=True, progress=None):
     """ITM positive logit of each pair (image_idx[p], text_idx[p]), `pairs_per_pass` pairs per
     fusion pass.
 
-    With `share_images` (the fast path) the pairs are ordered by image and then by text length;
-    each image's cross-attention keys and values are computed once per pass instead of once per
-    pair, and each pass drops the padding columns that all its texts share. Neither changes a
+    With `share_images` (the fast path) the pairs are ordered by text-length bucket, image and
+    length; each image's cross-attention keys and values are computed once per pass instead of
+    once per pair (and read by all its texts as one query sequence), and each pass drops the
+    padding columns that all its texts share. Neither changes a
     score: padded keys get exactly zero attention, and no other token reads a padded token's output.
     """
     device = text_feats.device
     if share_images:
+        # by length bucket (4 tokens), then image, then length: a pass holds texts of nearly one
+        # length (little padding) and few images (each image's keys and values serve many texts)
         lengths = text_atts.sum(1)[text_idx]
-        order = torch.argsort(image_idx * (text_atts.size(1) + 1) + lengths, stable=True)
+        width = text_atts.size(1) + 1
+        num_images = int(image_idx.max()) + 1 if len(image_idx) else 1
+        buckets = lengths // LENGTH_BUCKET
+        order = torch.argsort((buckets * num_images + image_idx) * width + lengths, stable=True)
+        _, counts = torch.unique_consecutive(buckets[order], return_counts=True)
+        groups = order.split(counts.tolist())  # a pass never mixes two buckets
     else:
-        order = torch.arange(len(image_idx), device=device)
+        groups = [torch.arange(len(image_idx), device=device)]
+    chunks = [chunk for group in groups for chunk in group.split(max(pairs_per_pass, 1))]
     scores = torch.empty(len(image_idx), device=device)
-    for chunk in order.split(max(pairs_per_pass, 1)):
+    for chunk in chunks:
         images, texts = image_idx[chunk], text_idx[chunk]
         pair_text_feats, pair_text_atts = text_feats[texts], text_atts[texts]
         if share_images:

@@ -88,6 +88,33 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(embeddings))
 
 
+def grouped_attention(query, key, value, attention_mask, index):
+    """Cross-attention of query rows p to keys and values index[p], without copying them per row.
+
+    query (P, H, L, d); key, value (U, H, N, d); attention_mask None or (U, 1, 1, N) additive;
+    index (P,). Attention rows do not interact, so the rows of all texts of image u are stacked
+    into one long query sequence (U, H, G*L, d) that reads image u's keys once; groups shorter than
+    the largest, G, are padded with zero rows whose outputs are dropped. Used without gradients
+    (retrieval re-ranking, where a pass scores hundreds of texts per image).
+    """
+    P, H, L, d = query.shape
+    U = key.size(0)
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index, minlength=U)
+    G = int(counts.max())
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_index = index[order]
+    slot = torch.arange(P, device=index.device) - starts[sorted_index]  # place within the group
+    grouped = query.new_zeros(U, G, H, L, d)
+    grouped[sorted_index, slot] = query[order]
+    grouped = grouped.permute(0, 2, 1, 3, 4).reshape(U, H, G * L, d)
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask)
+    out = out.view(U, H, G, L, d).permute(0, 2, 1, 3, 4)[sorted_index, slot]  # (P, H, L, d) in sorted order
+    result = torch.empty_like(out)
+    result[order] = out
+    return result
+
+
 class BertSelfAttention(nn.Module):
     """Multi-head attention. Cross-attention reads keys and values (width `encoder_width`) from the
     image tokens. With `save_attention` set on a cross-attention module, the post-softmax map and
@@ -134,14 +161,20 @@ class BertSelfAttention(nn.Module):
         query = self._heads(self.query(hidden_states))
         key = self._heads(self.key(source))
         value = self._heads(self.value(source))
+        capture = self.save_attention and self.is_cross_attention
         if encoder_index is not None:
             # each image's keys and values are projected once, then shared by all its rows
+            per_image_mask = attention_mask is None or attention_mask.size(0) == key.size(0)
+            if per_image_mask and not (self.training or torch.is_grad_enabled() or capture or output_attentions
+                                       or head_mask is not None):
+                mask = attention_mask.to(query.dtype) if attention_mask is not None else None
+                context = grouped_attention(query, key, value, mask, encoder_index)
+                return context.transpose(1, 2).reshape(*hidden_states.shape[:2], self.all_head_size), None
             # (index_select: its backward is an index_add, much cheaper than indexing's index_put)
             key, value = key.index_select(0, encoder_index), value.index_select(0, encoder_index)
             if attention_mask is not None and attention_mask.size(0) != query.size(0):
                 attention_mask = attention_mask.index_select(0, encoder_index)
 
-        capture = self.save_attention and self.is_cross_attention
         if capture or output_attentions or head_mask is not None:
             # explicit path: the attention probabilities are needed as a tensor
             scores = query @ key.transpose(-1, -2) / math.sqrt(self.attention_head_size)
@@ -550,9 +583,9 @@ class BertModel(BertPreTrainedModel):
                                      'of the same length')
                 encoder_mask = [self.invert_attention_mask(m) for m in encoder_attention_mask]
             else:
-                if encoder_attention_mask is None:
-                    encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=encoder_hidden_states.device)
-                encoder_mask = self.invert_attention_mask(encoder_attention_mask)
+                # None attends to every image token (the same as an all-ones mask, without the mask)
+                encoder_mask = None if encoder_attention_mask is None else self.invert_attention_mask(
+                    encoder_attention_mask)
         else:
             encoder_mask = None
 
