@@ -1,6 +1,6 @@
-"""The shared training scaffold: arguments, configs, process setup, data loading, the epoch loop,
-checkpoints with exact resume, and logging. Each task script builds its model and data, then
-runs its own short epoch loop with these verbs.
+"""The shared training scaffold: arguments, configs, process setup, data loading, the epoch loop
+(`fit`), checkpoints with exact resume, and logging. Each task script builds its model, data and
+evaluation, then hands them to `fit`.
 
 A script is started in any of these ways, with the same code path:
     python Pretrain.py --config configs/Pretrain.yaml --output_dir out          (one process)
