@@ -35,21 +35,23 @@ class ALBEF(ALBEFBase):
             sim = image_feat @ image_feat.t() / 0.07
             weights = F.softmax(sim, dim=1).fill_diagonal_(0)
 
+        # The original's per-sample draws, in its order (the coin flips come from the CPU generator,
+        # the partners from the images' device), without reading a partner back to the host.
         image_inputs, labels = [], []
         for b in range(image.size(0)):
+            this = torch.full((1,), b, dtype=torch.long, device=image.device)
             if torch.rand(1) > 1 / 3:
-                other = torch.multinomial(weights[b], 1).item()
+                other = torch.multinomial(weights[b], 1)
                 if torch.rand(1) > 0.5:
-                    image_inputs.append((b, other))
+                    image_inputs.append(torch.cat([this, other]))
                     labels.append(0)
                 else:
-                    image_inputs.append((other, b))
+                    image_inputs.append(torch.cat([other, this]))
                     labels.append(1)
             else:
-                first, second = torch.multinomial(weights[b], 2).tolist()
-                image_inputs.append((first, second))
+                image_inputs.append(torch.multinomial(weights[b], 2))
                 labels.append(2)
-        pairs = torch.tensor(image_inputs, device=image.device)
+        pairs = torch.stack(image_inputs)
         labels = torch.tensor(labels, device=image.device)
 
         output = self.text_encoder(text.input_ids, attention_mask=text.attention_mask,
