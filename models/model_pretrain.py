@@ -48,7 +48,7 @@ class ALBEF(ContrastiveALBEF):
         input_ids, labels = self.mask(input_ids, self.text_encoder.config.vocab_size, image.device,
                                       targets=labels, probability_matrix=probability_matrix)
         # The loss reads only the masked positions (about 15%), so the MLM head, whose vocabulary
-        # projection costs as much as a BERT layer, runs on those alone: same loss, ~7x less work.
+        # projection costs about three BERT-base layers per token, runs on those alone: same loss.
         masked = (labels != -100).flatten().nonzero().squeeze(1).to(image.device, non_blocking=True)
         input_ids = input_ids.to(image.device, non_blocking=True)
         labels = labels.flatten().to(image.device, non_blocking=True).index_select(0, masked)
