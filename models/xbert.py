@@ -88,6 +88,31 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(embeddings))
 
 
+PACK_TOKENS = True  # training on the CPU: the linear layers skip padding tokens (see Packing)
+
+
+class Packing:
+    """The non-padding tokens of a (B, L) batch kept flat, (N, width), between and inside the
+    layers, so every linear layer skips the padding; only attention sees the padded (B, L) layout.
+
+    Outputs at the real tokens are unchanged (padded keys get exactly zero attention weight and
+    nothing reads a padded token's output); hidden states at padding positions come back as zeros.
+    Finding the N real tokens reads the mask on the host, so it is used where that costs nothing:
+    in training, with the mask on the CPU.
+    """
+
+    def __init__(self, mask):
+        self.batch, self.length = mask.shape
+        self.index = mask.flatten().nonzero().squeeze(1)
+
+    def pack(self, x):  # (B, L, D) -> (N, D)
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x):  # (N, D) -> (B, L, D), zeros at the padding
+        out = x.new_zeros(self.batch * self.length, x.size(-1))
+        return out.index_copy(0, self.index, x).view(self.batch, self.length, -1)
+
+
 def grouped_attention(query, key, value, attention_mask, index):
     """Cross-attention of query rows p to keys and values index[p], without copying them per row.
 
@@ -154,13 +179,17 @@ class BertSelfAttention(nn.Module):
         return x.view(*x.shape[:2], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, output_attentions=False, encoder_index=None):
+                encoder_attention_mask=None, output_attentions=False, encoder_index=None, packing=None):
         source = encoder_hidden_states if self.is_cross_attention else hidden_states
         if self.is_cross_attention:
             attention_mask = encoder_attention_mask
-        query = self._heads(self.query(hidden_states))
-        key = self._heads(self.key(source))
-        value = self._heads(self.value(source))
+        query, key, value = self.query(hidden_states), self.key(source), self.value(source)
+        if packing is not None:  # the projections ran on the real tokens only; attention needs (B, L)
+            query = packing.unpack(query)
+            if not self.is_cross_attention:
+                key, value = packing.unpack(key), packing.unpack(value)
+        query, key, value = self._heads(query), self._heads(key), self._heads(value)
+        shape = query.shape[0], query.shape[2]  # (B, L)
         capture = self.save_attention and self.is_cross_attention
         if encoder_index is not None:
             # each image's keys and values are projected once, then shared by all its rows
@@ -169,7 +198,7 @@ class BertSelfAttention(nn.Module):
                                        or head_mask is not None):
                 mask = attention_mask.to(query.dtype) if attention_mask is not None else None
                 context = grouped_attention(query, key, value, mask, encoder_index)
-                return context.transpose(1, 2).reshape(*hidden_states.shape[:2], self.all_head_size), None
+                return context.transpose(1, 2).reshape(*shape, self.all_head_size), None
             # (index_select: its backward is an index_add, much cheaper than indexing's index_put)
             key, value = key.index_select(0, encoder_index), value.index_select(0, encoder_index)
             if attention_mask is not None and attention_mask.size(0) != query.size(0):
@@ -195,7 +224,9 @@ class BertSelfAttention(nn.Module):
             context = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=mask,
                 dropout_p=self.dropout.p if self.training else 0.0)
-        context = context.transpose(1, 2).reshape(*hidden_states.shape[:2], self.all_head_size)
+        context = context.transpose(1, 2).reshape(*shape, self.all_head_size)
+        if packing is not None:
+            context = packing.pack(context)
         return context, probs
 
 
@@ -224,9 +255,9 @@ class BertAttention(nn.Module):
         self.output = BertSelfOutput(config)
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, output_attentions=False, encoder_index=None):
+                encoder_attention_mask=None, output_attentions=False, encoder_index=None, packing=None):
         context, probs = self.self(hidden_states, attention_mask, head_mask, encoder_hidden_states,
-                                   encoder_attention_mask, output_attentions, encoder_index)
+                                   encoder_attention_mask, output_attentions, encoder_index, packing)
         return self.output(context, hidden_states), probs
 
 
@@ -255,9 +286,9 @@ class BertLayer(nn.Module):
         self.output = BertOutput(config)
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, output_attentions=False, encoder_index=None):
+                encoder_attention_mask=None, output_attentions=False, encoder_index=None, packing=None):
         hidden_states, self_probs = self.attention(hidden_states, attention_mask, head_mask,
-                                                   output_attentions=output_attentions)
+                                                   output_attentions=output_attentions, packing=packing)
         cross_probs = None
         if self.has_cross_attention:
             if encoder_hidden_states is None:
@@ -269,7 +300,7 @@ class BertLayer(nn.Module):
                 encoder_hidden_states, encoder_attention_mask = encoder_hidden_states[i], encoder_attention_mask[i]
             hidden_states, cross_probs = self.crossattention(
                 hidden_states, None, head_mask, encoder_hidden_states, encoder_attention_mask, output_attentions,
-                encoder_index)
+                encoder_index, packing)
         layer_output = self.output(self.intermediate(hidden_states), hidden_states)
         return layer_output, self_probs, cross_probs
 
@@ -292,14 +323,17 @@ class BertEncoder(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, output_attentions=False, output_hidden_states=False,
-                mode='multi_modal', encoder_index=None):
+                mode='multi_modal', encoder_index=None, packing=None):
+        """With `packing` (a Packing) the layers run on the real tokens only (see Packing)."""
         start, end = self.layer_range(mode)
         all_hidden, all_self, all_cross = [], [], []
+        if packing is not None:
+            hidden_states = packing.pack(hidden_states)
         for i in range(start, end):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             args = (hidden_states, attention_mask, head_mask[i] if head_mask is not None else None,
-                    encoder_hidden_states, encoder_attention_mask, output_attentions, encoder_index)
+                    encoder_hidden_states, encoder_attention_mask, output_attentions, encoder_index, packing)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 out = torch.utils.checkpoint.checkpoint(self.layer[i], *args, use_reentrant=False)
             else:
@@ -310,6 +344,8 @@ class BertEncoder(nn.Module):
                 all_cross.append(out[2])
         if output_hidden_states:
             all_hidden.append(hidden_states)
+        if packing is not None:
+            hidden_states = packing.unpack(hidden_states)
         return ModelOutput(last_hidden_state=hidden_states,
                           hidden_states=tuple(all_hidden) if output_hidden_states else None,
                           attentions=tuple(all_self) if output_attentions else None,
@@ -526,6 +562,11 @@ class BertModel(BertPreTrainedModel):
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
 
+    def _capturing(self):
+        """Whether a cross-attention layer keeps its attention map for Grad-CAM."""
+        return any(layer.has_cross_attention and layer.crossattention.self.save_attention
+                   for layer in self.encoder.layer)
+
     def get_extended_attention_mask(self, attention_mask, input_shape, device=None, is_decoder=False):
         """(B, L) or (B, L, L) 0/1 mask -> additive (B, 1, 1|L, L) mask with -10000 on masked keys."""
         if attention_mask.dim() == 3:
@@ -596,8 +637,15 @@ class BertModel(BertPreTrainedModel):
             embedding_output = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
         if encoder_index is not None and isinstance(encoder_hidden_states, (list, tuple)):
             raise ValueError('encoder_index cannot be combined with a list of encoder_hidden_states')
+        packing = None
+        if (PACK_TOKENS and self.training and attention_mask.dim() == 2 and attention_mask.device.type == 'cpu'
+                and not (is_decoder or output_attentions or output_hidden_states or head_mask is not None
+                         or self._capturing())):
+            packing = Packing(attention_mask)
+            if packing.index.numel() == attention_mask.numel():  # no padding to skip
+                packing = None
         out = self.encoder(embedding_output, extended_mask, head_mask, encoder_hidden_states, encoder_mask,
-                           bool(output_attentions), bool(output_hidden_states), mode, encoder_index)
+                           bool(output_attentions), bool(output_hidden_states), mode, encoder_index, packing)
         out.pooler_output = self.pooler(out.last_hidden_state) if self.pooler is not None else None
         return out if return_dict is not False else out.to_tuple()
 
