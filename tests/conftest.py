@@ -1,4 +1,9 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the order in which pytest-xdist hands out the test files.
+
+The suite runs on two workers (`pytest -n 2`, README.md). Every script a test starts runs on one
+thread, as does each worker's own torch: the demo models are too small for two threads to help
+much, and one thread everywhere keeps the trained numbers the same under `-n 2` and without it."""
+import json
 import os
 import sys
 
@@ -9,6 +14,25 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')  # tests never touch the network
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # make `import models...` work under plain `pytest` too
     sys.path.insert(0, ROOT)
+
+XDIST_WORKER = os.environ.get('PYTEST_XDIST_WORKER')
+if XDIST_WORKER:
+    import torch
+    torch.set_num_threads(1)
+
+# Files that need the demo pre-training checkpoint (`pretrained_demo`, about 5 minutes to make).
+# One worker starts making it with the first of them while the other runs the files that do not
+# need it; the rest come last (pytest.ini turns off xdist's reordering by file size).
+NEEDS_PRETRAINED = ('test_grounding.py', 'test_notebook.py', 'test_retrieval.py', 'test_ve_nlvr.py', 'test_vqa.py')
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        if name == NEEDS_PRETRAINED[0]:
+            return 0
+        return 2 if name in NEEDS_PRETRAINED else 1
+    items.sort(key=rank)  # stable: keeps the order within each file
 
 
 @pytest.fixture(scope='session')
@@ -120,8 +144,7 @@ def run_script(script, *args, nproc=1, launcher='torchrun', timeout=600, env=Non
         command += ['-m', 'torch.distributed.launch', f'--nproc_per_node={nproc}', '--use_env',
                     '--master_port', str(_free_port())]
     command += [os.path.join(ROOT, script), *map(str, args)]
-    full_env = {**os.environ, 'OMP_NUM_THREADS': '1' if nproc > 1 else os.environ.get('OMP_NUM_THREADS', '2'),
-                'PYTHONWARNINGS': 'ignore', **(env or {})}
+    full_env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore', **(env or {})}
     return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -134,23 +157,42 @@ def _free_port():
 
 @pytest.fixture(scope='session')
 def pretrained_demo(tmp_path_factory):
-    """A demo world (scale 0.3: 180 train, 30 val and 30 test scenes) and a checkpoint of
-    Pretrain.py trained on it with configs/demo/Pretrain.yaml, made once per test session and shared
-    by the fine-tuning tests. Returns {'world': dir, 'checkpoint': path, 'config': dict}."""
+    """The demo pre-training checkpoint shared by the fine-tuning tests: Pretrain.py with
+    configs/demo/Pretrain.yaml as users run it (540 steps, about 5 minutes on one core), on a
+    full-size demo world drawn with seed 1. The fine-tuning tests use a smaller world drawn with
+    seed 0 (scale 0.3: 180 train, 30 val and 30 test scenes), so no image they fine-tune or evaluate
+    on was seen in pre-training. Made once per test session, by whichever xdist worker asks first.
+    Returns {'world': the fine-tuning world, 'checkpoint': path, 'config': the pre-training config}."""
+    from filelock import FileLock
+    root = tmp_path_factory.getbasetemp()
+    if XDIST_WORKER:
+        root = root.parent  # shared by the workers of this session
+    base, done = root / 'pretrained_demo', root / 'pretrained_demo.json'
+    with FileLock(str(root / 'pretrained_demo.lock')):
+        if not done.exists():
+            result = _pretrain_demo(base)
+            done.write_text(json.dumps(result))
+    return json.loads(done.read_text())
+
+
+def _pretrain_demo(base):
     from dataset import toy
     from ruamel.yaml import YAML
-    base = tmp_path_factory.mktemp('pretrained_demo')
-    world = str(base / 'data')
-    toy.main(['--out', world, '--scale', '0.3'])
+    base.mkdir(parents=True, exist_ok=True)
+    pretrain_world, world = str(base / 'pretrain_data'), str(base / 'data')
+    toy.main(['--out', pretrain_world, '--seed', '1'])
+    toy.main(['--out', world, '--seed', '0', '--scale', '0.3'])
+    vocab = [open(os.path.join(w, 'text_encoder', 'vocab.txt')).read() for w in (pretrain_world, world)]
+    assert vocab[0] == vocab[1], 'the two demo worlds must share one WordPiece vocabulary'
     with open(os.path.join(ROOT, 'configs', 'demo', 'Pretrain.yaml')) as f:
-        config = {k: _relocate(v, world) for k, v in YAML(typ='safe').load(f).items()}
+        config = {k: _relocate(v, pretrain_world) for k, v in YAML(typ='safe').load(f).items()}
     config['bert_config'] = os.path.join(ROOT, config['bert_config'])
     config.update(num_workers=0, print_freq=100)
     path = base / 'Pretrain.yaml'
     with open(path, 'w') as f:
         YAML(typ='safe').dump(config, f)
     out = base / 'pretrain'
-    result = run_script('Pretrain.py', '--config', path, '--output_dir', out, '--device', 'cpu')
+    result = run_script('Pretrain.py', '--config', path, '--output_dir', out, '--device', 'cpu', timeout=1500)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     last = sorted(p for p in os.listdir(out) if p.startswith('checkpoint_'))[-1]
     return {'world': world, 'checkpoint': str(out / last), 'config': config}

@@ -312,16 +312,7 @@ def overall_accuracy(stats, world):
     return sum(stats[f'{split}_d'] * n for split, n in counts.items()) / sum(counts.values())
 
 
-def pretraining_learned_alignment(pretrained):
-    """Whether the demo pre-training brought its ITC loss clearly below chance, log(queue + batch):
-    grounding by Grad-CAM needs image-text alignment that a few fine-tuning steps cannot create."""
-    with open(os.path.join(os.path.dirname(pretrained['checkpoint']), 'log.txt')) as f:
-        last = [json.loads(line) for line in f if line.startswith('{')][-1]
-    chance = math.log(pretrained['config']['queue_size'] + pretrained['config']['batch_size'])
-    return float(last['train_loss_ita']) < 0.9 * chance, f"pre-training ITC loss {last['train_loss_ita']}, chance {chance:.3f}"
-
-
-def test_grounding_fine_tunes_well_above_random_proposals(grounding_run, pretrained_demo):
+def test_grounding_fine_tunes_well_above_random_proposals(grounding_run):
     stats, lines = read_log(grounding_run['out'])
     epochs = len(stats)
     assert [s['epoch'] for s in stats] == list(range(epochs)) and epochs >= 1
@@ -337,10 +328,6 @@ def test_grounding_fine_tunes_well_above_random_proposals(grounding_run, pretrai
     assert 0.1 < chance < 0.35
     # The margin asks for language: choosing one of the 2-3 objects at random (a map that finds objects but
     # ignores the words) is right about 40% of the time in the demo world.
-    aligned, why = pretraining_learned_alignment(pretrained_demo)
-    if not aligned and accuracy <= chance + 0.25:
-        pytest.xfail(f'the demo pre-training learned no image-text alignment ({why}); grounding accuracy '
-                     f'{accuracy:.3f} vs random proposal {chance:.3f}')
     assert accuracy > chance + 0.25, (accuracy, chance, stats)
 
 

@@ -75,7 +75,9 @@ def test_kill_and_resume_is_exact(demo_config, tmp_path):
     out = tmp_path / 'interrupted'
     command = [sys.executable, os.path.join(ROOT, 'Pretrain.py'), '--config', config, '--output_dir', str(out),
                '--device', 'cpu']
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the same one thread as run_script: a different thread count changes the float sums
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = out / 'checkpoint_last.pth'
     deadline = time.time() + 300
     while not last.exists() and process.poll() is None and time.time() < deadline:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import run_script
-from test_vqa import ONE_THREAD, assert_ok, read_json, write_demo_config
+from test_vqa import assert_ok, read_json, write_demo_config
 
 
 def split_log(output_dir):
@@ -50,17 +50,17 @@ def runs(pretrained_demo, tmp_path_factory):
 
     def ve():
         result = run_script('VE.py', '--config', ve_config, '--checkpoint', pretrained, '--output_dir', out['ve'],
-                            '--device', 'cpu', env=ONE_THREAD)
+                            '--device', 'cpu')
         assert_ok(result)
         assert_ok(run_script('VE.py', '--config', ve_config, '--checkpoint', out['ve'] / 'checkpoint_best.pth',
                              '--output_dir', out['ve_eval'], '--device', 'cpu', '--evaluate', nproc=2))
 
     def nlvr():
         assert_ok(run_script('Pretrain_nlvr.py', '--config', ta_config, '--checkpoint', pretrained,
-                             '--output_dir', out['ta'], '--device', 'cpu', env=ONE_THREAD))
+                             '--output_dir', out['ta'], '--device', 'cpu'))
         ta_checkpoint = out['ta'] / sorted(p for p in os.listdir(out['ta']) if p.startswith('checkpoint_'))[-1]
         result = run_script('NLVR.py', '--config', nlvr_config, '--checkpoint', ta_checkpoint,
-                            '--output_dir', out['nlvr'], '--device', 'cpu', env=ONE_THREAD)
+                            '--output_dir', out['nlvr'], '--device', 'cpu')
         assert_ok(result)
         stdout['nlvr'] = result.stdout
         out['ta_checkpoint'] = ta_checkpoint
@@ -105,9 +105,10 @@ def test_ve_learns_above_chance(runs):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    'the demo pre-training checkpoint (pretrained_demo: 50 steps) has not learnt to ground text in images '
-    '(its ITA and ITM losses stay at chance), and NLVR2, unlike VQA and VE, has no language prior to fall '
-    'back on: a short CPU fine-tuning stays at chance'))
+    'NLVR2 stays near chance on the demo (#6 acceptance 3 is not met): the demo pre-training aligns images '
+    'and texts (retrieval, grounding and VE learn), but 10 text-assignment steps leave the TA loss at chance '
+    '(ln 3) and 135 NLVR2 steps do not learn statements that compare two images ("exactly one image", '
+    '"both", counts); with 59 val and 60 test pairs the accuracy also swings by about 0.07'))
 def test_nlvr_learns_above_chance(runs):
     stats, best_epoch = split_log(runs['nlvr'])
     # balanced True/False statements about the image pair: chance is 1/2
