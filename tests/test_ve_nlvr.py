@@ -3,6 +3,7 @@ checkpoint (NLVR2: from a text-assignment checkpoint made here with Pretrain_nlv
 original's logs and checkpoints, and `--evaluate` with two gloo processes reproducing the logged
 accuracies, counting every example once (the val files have an odd number of items, so a padded
 sampler would count one twice)."""
+import collections
 import json
 import os
 import re
@@ -104,15 +105,42 @@ def test_ve_learns_above_chance(runs):
     assert float(stats[-1]['test_acc']) > 1 / 3 + 0.2, stats
 
 
+def sentence_template(sentence):
+    """The sentence with its colours, shapes, sizes, sides and numbers blanked out."""
+    from dataset import toy
+    words = {*toy.COLORS, *toy.KINDS, *(k + 's' for k in toy.KINDS), *toy.SIZES, *toy.HPOS, *toy.VPOS,
+             *toy.NUMBERS}
+    return ' '.join('X' if word in words or word.isdigit() else word for word in sentence.split())
+
+
+def template_prior_accuracy(train, test):
+    """Accuracy of answering each test statement with its template's majority label in training:
+    what a model reaches from the words alone, without looking at the images."""
+    counts = {}
+    for item in train:
+        counts.setdefault(sentence_template(item['sentence']), collections.Counter())[item['label']] += 1
+    majority = {template: c.most_common(1)[0][0] for template, c in counts.items()}
+    return sum(majority.get(sentence_template(item['sentence']), 'True') == item['label'] for item in test) / len(test)
+
+
+def test_nlvr_template_prior(runs):
+    # the demo's NLVR2 labels are not balanced within a statement template, so a model that ignores the
+    # images already beats 1/2; the accuracy test below measures against this baseline
+    train = read_json(os.path.join(runs['world'], 'nlvr_train.json'))
+    assert 0.55 < template_prior_accuracy(train, train) < 0.75
+
+
 @pytest.mark.xfail(strict=False, reason=(
-    'NLVR2 stays near chance on the demo (#6 acceptance 3 is not met): the demo pre-training aligns images '
-    'and texts (retrieval, grounding and VE learn), but 10 text-assignment steps leave the TA loss at chance '
-    '(ln 3) and 135 NLVR2 steps do not learn statements that compare two images ("exactly one image", '
-    '"both", counts); with 59 val and 60 test pairs the accuracy also swings by about 0.07'))
+    'NLVR2 learns only the statement-template prior on the demo (#6 acceptance 3 is not met): the demo '
+    'pre-training aligns images and texts (retrieval, grounding and VE learn), but NLVR2 fine-tuning, also '
+    'after 16 text-assignment epochs and 600 NLVR2 steps on the full-size world, ends at exactly the '
+    'accuracy of answering each statement template with its majority label (0.615 val, 0.605 test there)'))
 def test_nlvr_learns_above_chance(runs):
     stats, best_epoch = split_log(runs['nlvr'])
-    # balanced True/False statements about the image pair: chance is 1/2
-    assert float(stats[best_epoch]['test_acc']) > 0.5 + 0.1, stats
+    world = runs['world']
+    prior = template_prior_accuracy(read_json(os.path.join(world, 'nlvr_train.json')),
+                                    read_json(os.path.join(world, 'nlvr_test.json')))
+    assert float(stats[best_epoch]['test_acc']) > max(0.5, prior) + 0.1, (prior, stats)
 
 
 @pytest.mark.parametrize('task', ['ve', 'nlvr'])
