@@ -161,8 +161,10 @@ def pretrained_demo(tmp_path_factory):
     configs/demo/Pretrain.yaml as users run it (540 steps, about 5 minutes on one core), on a
     full-size demo world drawn with seed 1. The fine-tuning tests use a smaller world drawn with
     seed 0 (scale 0.3: 180 train, 30 val and 30 test scenes), so no image they fine-tune or evaluate
-    on was seen in pre-training. Made once per test session, by whichever xdist worker asks first.
-    Returns {'world': the fine-tuning world, 'checkpoint': path, 'config': the pre-training config}."""
+    on was seen in pre-training (NLVR2 fine-tunes on the pre-training world's own NLVR2 files, whose
+    val and test pairs come from image pools that pre-training never saw). Made once per test
+    session, by whichever xdist worker asks first. Returns {'world': the fine-tuning world,
+    'pretrain_world', 'checkpoint': path, 'config': the pre-training config}."""
     from filelock import FileLock
     root = tmp_path_factory.getbasetemp()
     if XDIST_WORKER:
@@ -195,4 +197,4 @@ def _pretrain_demo(base):
     result = run_script('Pretrain.py', '--config', path, '--output_dir', out, '--device', 'cpu', timeout=1500)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     last = sorted(p for p in os.listdir(out) if p.startswith('checkpoint_'))[-1]
-    return {'world': world, 'checkpoint': str(out / last), 'config': config}
+    return {'world': world, 'pretrain_world': pretrain_world, 'checkpoint': str(out / last), 'config': config}

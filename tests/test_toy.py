@@ -274,6 +274,26 @@ def test_captions_true(world):
                 assert referent(sc, m.group(1))['color'] == m.group(2)
 
 
+def test_retrieval_captions_are_their_own(world):
+    # a retrieval caption is true of no other image of its split where the image has enough captions
+    # of its own (scene_captions lists every caption a scene can have)
+    d, own_images = world['data'], 0
+    for split, name, k in (('train', 'retrieval_train.json', 3), ('val', 'retrieval_val.json', 5),
+                           ('test', 'retrieval_test.json', 5)):
+        scenes = [sc for sc in d['scenes.json'] if sc['split'] == split]
+        owners = collections.Counter(c for sc in scenes for c in toy.scene_captions(sc))
+        captions = collections.defaultdict(list)
+        for it in d[name]:
+            captions[it['image']] += it['caption'] if isinstance(it['caption'], list) else [it['caption']]
+        assert set(captions) == {sc['image'] for sc in scenes}
+        for sc in scenes:
+            caps, own = captions[sc['image']], [c for c in toy.scene_captions(sc) if owners[c] == 1]
+            assert len(caps) == len(set(caps)) and set(caps) <= set(toy.scene_captions(sc))
+            assert sum(owners[c] == 1 for c in caps) == min(len(own), k) or not own, (caps, own)
+            own_images += bool(own)
+    assert own_images > 0.5 * len(d['scenes.json'])
+
+
 def test_ve_labels_true(world):
     d = world['data']
     for name in ('ve_train.json', 've_dev.json', 've_test.json'):
@@ -300,35 +320,53 @@ def test_ve_labels_true(world):
 
 
 def _nlvr_truth(sent, a, b):
-    sa, sb = a['shapes'], b['shapes']
-    has = lambda shapes, **kw: any(all(s[k] == x for k, x in kw.items()) for s in shapes)  # noqa: E731
+    has = lambda scene, **kw: any(all(s[k] == x for k, x in kw.items()) for s in scene['shapes'])  # noqa: E731
     w = sent.split()
     if sent.startswith('both images contain a '):
         kw = {'color': w[4]} if w[-1] == 'shape' else {'kind': w[4]}
-        return has(sa, **kw) and has(sb, **kw)
-    if sent.startswith('exactly one image contains a '):
-        kw = {'color': w[5]} if w[-1] == 'shape' else {'kind': w[5]}
-        return has(sa, **kw) != has(sb, **kw)
-    if sent.startswith('neither image contains a '):
-        return not has(sa, color=w[4]) and not has(sb, color=w[4])
-    if 'has more shapes than' in sent:
-        n = {'left': len(sa), 'right': len(sb)}
-        return n[w[1]] > n[w[-2]]
-    if sent.endswith('in total'):
-        return toy.NUMBERS.index(w[2]) == len(sa) + len(sb)
-    m = re.match(r'the (left|right) image contains a (\w+) (\w+)$', sent)
+        return has(a, **kw) and has(b, **kw)
+    if sent.startswith('at least one image contains a '):
+        return has(a, color=w[6], kind=w[7]) or has(b, color=w[6], kind=w[7])
+    m = re.fullmatch(r'the (left|right) image contains a (\w+) (\w+)', sent)
     assert m, sent
-    return has(sa if m.group(1) == 'left' else sb, color=m.group(2), kind=m.group(3))
+    kw = {'color': m.group(2)} if m.group(3) == 'shape' else {'color': m.group(2), 'kind': m.group(3)}
+    return has(a if m.group(1) == 'left' else b, **kw)
 
 
 def test_nlvr_labels_true(world):
     d = world['data']
     for name in ('nlvr_train.json', 'nlvr_dev.json', 'nlvr_test.json'):
         labels = collections.Counter(it['label'] for it in d[name])
-        assert labels['True'] > 0.3 * len(d[name]) and labels['False'] > 0.3 * len(d[name])
+        assert labels['True'] > 0.2 * len(d[name]) and labels['False'] > 0.2 * len(d[name])  # 20 items at 0.1 scale
         for it in d[name]:
             a, b = (world['scenes'][p] for p in it['images'])
             assert it['label'] == str(_nlvr_truth(it['sentence'], a, b)), it
+
+
+def sentence_template(sentence):
+    """The sentence with its colours, shapes, sizes, sides and numbers blanked out."""
+    words = {*toy.COLORS, *toy.KINDS, *(k + 's' for k in toy.KINDS), *toy.SIZES, *toy.HPOS, *toy.VPOS,
+             *toy.NUMBERS}
+    return ' '.join('X' if word in words or word.isdigit() else word for word in sentence.split())
+
+
+def test_nlvr_words_do_not_predict_the_label():
+    rng = np.random.default_rng(0)
+    scenes = [{**toy.make_scene(rng, 1 + i % 3, 64), 'image': f'{i}.png'} for i in range(60)]
+    by_image = {sc['image']: sc for sc in scenes}
+    items = toy.nlvr_items(rng, scenes, 4000)
+    labels = collections.defaultdict(collections.Counter)
+    for it in items:
+        a, b = (by_image[p] for p in it['images'])
+        assert it['label'] == str(_nlvr_truth(it['sentence'], a, b)), it
+        labels[sentence_template(it['sentence'])][it['label']] += 1
+    assert len(labels) == 5
+    for template, counts in labels.items():  # about 800 items each: 0.5 +- 0.018
+        assert 0.4 < counts['True'] / sum(counts.values()) < 0.6, (template, counts)
+    # and whole sentences: the most frequent ones ("both images contain a circle", ...)
+    for sentence, counts in collections.Counter(it['sentence'] for it in items).most_common(5):
+        true = sum(it['label'] == 'True' for it in items if it['sentence'] == sentence)
+        assert 0.3 < true / counts < 0.7, (sentence, true, counts)
 
 
 def _plain(obj):

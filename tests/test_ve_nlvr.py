@@ -3,7 +3,6 @@ checkpoint (NLVR2: from a text-assignment checkpoint made here with Pretrain_nlv
 original's logs and checkpoints, and `--evaluate` with two gloo processes reproducing the logged
 accuracies, counting every example once (the val files have an odd number of items, so a padded
 sampler would count one twice)."""
-import collections
 import json
 import os
 import re
@@ -39,13 +38,17 @@ def odd_subset(world, name, base):
 def runs(pretrained_demo, tmp_path_factory):
     base = tmp_path_factory.mktemp('ve_nlvr')
     world, pretrained = pretrained_demo['world'], pretrained_demo['checkpoint']
+    # NLVR2 runs on the pre-training world (its val and test pairs come from images pre-training never
+    # saw): it takes its 1200 training pairs to learn the statements (on the small world's 360 it stayed
+    # near 0.55), and its 200 test pairs measure the accuracy to about +-0.035
+    nlvr_world = pretrained_demo['pretrain_world']
     common = dict(num_workers=0, print_freq=50)
     epochs = {'schedular': {'epochs': 3}}  # the demo configs have 4
     ve_val, ve_val_size = odd_subset(world, 've_dev.json', base)
-    nlvr_val, nlvr_val_size = odd_subset(world, 'nlvr_dev.json', base)
+    nlvr_val, nlvr_val_size = odd_subset(nlvr_world, 'nlvr_dev.json', base)
     ve_config = write_demo_config('VE', world, base / 'VE.yaml', val_file=ve_val, **common, **epochs)
-    nlvr_config = write_demo_config('NLVR', world, base / 'NLVR.yaml', val_file=[nlvr_val], **common, **epochs)
-    ta_config = write_demo_config('NLVR_pretrain', world, base / 'NLVR_pretrain.yaml', **common)
+    nlvr_config = write_demo_config('NLVR', nlvr_world, base / 'NLVR.yaml', val_file=[nlvr_val], **common, **epochs)
+    ta_config = write_demo_config('NLVR_pretrain', nlvr_world, base / 'NLVR_pretrain.yaml', **common)
     out = {name: base / name for name in ('ve', 've_eval', 'ta', 'nlvr', 'nlvr_eval')}
     stdout = {}
 
@@ -72,7 +75,7 @@ def runs(pretrained_demo, tmp_path_factory):
         for future in [pool.submit(ve), pool.submit(nlvr)]:
             future.result()
     return {**out, 'stdout': stdout, 've_val_size': ve_val_size, 'nlvr_val_size': nlvr_val_size,
-            'world': world, 'nlvr_config': nlvr_config}
+            'nlvr_config': nlvr_config}
 
 
 @pytest.mark.parametrize('task', ['ve', 'nlvr'])
@@ -105,42 +108,11 @@ def test_ve_learns_above_chance(runs):
     assert float(stats[-1]['test_acc']) > 1 / 3 + 0.2, stats
 
 
-def sentence_template(sentence):
-    """The sentence with its colours, shapes, sizes, sides and numbers blanked out."""
-    from dataset import toy
-    words = {*toy.COLORS, *toy.KINDS, *(k + 's' for k in toy.KINDS), *toy.SIZES, *toy.HPOS, *toy.VPOS,
-             *toy.NUMBERS}
-    return ' '.join('X' if word in words or word.isdigit() else word for word in sentence.split())
-
-
-def template_prior_accuracy(train, test):
-    """Accuracy of answering each test statement with its template's majority label in training:
-    what a model reaches from the words alone, without looking at the images."""
-    counts = {}
-    for item in train:
-        counts.setdefault(sentence_template(item['sentence']), collections.Counter())[item['label']] += 1
-    majority = {template: c.most_common(1)[0][0] for template, c in counts.items()}
-    return sum(majority.get(sentence_template(item['sentence']), 'True') == item['label'] for item in test) / len(test)
-
-
-def test_nlvr_template_prior(runs):
-    # the demo's NLVR2 labels are not balanced within a statement template, so a model that ignores the
-    # images already beats 1/2; the accuracy test below measures against this baseline
-    train = read_json(os.path.join(runs['world'], 'nlvr_train.json'))
-    assert 0.55 < template_prior_accuracy(train, train) < 0.75
-
-
-@pytest.mark.xfail(strict=False, reason=(
-    'NLVR2 learns only the statement-template prior on the demo (#6 acceptance 3 is not met): the demo '
-    'pre-training aligns images and texts (retrieval, grounding and VE learn), but NLVR2 fine-tuning, also '
-    'after 16 text-assignment epochs and 600 NLVR2 steps on the full-size world, ends at exactly the '
-    'accuracy of answering each statement template with its majority label (0.615 val, 0.605 test there)'))
 def test_nlvr_learns_above_chance(runs):
     stats, best_epoch = split_log(runs['nlvr'])
-    world = runs['world']
-    prior = template_prior_accuracy(read_json(os.path.join(world, 'nlvr_train.json')),
-                                    read_json(os.path.join(world, 'nlvr_test.json')))
-    assert float(stats[best_epoch]['test_acc']) > max(0.5, prior) + 0.1, (prior, stats)
+    # True and False are balanced within every statement template of the demo (test_toy), so a
+    # model that reads only the words scores 1/2
+    assert float(stats[best_epoch]['test_acc']) > 0.5 + 0.1, stats
 
 
 @pytest.mark.parametrize('task', ['ve', 'nlvr'])
