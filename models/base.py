@@ -93,8 +93,8 @@ class ALBEFBase(nn.Module):
         for name, module in self.named_children():
             if name.endswith('_m'):
                 continue
-            if hasattr(module, 'blocks') and hasattr(module, 'gradient_checkpointing'):  # ViT
-                module.gradient_checkpointing = enable
+            if hasattr(module, 'set_grad_checkpointing'):  # timm's ViT
+                module.set_grad_checkpointing(enable)
             elif hasattr(module, 'set_gradient_checkpointing'):  # BERT encoder or decoder
                 module.set_gradient_checkpointing(enable)
 

@@ -13,7 +13,8 @@ Two modes, as in the paper's weakly-supervised grounding:
 The patch grid and the number of heads are read from the model, so any image resolution, patch
 size and width work (the original hard-codes 24 x 24 patches and 12 heads, i.e. 384 px ViT-B/16).
 The attention capture uses the models' own Grad-CAM support (`save_attention` on a cross-attention,
-`register_blk` on the ViT); the flag and the captured tensors are cleared afterwards.
+`register_blk` on the ViT, whose hook stores the block's attention probabilities and their gradient
+on `blocks[i].attn`); the flag and the captured tensors are cleared afterwards.
 """
 import cv2
 import numpy as np
@@ -137,9 +138,9 @@ def itc_gradcam(model, image, text, block_num=None):
                                        mode='text').last_hidden_state
             text_feat = F.normalize(model.text_proj(text_embeds[:, 0, :]), dim=-1)
             loss = (image_feat @ text_feat.t() / model.temp).diag().sum()
-            attention_map = attention.get_attention_map()
+            attention_map = attention.attention_map
             torch.autograd.grad(loss, attention_map)
-            gradients = attention.get_attn_gradients()
+            gradients = attention.attn_gradients
         B, heads = attention_map.shape[:2]
         # (B, heads, N, N): the [CLS] query row over the patch keys, to (h, w)
         cams = attention_map.detach()[:, :, 0, 1:].reshape(B, heads, h, w)

@@ -133,10 +133,10 @@ def test_vit_gradcam_path(configs, tokenizer, image):
     torch.testing.assert_close(out, default, **TOL)
     torch.testing.assert_close(out, expected, **TOL)
     attn = model.visual_encoder.blocks[1].attn
-    assert model.visual_encoder.blocks[0].attn.get_attention_map() is None
-    torch.testing.assert_close(attn.get_attention_map(), maps[1], **TOL)
+    assert model.visual_encoder.blocks[0].attn.attention_map is None
+    torch.testing.assert_close(attn.attention_map, maps[1], **TOL)
     out[:, 0].sum().backward()
-    grads = attn.get_attn_gradients()
+    grads = attn.attn_gradients
     assert grads is not None and grads.shape == maps[1].shape == (B, 4, 17, 17)
 
 

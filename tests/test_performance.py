@@ -126,8 +126,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(make_model, tokenizer):
 def test_gradient_checkpointing_never_ties_the_momentum_encoders_to_the_online_ones(make_model, tokenizer):
     model = make_model('pretrain')
     model.set_grad_checkpointing(True)
-    assert model.visual_encoder.gradient_checkpointing and model.text_encoder.bert.encoder.gradient_checkpointing
-    assert not model.visual_encoder_m.gradient_checkpointing
+    assert model.visual_encoder.grad_checkpointing and model.text_encoder.bert.encoder.gradient_checkpointing
+    assert not model.visual_encoder_m.grad_checkpointing
     assert not model.text_encoder_m.bert.encoder.gradient_checkpointing
     online_ptrs = {p.data_ptr() for p in model.parameters() if p.requires_grad}
     momentum = [p for name, p in model.named_parameters() if name.split('.')[0].endswith('_m')]
