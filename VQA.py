@@ -6,7 +6,10 @@ distillation, then answer every test question by ranking the candidates of `answ
 
 The answers go to output_dir/result/vqa_result_epoch<N>.json ([{"question_id", "answer"}], each
 test question once, in test-file order) for the evaluation server. When the test items carry their
-annotators' answers, the VQA accuracy is also computed and logged (`vqa_acc`, in percent).
+annotators' answers, the VQA accuracy is also computed and logged (`vqa_acc`, in percent): the
+official VQA evaluation tool's number, computed locally by dataset/vqa_eval.py (config key
+`vqa_normalization: always` normalises every answer instead, for annotations that are not
+pre-normalised; that is not the official number).
 With `topk_answers: K` in the config, the K best answers of each question and their
 probabilities go to vqa_result_epoch<N>_top<K>.json as well.
 """
@@ -20,12 +23,12 @@ import engine
 import utils
 from dataset import create_dataset, vqa_collate_fn
 from dataset.utils import collect_result
-from dataset.vqa_eval import has_ground_truth, vqa_accuracy
+from dataset.vqa_eval import NORMALIZATIONS, has_ground_truth, vqa_accuracy
 from models.model_vqa import ALBEF
 
 REQUIRED = {'train_file', 'test_file', 'answer_list', 'vqa_root', 'vg_root', 'bert_config', 'image_res',
             'batch_size_train', 'batch_size_test', 'k_test', 'alpha', 'distill', 'warm_up', 'eos'}
-OPTIONAL = {'topk_answers'}
+OPTIONAL = {'topk_answers', 'vqa_normalization'}
 
 
 def train_step(model, batch, alpha, run):
@@ -84,6 +87,10 @@ def write_results(run, results, epoch, topk):
 
 def main(args):
     config = engine.load_config(args.config, REQUIRED, OPTIONAL)
+    normalization = config.get('vqa_normalization', 'official')
+    if normalization not in NORMALIZATIONS:
+        raise engine.ConfigError(f"{args.config}: vqa_normalization must be one of {', '.join(NORMALIZATIONS)}, "
+                                 f'got {normalization!r}')
     run = engine.setup(args, config)
     run.tokenizer = engine.build_tokenizer(config)
 
@@ -119,7 +126,7 @@ def main(args):
             scored = [item for item in test_dataset.ann if int(item['question_id']) in answered]
             if len(scored) < len(test_dataset.ann):
                 print(f'{len(test_dataset.ann) - len(scored)} test questions without an answer are not scored')
-            accuracy = vqa_accuracy(results, scored)
+            accuracy = vqa_accuracy(results, scored, normalization)
             print(f"VQA accuracy on {accuracy['num_questions']} questions: {accuracy['overall']:.2f}")
             engine.log_stats(run, {'vqa_acc': f"{accuracy['overall']:.2f}",
                                    **{f'vqa_acc_{t}': f'{a:.2f}' for t, a in accuracy['per_answer_type'].items()},
