@@ -35,7 +35,7 @@ WARMUP_STEP_SIZE = 100  # the warm-up advances the scheduler every 100 iteration
 COMMON_KEYS = {
     'bert_config', 'image_res', 'vision_width', 'vision_depth', 'vision_num_heads', 'patch_size',
     'text_encoder', 'init_text_encoder', 'num_workers', 'print_freq', 'save_every_steps',
-    'skip_bad_images', 'check_images', 'augment', 'optimizer', 'schedular',
+    'skip_bad_images', 'check_images', 'augment', 'randaugment_autocontrast', 'optimizer', 'schedular',
     'amp', 'accum_steps', 'grad_checkpointing', 'compile',
 }
 AMP_MODES = ('bf16', 'fp16', 'off')

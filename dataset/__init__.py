@@ -2,9 +2,11 @@
 
 `create_dataset(name, config)` builds the datasets a task script uses from the original YAML keys
 (`train_file`/`val_file`/`test_file`, `image_root`, `vqa_root`, `vg_root`, `answer_list`,
-`image_res`), plus three optional keys: `skip_bad_images` (default False), `check_images`
-(default True; see `dataset.base.AnnotationDataset`) and `augment` (default True; false trains
-without random crops, flips and RandomAugment).
+`image_res`), plus four optional keys: `skip_bad_images` (default False), `check_images`
+(default True; see `dataset.base.AnnotationDataset`), `augment` (default True; false trains
+without random crops, flips and RandomAugment) and `randaugment_autocontrast` ('original', the
+default: RandomAugment's AutoContrast as the original code computes it, which saturates channels
+whose minimum is above 0; 'pil': PIL's per-channel stretch).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from .base import AnnotationDataset, DataError, ImageError
 from .caption_dataset import pretrain_dataset, re_eval_dataset, re_train_dataset
 from .grounding_dataset import grounding_dataset
 from .nlvr_dataset import nlvr_dataset
-from .randaugment import RandomAugment
+from .randaugment import AUTOCONTRAST_MODES, RandomAugment
 from .ve_dataset import ve_dataset
 from .vqa_dataset import vqa_dataset
 
@@ -33,14 +35,15 @@ AUGMENTS = ['Identity', 'AutoContrast', 'Equalize', 'Brightness', 'Sharpness', '
             'TranslateX', 'TranslateY', 'Rotate']
 
 
-def build_transform(kind: str, image_res: int) -> Callable:
+def build_transform(kind: str, image_res: int, autocontrast: str = 'original') -> Callable:
     """The image transform `kind` of SPEC 5.2: 'pretrain', 'train' (fine-tuning), 'test' or
-    'grounding_train'. All PIL-based, bicubic, with CLIP normalisation."""
+    'grounding_train'. All PIL-based, bicubic, with CLIP normalisation. `autocontrast` is
+    RandomAugment's AutoContrast ('original' or 'pil', see dataset/randaugment.py)."""
     from torchvision import transforms  # imported here: torchvision takes seconds to import
     from torchvision.transforms import InterpolationMode
 
     normalize = transforms.Normalize(MEAN, STD)
-    augment = RandomAugment(2, 7, isPIL=True, augs=AUGMENTS)
+    augment = RandomAugment(2, 7, isPIL=True, augs=AUGMENTS, autocontrast=autocontrast)
     bicubic = InterpolationMode.BICUBIC
     square = transforms.Resize((image_res, image_res), interpolation=bicubic)  # not aspect-preserving
     if kind in ('pretrain', 'train'):
@@ -114,8 +117,12 @@ def create_dataset(dataset: str, config: dict) -> AnnotationDataset | tuple[Anno
     # `augment: false` trains on the test transform (the demo world, whose captions hinge on colours
     # and left/right, which colour augmentations and flips would falsify)
     augment = config.get('augment', True)
+    autocontrast = config.get('randaugment_autocontrast', 'original')
+    if autocontrast not in AUTOCONTRAST_MODES:
+        raise DataError(f"config randaugment_autocontrast must be one of {', '.join(AUTOCONTRAST_MODES)}, "
+                        f'got {autocontrast!r}')
     built = tuple(split.build(config, transform=build_transform(split.transform if augment else 'test',
-                                                                config['image_res']), **options)
+                                                                config['image_res'], autocontrast), **options)
                   for split in TASKS[dataset])
     return built[0] if dataset == 'pretrain' else built
 

@@ -1,10 +1,15 @@
-"""RandAugment on HWC uint8 numpy arrays with OpenCV/numpy re-implementations of the PIL operations
-(SPEC 5.3).
+"""RandAugment on HWC uint8 numpy arrays with OpenCV/numpy re-implementations of the PIL operations,
+as the original ALBEF code has them (every config uses N = 2 operations at magnitude 7 of 10).
 
 Each `*_func` takes and returns an HWC uint8 array. `RandomAugment` draws its operations from the
 global numpy RNG in the original's order: one `np.random.choice(augs, N)`, then per operation one
-`np.random.random()` for the skip test and, only if the operation is applied and takes a sign
-(Shear, Translate, Rotate), one more for the sign.
+`np.random.random()` for the skip test (skipped when it is above 0.5) and, only if the operation is
+applied and takes a sign (Shear, Translate, Rotate), one more for the sign.
+
+AutoContrast follows the original code by default, whose uint8 arithmetic saturates every channel
+whose minimum is above 0 (see `autocontrast_func`): ALBEF's released checkpoints were trained on
+that. `RandomAugment(autocontrast='pil')` (config key `randaugment_autocontrast: pil`) stretches
+each channel as PIL intends instead.
 """
 from __future__ import annotations
 
@@ -33,15 +38,17 @@ def _apply_lut_per_channel(img: np.ndarray, tables: Sequence[np.ndarray]) -> np.
     return out
 
 
-def autocontrast_func(img: np.ndarray, cutoff: int = 0, faithful: bool = False) -> np.ndarray:
-    """Per-channel min/max stretch through a LUT (PIL `ImageOps.autocontrast`).
+def autocontrast_func(img: np.ndarray, cutoff: int = 0, faithful: bool = True) -> np.ndarray:
+    """Per-channel min/max stretch through a LUT (after PIL `ImageOps.autocontrast`):
+    scale = 255 / (max - min), LUT[v] = v * scale + offset, clipped to [0, 255] and truncated to
+    uint8; the identity when max <= min.
 
     Args:
         cutoff: percent of pixels ignored at each end of the histogram (0: plain min and max).
-        faithful: the default is the stretch of SPEC 5.3, (v - low) * scale. The original code
-            computes the offset as `-low * scale` with `low` a numpy uint8 scalar, so the negation
-            wraps (-low becomes 256 - low) and a channel whose minimum is above 0 maps entirely to
-            255; `faithful=True` reproduces that.
+        faithful: True (the default) computes offset = -min * scale as the original code does,
+            with min a numpy uint8 scalar: the negation wraps to 256 - min, so a channel whose
+            minimum is above 0 maps entirely to 255 and only channels with minimum 0 are
+            stretched. False gives PIL's intended offset, -min * scale.
     """
     tables = []
     for c in range(img.shape[2]):
@@ -187,6 +194,11 @@ def cutout_func(img: np.ndarray, pad_size: int, fill: Sequence[int] = (0, 0, 0))
     return out
 
 
+def pil_autocontrast_func(img: np.ndarray) -> np.ndarray:
+    """AutoContrast as PIL intends it: every channel stretched to [0, 255]."""
+    return autocontrast_func(img, faithful=False)
+
+
 # ---- level -> arguments ----------------------------------------------------------------------
 
 def _no_args(level: float) -> tuple:
@@ -248,6 +260,10 @@ OPS: dict[str, tuple[Callable[..., np.ndarray], Callable[[float], tuple]]] = {
 }
 
 
+# how AutoContrast stretches: the original code's (the default) or PIL's
+AUTOCONTRAST_MODES = ('original', 'pil')
+
+
 class RandomAugment:
     """Apply `N` operations drawn with replacement from `augs`, each with probability 0.5, at
     magnitude `M` (of 10).
@@ -257,13 +273,20 @@ class RandomAugment:
         M: magnitude level, 0..10.
         isPIL: convert a PIL image to an HWC uint8 array first (otherwise an array is expected).
         augs: operation names (keys of `OPS`); empty means all of them.
+        autocontrast: 'original' (default: the original code's AutoContrast, which saturates
+            channels whose minimum is above 0) or 'pil' (PIL's per-channel stretch).
     Returns (from `__call__`): the augmented HWC uint8 numpy array.
     """
 
-    def __init__(self, N: int = 2, M: float = 10, isPIL: bool = False, augs: Sequence[str] = ()) -> None:
+    def __init__(self, N: int = 2, M: float = 10, isPIL: bool = False, augs: Sequence[str] = (),
+                 autocontrast: str = 'original') -> None:
         unknown = [name for name in augs if name not in OPS]
         if unknown:
             raise ValueError(f'unknown RandomAugment operation(s) {unknown}; known: {list(OPS)}')
+        if autocontrast not in AUTOCONTRAST_MODES:
+            raise ValueError(f"RandomAugment autocontrast must be one of {', '.join(AUTOCONTRAST_MODES)}, "
+                             f'got {autocontrast!r}')
+        self.autocontrast = autocontrast
         self.N = N
         self.M = M
         self.isPIL = isPIL
@@ -280,8 +303,11 @@ class RandomAugment:
             if np.random.random() > prob:
                 continue
             func, level_to_args = OPS[name]
+            if name == 'AutoContrast' and self.autocontrast == 'pil':
+                func = pil_autocontrast_func
             img = func(img, *level_to_args(level))
         return img
 
     def __repr__(self) -> str:
-        return f'{type(self).__name__}(N={self.N}, M={self.M}, isPIL={self.isPIL}, augs={self.augs})'
+        return (f'{type(self).__name__}(N={self.N}, M={self.M}, isPIL={self.isPIL}, augs={self.augs}, '
+                f'autocontrast={self.autocontrast!r})')

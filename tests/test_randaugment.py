@@ -1,5 +1,5 @@
-"""dataset/randaugment.py against SPEC 5.3: random-number order and each operation on small
-hand-computed arrays."""
+"""dataset/randaugment.py against the original's RandAugment: random-number order and each operation
+on small hand-computed arrays, AutoContrast's original (default) and PIL modes included."""
 import numpy as np
 import pytest
 from PIL import Image
@@ -22,8 +22,9 @@ def rgb(channel):
 # ---- random-number order ---------------------------------------------------------------------
 
 def expected_draws(seed, augs, n=2, level=7):
-    """Hand re-implementation of SPEC 5.3's draw sequence: [(name, args)] of applied ops and the
-    next random number after the call."""
+    """Hand re-implementation of the original's draw sequence (one choice of N names; per name a
+    skip draw and, for an applied signed operation, a sign draw): [(name, args)] of applied ops and
+    the next random number after the call."""
     rng = np.random.RandomState(seed)
     names = rng.choice(augs, n)
     applied = []
@@ -117,9 +118,53 @@ def test_autocontrast_faithful_wrap_and_intended_stretch():
     assert out[0, :, 0].tolist() == [255, 255, 255]
     assert out[0, :, 1].tolist() == [0, 127, 254]
     assert out[0, :, 2].tolist() == [7, 7, 7]  # max <= min: identity table
-    intended = autocontrast_func(img)  # SPEC 5.3, the default: v * scale - low * scale, scale 5
+    assert (autocontrast_func(img) == out).all()  # the original's behaviour is the default
+    intended = autocontrast_func(img, faithful=False)  # PIL's: v * scale - low * scale, scale 5
     assert intended[0, :, 0].tolist() == [0, 100, 255]
     assert (intended[..., 1:] == out[..., 1:]).all()
+
+
+# R: minimum 5, G: minimum 0 and maximum 100, B: constant
+AUTOCONTRAST_IMAGE = np.stack([np.array([[5, 25, 56], [30, 40, 50]]), np.array([[0, 50, 100], [10, 20, 30]]),
+                               np.full((2, 3), 7)], axis=2).astype(np.uint8)
+
+
+def test_random_augment_default_autocontrast_is_the_originals():
+    # seed 1: the first of the two draws applies AutoContrast, the second skips
+    np.random.seed(1)
+    out = RandomAugment(2, 7, augs=['AutoContrast'])(AUTOCONTRAST_IMAGE)
+    assert out[..., 0].tolist() == [[255, 255, 255], [255, 255, 255]]  # saturated: minimum above 0
+    # scale 255 / 100 = 2.5499999999999998 in float64, then truncated: 50 -> 127.49999, 100 -> 254.99999,
+    # 10 -> 25.499999, but 20 -> 51.0 exactly (the product rounds up)
+    assert out[..., 1].tolist() == [[0, 127, 254], [25, 51, 76]]
+    assert out[..., 2].tolist() == [[7, 7, 7], [7, 7, 7]]
+    np.random.seed(1)
+    pil = RandomAugment(2, 7, augs=['AutoContrast'], autocontrast='pil')(AUTOCONTRAST_IMAGE)
+    assert pil[..., 0].tolist() == [[0, 100, 255], [125, 175, 225]]  # (v - 5) * 5
+    assert (pil[..., 1:] == out[..., 1:]).all()
+    assert repr(RandomAugment()).endswith("autocontrast='original')")
+    with pytest.raises(ValueError, match="autocontrast must be one of original, pil, got 'PIL'"):
+        RandomAugment(autocontrast='PIL')
+
+
+def test_every_augmenting_transform_takes_the_autocontrast_mode(tmp_path):
+    import json
+
+    import dataset
+    from dataset import create_dataset
+    for kind in ('pretrain', 'train', 'grounding_train'):
+        assert dataset.build_transform(kind, 16).transforms[2].autocontrast == 'original'
+        assert dataset.build_transform(kind, 16, 'pil').transforms[2].autocontrast == 'pil'
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'a.jpg')
+    (tmp_path / 'ann.json').write_text(json.dumps([{'image': str(tmp_path / 'a.jpg'), 'caption': 'a b'}]))
+    config = {'train_file': [str(tmp_path / 'ann.json')], 'image_res': 16}
+    assert create_dataset('pretrain', config).transform.transforms[2].autocontrast == 'original'
+    config['randaugment_autocontrast'] = 'pil'
+    assert create_dataset('pretrain', config).transform.transforms[2].autocontrast == 'pil'
+    config['randaugment_autocontrast'] = 'stretch'
+    with pytest.raises(dataset.DataError, match="^config randaugment_autocontrast must be one of original, pil, "
+                                                "got 'stretch'$"):
+        create_dataset('pretrain', config)
 
 
 def test_equalize_excludes_the_last_non_zero_bin():
