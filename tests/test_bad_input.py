@@ -76,6 +76,12 @@ def test_unknown_key_names_the_closest(demo_config, out, capsys, tmp_path):
         f"{config}: schedular.unknown key 'warmup_epoch' (did you mean 'warmup_epochs'?)"
 
 
+def test_randaugment_autocontrast_unknown(demo_config, out, capsys, tmp_path):
+    config = write_config(demo_config, tmp_path, randaugment_autocontrast='stretch')
+    assert fail(['--config', config], out, capsys) == \
+        "config randaugment_autocontrast must be one of original, pil, got 'stretch'"
+
+
 def test_annotation_file_missing(demo_config, out, capsys, tmp_path):
     config = write_config(demo_config, tmp_path, train_file=[str(tmp_path / 'none.json')])
     assert fail(['--config', config], out, capsys) == f'annotation file not found: {tmp_path / "none.json"}'

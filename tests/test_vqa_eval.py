@@ -103,3 +103,15 @@ def test_vqa_accuracy_without_types_and_missing_prediction():
         vqa_accuracy([{'question_id': 7, 'answer': 'dog'}], annotations)
     assert has_ground_truth(annotations)
     assert not has_ground_truth([{'question_id': 9, 'question': 'what?'}])
+
+
+def test_vqa_script_rejects_an_unknown_normalization(demo_config, tmp_path, capsys):
+    import engine
+    import VQA
+    config = demo_config('VQA', vqa_normalization='lenient')
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit) as exit_info:
+        engine.launch(VQA.main, VQA.get_parser(), ['--config', config, '--output_dir', str(out), '--device', 'cpu'])
+    assert exit_info.value.code == 2 and not out.exists()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {config}: vqa_normalization must be one of official, always, got 'lenient'"]
