@@ -1,4 +1,5 @@
-"""Grad-CAM maps of ALBEF (SPEC 8.8 and 10), shared by Grounding.py and visualize.ipynb.
+"""Grad-CAM maps of ALBEF (docs/DESIGN.md, "Grounding (Grounding.py) and Grad-CAM"), shared by
+Grounding.py and visualize.ipynb.
 
 Two modes, as in the paper's weakly-supervised grounding:
 
