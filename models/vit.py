@@ -100,6 +100,10 @@ class VisionTransformer(timm_vit.VisionTransformer):
                 x = blk(x)
         return self.norm(x)
 
+    def forward_features(self, x):
+        """timm's name for the token features: here the same as `forward(x)`."""
+        return self.forward(x)
+
 
 def interpolate_pos_embed(pos_embed_checkpoint, visual_encoder):
     """Resize a checkpoint's position embedding to the patch grid of `visual_encoder`, as the

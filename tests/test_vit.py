@@ -20,8 +20,10 @@ def test_it_is_timms_vit_without_a_head():
             'blocks.2.mlp.fc2.weight'} <= keys
     assert not any(k.startswith(('head', 'fc_norm', 'reg_token')) for k in keys)
     assert vit.blocks[0].norm1.eps == 1e-6 and vit.pos_embed.shape == (1, 17, 48)
-    out = vit(torch.randn(2, 3, 32, 32))
+    image = torch.randn(2, 3, 32, 32)
+    out = vit(image)
     assert out.shape == (2, 17, 48)  # every token, after the final LayerNorm
+    assert torch.equal(vit.forward_features(image), out)
 
 
 def test_register_blk_captures_one_block_and_leaves_no_hook():
