@@ -23,9 +23,10 @@ OPTIONAL = {'itc_only', 'rerank_pairs_per_pass'}
 
 def train_step(model, batch, alpha, run):
     image, caption, idx = batch
-    image, idx = image.to(run.device, non_blocking=True), idx.to(run.device, non_blocking=True)
+    image, idx = utils.to_device((image, idx), run.device)
     # max_length without truncation truncates nothing, as in the original
-    text = run.tokenizer(caption, padding='longest', max_length=30, return_tensors='pt').to(run.device)
+    text = utils.to_device(run.tokenizer(caption, padding='longest', max_length=30, return_tensors='pt'),
+                           run.device)
     loss_ita, loss_itm = model(image, text, alpha=alpha, idx=idx)
     return {'loss_itm': loss_itm, 'loss_ita': loss_ita}
 

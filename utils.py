@@ -101,6 +101,33 @@ def setup_for_distributed(is_master):
     builtins.print = print
 
 
+# ---- moving batches to the device ---------------------------------------------------------------
+def to_device(obj, device):
+    """`obj` (a tensor, or a dict / list / tuple of them, e.g. the tokenizer's output) on `device`,
+    copied without making the host wait.
+
+    A copy to a GPU with non_blocking=True is asynchronous only from pinned (page-locked) memory:
+    from ordinary memory the host waits for the GPU's queue to drain before it copies. CPU tensors
+    are therefore pinned first (a host-side copy) unless the loader pinned them already. The
+    source is never modified afterwards: the pinned copy is a new tensor, and its memory is not
+    reused before the transfer has finished (the pinned allocator records the copy). On the CPU this
+    returns `obj` itself.
+    """
+    device = torch.device(device)
+    if torch.is_tensor(obj):
+        if obj.device == device or (device.index is None and obj.device.type == device.type):
+            return obj
+        if device.type == 'cuda' and obj.device.type == 'cpu' and not obj.is_pinned():
+            obj = obj.pin_memory()
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return type(obj)({key: to_device(value, device) for key, value in obj.items()})
+    if isinstance(obj, (list, tuple)) and not isinstance(obj, str):
+        moved = [to_device(value, device) for value in obj]
+        return type(obj)(moved) if isinstance(obj, list) or type(obj) is tuple else type(obj)(*moved)
+    return obj
+
+
 # ---- metric logging -----------------------------------------------------------------------------
 def _to_float(value):
     return value.item() if torch.is_tensor(value) else float(value)
