@@ -51,6 +51,30 @@ def concat_all_gather(tensor):
     return torch.cat(gathered, dim=0)
 
 
+@torch.no_grad()
+def gather_rows(tensor, total, strided=False):
+    """The `total` rows of a tensor split over ranks by rows, on every rank, in one all-gather.
+
+    strided: rank r holds rows r, r + world, r + 2 world, ... (engine.eval_loader's split);
+    otherwise contiguous blocks of total // world + 1 rows (models.retrieval_eval.rank_rows).
+    Shares of unequal length are padded for the collective and the padding is dropped.
+    """
+    world_size = get_world_size()
+    if world_size == 1:
+        return tensor
+    rows = -(-total // world_size) if strided else total // world_size + 1
+    padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+    padded[:tensor.size(0)] = tensor
+    gathered = tensor.new_empty((world_size, rows, *tensor.shape[1:]))
+    if dist.get_backend() == 'nccl':
+        dist.all_gather_into_tensor(gathered, padded)
+    else:  # gloo: into the slices of `gathered` (contiguous views)
+        dist.all_gather(list(gathered.unbind(0)), padded)
+    if strided:  # row j of rank r is row j * world + r
+        gathered = gathered.transpose(0, 1)
+    return gathered.reshape(world_size * rows, *tensor.shape[1:])[:total]
+
+
 def all_reduce_sum(tensor):
     """Sum over ranks, in place; the identity with one process."""
     if is_dist_avail_and_initialized():

@@ -32,8 +32,8 @@ trap 'rm -rf "$TMP"' EXIT
 
 if [ "$DRY" = 1 ]; then
   # tiny sizes on the CPU; compiling is left out (minutes of C++ compilation on a CPU)
-  DEV=cpu; SIZE=tiny; AMP=off; B1=4; B2=8; STEPS=1; WARM=1; PATHS=plain,default; LIMIT=120; MEMLIMIT=120
-  RET_ARGS="--device cpu --size small --images 40 --texts 200 --k_test 8 --queries 1"; RETLIMIT=120
+  DEV=cpu; SIZE=tiny; AMP=off; B1=4; B2=8; STEPS=1; WARM=1; PATHS=plain,default; LIMIT=600; MEMLIMIT=600
+  RET_ARGS="--device cpu --size small --images 40 --texts 200 --k_test 8 --queries 1"; RETLIMIT=600
 else
   DEV=cuda; SIZE=base; AMP=bf16; B1=64; B2=128; STEPS=10; WARM=3; PATHS=default,compile,plain; LIMIT=200; MEMLIMIT=45
   RET_ARGS="--device cuda --size base"; RETLIMIT=40

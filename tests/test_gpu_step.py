@@ -102,6 +102,11 @@ def _queue_worker(rank, world_size, port, out):
         optimizer.step()
         optimizer.zero_grad()
     torch.save({k: v for k, v in bare.state_dict().items() if 'queue' in k}, out.format(rank))
+    # the evaluation's gather of rows split over ranks (5 rows: shares of unequal length)
+    rows = torch.arange(5 * 3).view(5, 3)
+    assert torch.equal(utils.gather_rows(rows[rank::2], 5, strided=True), rows)
+    step = 5 // 2 + 1  # contiguous blocks, models.retrieval_eval.rank_rows
+    assert torch.equal(utils.gather_rows(rows[rank * step:(rank + 1) * step], 5), rows)
     torch.distributed.destroy_process_group()
 
 
@@ -138,3 +143,19 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     assert report['parts']['step'] == 'ok' and report['parts']['rerank_fp32'] == 'ok'
     assert any(line.startswith('speed-up:') for line in report['rerank']['fp32'])
     assert report['sync_check'] == {'sync_check': 'skipped: no CUDA device'}
+
+
+def test_retrieval_evaluation_split_across_ranks_equals_one_process(demo_config, tmp_path):
+    """Retrieval.py --evaluate (a random model on the demo world): each of two ranks encodes half
+    the images and texts and re-ranks half the queries; every metric equals one process's."""
+    from conftest import run_script
+    config = demo_config('Retrieval', num_workers=0)
+    logs = []
+    for nproc in (1, 2):
+        out = tmp_path / f'nproc{nproc}'
+        result = run_script('Retrieval.py', '--config', config, '--output_dir', out, '--device', 'cpu',
+                            '--evaluate', nproc=nproc)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        logs.append(json.loads((out / 'log.txt').read_text().splitlines()[0]))
+    assert logs[0] == logs[1]
+    assert {'val_r_mean', 'test_r_mean', 'test_txt_r1'} <= set(logs[0])
