@@ -32,11 +32,14 @@ trap 'rm -rf "$TMP"' EXIT
 
 if [ "$DRY" = 1 ]; then
   # tiny sizes on the CPU; compiling is left out (minutes of C++ compilation on a CPU)
-  DEV=cpu; SIZE=tiny; AMP=off; B1=4; B2=8; STEPS=1; WARM=1; PATHS=plain,default; LIMIT=600; MEMLIMIT=600
-  RET_ARGS="--device cpu --size small --images 40 --texts 200 --k_test 8 --queries 1"; RETLIMIT=600
+  DEV=cpu; SIZE=tiny; AMP=off; B1=4; B2=8; STEPS=1; WARM=1; PATHS="plain default"
+  STEPLIMIT=600; COMPILELIMIT=0; MEMLIMIT=600; RETLIMIT=600; SYNCLIMIT=600
+  RET_ARGS="--device cpu --size small --images 40 --texts 200 --k_test 8 --queries 1"
 else
-  DEV=cuda; SIZE=base; AMP=bf16; B1=64; B2=128; STEPS=10; WARM=3; PATHS=default,compile,plain; LIMIT=200; MEMLIMIT=45
-  RET_ARGS="--device cuda --size base"; RETLIMIT=40
+  # time limits (s) that add up to about 8 minutes; most parts end well before theirs
+  DEV=cuda; SIZE=base; AMP=bf16; B1=64; B2=128; STEPS=10; WARM=3; PATHS="default compile plain"
+  STEPLIMIT=45; COMPILELIMIT=150; MEMLIMIT=35; RETLIMIT=30; SYNCLIMIT=40
+  RET_ARGS="--device cuda --size base"
 fi
 
 part() {  # part NAME LIMIT COMMAND...: run with a time limit, keep stdout and the exit status
@@ -57,21 +60,21 @@ print(json.dumps({
     'bf16_supported': bool(cuda and torch.cuda.is_bf16_supported())}))
 PYEOF
 
-STEP="benchmarks/train_step.py --size $SIZE --amp $AMP --device $DEV --repeats 1"
-part step "$LIMIT" "$PY" $STEP --batch "$B1" --steps "$STEPS" --warmup "$WARM" --paths "$PATHS" --json "$TMP/step.jsonl"
+# each path in its own process, under its own limit (train_step.py --one: one path, one JSON line)
+STEP="benchmarks/train_step.py --size $SIZE --amp $AMP --device $DEV --one"
+for path in $PATHS; do
+  limit=$STEPLIMIT; [ "$path" = compile ] && limit=$COMPILELIMIT
+  part "step_$path" "$limit" "$PY" $STEP "$path" --batch "$B1" --steps "$STEPS" --warmup "$WARM"
+done
 if [ "$DRY" = 0 ]; then  # (the dry run keeps one memory part and one precision: each part is a process start)
-part mem_b1 "$MEMLIMIT" "$PY" $STEP --batch "$B1" --steps 1 --warmup 1 --paths default --json "$TMP/mem.jsonl"
-part mem_b2 "$MEMLIMIT" "$PY" $STEP --batch "$B2" --steps 1 --warmup 1 --paths default --json "$TMP/mem.jsonl"
+  part mem_b1 "$MEMLIMIT" "$PY" $STEP default --batch "$B1" --steps 1 --warmup 1
+  part mem_b2 "$MEMLIMIT" "$PY" $STEP default --batch "$B2" --steps 1 --warmup 1
+  part mem_b2_ckpt "$MEMLIMIT" "$PY" $STEP default --batch "$B2" --steps 1 --warmup 1 --grad_checkpointing
+  part rerank_bf16 "$RETLIMIT" "$PY" benchmarks/retrieval_eval.py $RET_ARGS --dtype bf16
 fi
-part mem_b1_ckpt "$MEMLIMIT" "$PY" $STEP --batch "$B1" --steps 1 --warmup 1 --paths default --grad_checkpointing \
-  --json "$TMP/mem.jsonl"
-if [ "$DRY" = 0 ]; then
-part mem_b2_ckpt "$MEMLIMIT" "$PY" $STEP --batch "$B2" --steps 1 --warmup 1 --paths default --grad_checkpointing \
-  --json "$TMP/mem.jsonl"
-part rerank_bf16 "$RETLIMIT" "$PY" benchmarks/retrieval_eval.py $RET_ARGS --dtype bf16
-fi
+part mem_b1_ckpt "$MEMLIMIT" "$PY" $STEP default --batch "$B1" --steps 1 --warmup 1 --grad_checkpointing
 part rerank_fp32 "$RETLIMIT" "$PY" benchmarks/retrieval_eval.py $RET_ARGS --dtype fp32
-part sync "$LIMIT" "$PY" benchmarks/sync_check.py --size "$SIZE" --amp "$AMP"
+part sync "$SYNCLIMIT" "$PY" benchmarks/sync_check.py --size "$SIZE" --amp "$AMP"
 
 DRY=$DRY TMP=$TMP OUT=$OUT "$PY" - <<'PYEOF'
 import json, os
@@ -92,7 +95,8 @@ if peak is None and env['gpu']:
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in env['gpu']), None)
 peak = float(peak) if peak else None
 status = {}
-for name in ('step', 'mem_b1', 'mem_b2', 'mem_b1_ckpt', 'mem_b2_ckpt', 'rerank_bf16', 'rerank_fp32', 'sync'):
+for name in ('step_default', 'step_compile', 'step_plain', 'mem_b1', 'mem_b2', 'mem_b1_ckpt', 'mem_b2_ckpt',
+             'rerank_bf16', 'rerank_fp32', 'sync'):
     rc = read(f'{name}.rc').strip()
     if not rc:
         status[name] = 'not run (dry run)'
@@ -100,12 +104,12 @@ for name in ('step', 'mem_b1', 'mem_b2', 'mem_b1_ckpt', 'mem_b2_ckpt', 'rerank_b
     status[name] = 'ok' if rc == '0' else ('timed out' if rc == '124' else f'failed (exit {rc}): '
                                            + (read(f'{name}.err').strip().splitlines() or [''])[-1])
 step = []
-for r in rows('step.jsonl'):
+for r in rows('step_default.out') + rows('step_compile.out') + rows('step_plain.out'):
     r['pairs_per_s'] = r.pop('samples_per_s')
     r['mfu'] = r['pairs_per_s'] * FLOP_PER_PAIR / (peak * 1e12) if peak else None
     step.append(r)
 memory = [{k: r[k] for k in ('batch', 'grad_checkpointing', 'peak_memory_gib', 'ms_per_step')}
-          for r in rows('mem.jsonl')]
+          for name in ('mem_b1', 'mem_b1_ckpt', 'mem_b2', 'mem_b2_ckpt') for r in rows(f'{name}.out')]
 sync = rows('sync.out')
 result = {'dry_run': os.environ['DRY'] == '1', 'environment': env, 'peak_bf16_tflops': peak,
           'flop_per_pair': FLOP_PER_PAIR, 'train_step': step, 'memory': memory,

@@ -137,10 +137,11 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report['dry_run'] is True and report['environment']['torch'] == torch.__version__
-    assert [r['path'] for r in report['train_step']] == ['plain', 'default']
+    assert [r['path'] for r in report['train_step']] == ['default', 'plain']
     assert all(r['pairs_per_s'] > 0 and r['ms_per_step'] > 0 and r['mfu'] is None for r in report['train_step'])
     assert [(r['batch'], r['grad_checkpointing']) for r in report['memory']] == [(4, True)]
-    assert report['parts']['step'] == 'ok' and report['parts']['rerank_fp32'] == 'ok'
+    assert report['parts']['step_default'] == report['parts']['rerank_fp32'] == 'ok'
+    assert report['parts']['step_compile'] == 'not run (dry run)'
     assert any(line.startswith('speed-up:') for line in report['rerank']['fp32'])
     assert report['sync_check'] == {'sync_check': 'skipped: no CUDA device'}
 
