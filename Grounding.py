@@ -12,6 +12,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import engine
+import utils
 from dataset import create_dataset
 from dataset.refer import REFER, grounding_eval, load_detections
 from dataset.utils import collect_result
@@ -26,9 +27,10 @@ OPTIONAL = {'block_num'}
 
 def train_step(model, batch, alpha, run):
     image, caption, idx = batch  # idx: the image file's number, so captions of one image are positives
-    image, idx = image.to(run.device, non_blocking=True), idx.to(run.device, non_blocking=True)
+    image, idx = utils.to_device((image, idx), run.device)
     # max_length without truncation truncates nothing, as in the original
-    text = run.tokenizer(caption, padding='longest', max_length=30, return_tensors='pt').to(run.device)
+    text = utils.to_device(run.tokenizer(caption, padding='longest', max_length=30, return_tensors='pt'),
+                           run.device)
     loss_ita, loss_itm = model(image, text, alpha=alpha, idx=idx)
     return {'loss_itm': loss_itm, 'loss_ita': loss_ita}
 

@@ -18,6 +18,7 @@ import argparse
 import torch
 
 import engine
+import utils
 from dataset import create_dataset
 from models.model_nlvr import ALBEF
 
@@ -34,8 +35,8 @@ def unpack(batch):
 
 def train_step(model, batch, alpha, run):
     image, text, targets = unpack(batch)
-    image, targets = image.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
-    text_input = run.tokenizer(text, padding='longest', return_tensors='pt').to(run.device)
+    image, targets = utils.to_device((image, targets), run.device)
+    text_input = utils.to_device(run.tokenizer(text, padding='longest', return_tensors='pt'), run.device)
     return {'loss': model(image, text_input, targets=targets, train=True, alpha=alpha)}
 
 

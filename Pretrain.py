@@ -6,6 +6,7 @@
 import argparse
 
 import engine
+import utils
 from dataset import create_dataset
 from models.model_pretrain import ALBEF
 
@@ -16,9 +17,10 @@ OPTIONAL = {'init_deit', 'deit_checkpoint'}
 
 def train_step(model, batch, alpha, run):
     image, caption = batch
-    image = image.to(run.device, non_blocking=True)
+    image = utils.to_device(image, run.device)
     # left on the CPU: the model draws the MLM masks there, then moves the text
-    text = run.tokenizer(caption, padding='longest', truncation=True, max_length=25, return_tensors='pt')
+    text = run.tokenizer(caption, padding=engine.text_padding(run), truncation=True, max_length=25,
+                         return_tensors='pt')
     loss_mlm, loss_ita, loss_itm = model(image, text, alpha=alpha)
     return {'loss_mlm': loss_mlm, 'loss_ita': loss_ita, 'loss_itm': loss_itm}
 

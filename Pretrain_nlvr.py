@@ -6,6 +6,7 @@ which image of a pair (or neither) a text describes. Its checkpoint starts NLVR.
 import argparse
 
 import engine
+import utils
 from dataset import create_dataset
 from models.model_pretrain_nlvr import ALBEF
 
@@ -15,9 +16,9 @@ OPTIONAL = {'temp', 'alpha'}
 
 def train_step(model, batch, alpha, run):
     image, caption = batch
-    image = image.to(run.device, non_blocking=True)
+    image = utils.to_device(image, run.device)
     text = run.tokenizer(caption, padding='longest', truncation=True, max_length=25, return_tensors='pt')
-    return {'loss': model(image, text.to(run.device))}
+    return {'loss': model(image, utils.to_device(text, run.device))}
 
 
 def main(args):

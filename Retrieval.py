@@ -23,28 +23,40 @@ OPTIONAL = {'itc_only', 'rerank_pairs_per_pass'}
 
 def train_step(model, batch, alpha, run):
     image, caption, idx = batch
-    image, idx = image.to(run.device, non_blocking=True), idx.to(run.device, non_blocking=True)
+    image, idx = utils.to_device((image, idx), run.device)
     # max_length without truncation truncates nothing, as in the original
-    text = run.tokenizer(caption, padding='longest', max_length=30, return_tensors='pt').to(run.device)
+    text = utils.to_device(run.tokenizer(caption, padding='longest', max_length=30, return_tensors='pt'),
+                           run.device)
     loss_ita, loss_itm = model(image, text, alpha=alpha, idx=idx)
     return {'loss_itm': loss_itm, 'loss_ita': loss_ita}
 
 
 @torch.no_grad()
 def evaluation(model, data_loader, tokenizer, device, config):
-    """(score_i2t, score_t2i) of the whole split, as numpy arrays on every rank."""
+    """(score_i2t, score_t2i) of the whole split, as numpy arrays on every rank.
+
+    Each rank encodes its share of the images (the loader's: every world-th image) and of the
+    texts, and the features are all-gathered once; the re-ranking then splits the query rows
+    across ranks. The scores are those of one process.
+    """
     model.eval()
     itc_only = config.get('itc_only', False)
-    print(f"Evaluating {len(data_loader.dataset.image)} images x {len(data_loader.dataset.text)} texts at "
+    dataset = data_loader.dataset
+    print(f"Evaluating {len(dataset.image)} images x {len(dataset.text)} texts at "
           f"{config['image_res']} px: " + ('ITC similarity only' if itc_only else
                                            f"ITC top-{config['k_test']} re-ranked by ITM"))
-    text_feats, text_embeds, text_atts = text_features(model, data_loader.dataset.text, tokenizer, device)
+    rank, world_size = utils.get_rank(), utils.get_world_size()
+    text_feats, text_embeds, text_atts = (
+        utils.gather_rows(t, len(dataset.text), strided=True)
+        for t in text_features(model, dataset.text[rank::world_size], tokenizer, device))
     image_feats, image_embeds = [], []
     for image, _ in tqdm(data_loader, desc='image features', disable=not utils.is_main_process(), leave=False):
-        feats, embeds = image_features(model, image.to(device, non_blocking=True))
+        feats, embeds = image_features(model, utils.to_device(image, device))
         image_feats.append(feats)
         image_embeds.append(embeds)
-    return retrieval_scores(model, torch.cat(image_feats), torch.cat(image_embeds), text_feats, text_embeds,
+    image_feats, image_embeds = (utils.gather_rows(torch.cat(t), len(dataset.image), strided=True)
+                                 for t in (image_feats, image_embeds))
+    return retrieval_scores(model, image_feats, image_embeds, text_feats, text_embeds,
                             text_atts, config['k_test'], itc_only, config.get('rerank_pairs_per_pass', 1024))
 
 
@@ -66,7 +78,8 @@ def main(args):
     print('Creating retrieval dataset')
     train_dataset, val_dataset, test_dataset = create_dataset('re', config)
     train_loader = engine.train_loader(train_dataset, config['batch_size_train'], run, config)
-    val_loader, test_loader = (engine.eval_loader(d, config['batch_size_test'], run, config, distributed=False)
+    # each rank encodes every world-th image (see evaluation)
+    val_loader, test_loader = (engine.eval_loader(d, config['batch_size_test'], run, config, distributed=True)
                                for d in (val_dataset, test_dataset))
 
     print('Creating model')

@@ -7,6 +7,7 @@ sentence? Fine-tuning with momentum distillation; accuracy on val and test after
 import argparse
 
 import engine
+import utils
 from dataset import create_dataset
 from models.model_ve import ALBEF
 
@@ -21,8 +22,8 @@ def unpack(batch):
 
 def train_step(model, batch, alpha, run):
     image, text, targets = unpack(batch)
-    image, targets = image.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
-    text_input = run.tokenizer(text, padding='longest', return_tensors='pt').to(run.device)
+    image, targets = utils.to_device((image, targets), run.device)
+    text_input = utils.to_device(run.tokenizer(text, padding='longest', return_tensors='pt'), run.device)
     return {'loss': model(image, text_input, targets=targets, train=True, alpha=alpha)}
 
 

@@ -33,10 +33,10 @@ OPTIONAL = {'topk_answers', 'vqa_normalization'}
 
 def train_step(model, batch, alpha, run):
     image, question, answer, weights, n = batch
-    image, weights = image.to(run.device, non_blocking=True), weights.to(run.device, non_blocking=True)
-    question_input = run.tokenizer(question, padding='longest', truncation=True, max_length=25,
-                                   return_tensors='pt').to(run.device)
-    answer_input = run.tokenizer(answer, padding='longest', return_tensors='pt').to(run.device)
+    image, weights = utils.to_device((image, weights), run.device)
+    question_input = utils.to_device(run.tokenizer(question, padding=engine.text_padding(run), truncation=True, max_length=25,
+                                                   return_tensors='pt'), run.device)
+    answer_input = utils.to_device(run.tokenizer(answer, padding='longest', return_tensors='pt'), run.device)
     return {'loss': model(image, question_input, answer_input, train=True, alpha=alpha, k=n, weights=weights)}
 
 

@@ -79,7 +79,10 @@ def get_args_parser(config, output_dir):
     speed.add_argument('--accum_steps', type=int, default=None,
                        help='micro-batches per optimizer step (gradient accumulation; default 1)')
     speed.add_argument('--compile', default=None, action=argparse.BooleanOptionalAction,
-                       help='torch.compile the model; falls back to eager mode where that fails')
+                       help='torch.compile each ViT block and BERT layer (regional compilation); falls '
+                            'back to eager mode if the compiler fails')
+    speed.add_argument('--eval_amp', action='store_true',
+                       help='evaluate under the training --amp precision (default: float32)')
     return parser
 
 
@@ -142,6 +145,20 @@ class Run:
         dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(self.amp, torch.float32)
         return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp != 'off')
 
+    @contextlib.contextmanager
+    def eval_precision(self):
+        """Evaluation precision: float32 (TF32 off) by default; with --eval_amp the training amp."""
+        if getattr(self.args, 'eval_amp', False):
+            with self.autocast():
+                yield
+            return
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
     @property
     def distributed(self):
         return self.world_size > 1
@@ -176,6 +193,10 @@ def setup(args, config):
     random.seed(seed)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
+        # TF32 tensor cores for float32 matrix products in training (Ampere and newer; ignored
+        # elsewhere); evaluation turns them off again unless --eval_amp (Run.eval_precision)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     config.setdefault('text_encoder', 'bert-base-uncased')
     if args.text_encoder:
         config['text_encoder'] = args.text_encoder
@@ -212,19 +233,40 @@ def speed_options(args, config, device):
     config.setdefault('compile', False)
 
 
-class CompileFallback:
-    """Calls the torch.compile'd model, and the eager one for good once compiling fails."""
+def compiler_errors():
+    """The exception classes torch.compile raises when it cannot compile (dynamo tracing, the
+    backend, inductor lowering, a missing or failing C++/CUDA compiler)."""
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+    names = ('OperatorIssue', 'SubgraphLoweringException', 'InvalidCxxCompiler', 'CppWrapperCodegenError',
+             'CppCompileError')
+    return (dynamo_exc.TorchDynamoException,) + tuple(getattr(inductor_exc, n) for n in names
+                                                      if hasattr(inductor_exc, n))
 
-    def __init__(self, compiled, eager):
-        self.compiled, self.eager, self.failed = compiled, eager, False
+
+class CompileFallback:
+    """Calls the model with its compiled regions, and in eager mode for good once compiling fails.
+
+    Only the compiler's own errors (`compiler_errors()`) switch to eager mode, with a one-line note
+    naming the error; every other exception (a bad batch, running out of memory, a bug) passes
+    through unchanged. The step that failed to compile runs again in eager mode (where the error
+    came after the momentum update, that step moves the momentum encoders twice: once per run).
+    `regions` are the modules compiled in place (module.compile()); falling back un-compiles them.
+    """
+
+    def __init__(self, compiled, eager, regions=()):
+        self.compiled, self.eager, self.regions, self.failed = compiled, eager, list(regions), False
 
     def __call__(self, *args, **kwargs):
         if not self.failed:
             try:
                 return self.compiled(*args, **kwargs)
-            except Exception as error:  # torch._dynamo / inductor errors vary by platform
+            except compiler_errors() as error:
                 self.failed = True
-                print(f'torch.compile failed ({short_message(error)}); continuing in eager mode', flush=True)
+                for module in self.regions:
+                    module._compiled_call_impl = None  # back to the module's own forward
+                print(f'torch.compile failed ({type(error).__name__}: {short_message(error)}); '
+                      f'continuing in eager mode', flush=True)
         return self.eager(*args, **kwargs)
 
     def __getattr__(self, name):  # train(), eval(), no_sync(), module, ...
@@ -242,18 +284,60 @@ def bert_weights(config):
 
 def wrap_model(model, run, find_unused_parameters=False):
     """(model to call, the bare model): DistributedDataParallel only with several processes, with
-    gradient checkpointing and torch.compile when asked for."""
+    gradient checkpointing and regional torch.compile when asked for.
+
+    DistributedDataParallel is set up for ALBEF:
+    - device_ids=None: DDP does not move the inputs (its copies of a tokenizer dict block the host);
+      every train_step moves its batch itself (utils.to_device), before calling the model.
+    - broadcast_buffers=False: the only buffers that change, the feature queues and their pointer,
+      are equal on every rank by construction (each rank enqueues the same all-gathered features),
+      so they are broadcast once here instead of 128 MiB from rank 0 at every forward.
+    - gradient_as_bucket_view=True: gradients live in DDP's all-reduce buckets (no copy, less memory).
+    - static_graph=True when every step back-propagates through the same parameters in the same
+      way, which holds for every ALBEF script; not with gradient accumulation (accum_steps > 1),
+      where no_sync() leaves out the all-reduce on some backward passes.
+    """
     model = model.to(run.device)
     if run.config.get('grad_checkpointing'):
         model.set_grad_checkpointing(True)
     wrapped = model
     if run.distributed:
-        device_ids = [run.device.index] if run.device.type == 'cuda' else None
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
-                                                            find_unused_parameters=find_unused_parameters)
+        with torch.no_grad():  # DDP with broadcast_buffers=False does not even sync them at the start
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=None, find_unused_parameters=find_unused_parameters, broadcast_buffers=False,
+            gradient_as_bucket_view=True, static_graph=run.accum_steps == 1)
     if run.config.get('compile'):
-        wrapped = CompileFallback(torch.compile(wrapped), wrapped)
+        regions = compile_regions(model)
+        wrapped = CompileFallback(wrapped, wrapped, regions)
     return wrapped, model
+
+
+def compile_regions(model, **compile_kwargs):
+    """Regional compilation: torch.compile every ViT block (`blocks`) and every BERT layer
+    (`encoder.layer`) in place, online and momentum encoders alike, instead of the whole model.
+
+    The blocks of one encoder share their code, so one compiled graph serves them all (after one
+    compile per distinct layer kind: text, fusion, decoder); the losses, sampling and queues stay in
+    eager mode, so nothing there (alpha, the number of masked tokens) triggers a recompilation. The
+    modules keep their names: state_dict keys and checkpoints are unchanged. Returns the modules.
+    """
+    regions = []
+    for module in model.modules():
+        for name in ('blocks', 'layer'):
+            children = getattr(module, name, None)
+            if isinstance(children, torch.nn.ModuleList):
+                regions.extend(children)
+    for region in regions:
+        region.compile(**compile_kwargs)
+    return regions
+
+
+def text_padding(run):
+    """'longest' (the least padding), or under --compile 'max_length', so the BERT layers see one
+    text shape every step (pass truncation=True and the task's max_length with it)."""
+    return 'max_length' if run.config.get('compile') else 'longest'
 
 
 def build_optimization(config, model):
@@ -368,16 +452,18 @@ class TrainState:
 
 
 class LossGuard:
-    """Remembers the first non-finite loss without reading the loss back every step."""
+    """Remembers the first non-finite loss without reading the loss back every step: the step's
+    code (epoch * 10^9 + step) is kept on the loss's device, and read by `check` only."""
 
     def __init__(self):
         self.first = None
 
     def update(self, loss, epoch, step):
-        code = torch.tensor(epoch * 10 ** 9 + step, device=loss.device)
+        if self.first is None:  # -1: no bad step yet (made once, on the device)
+            self.first = torch.full((), -1, dtype=torch.long, device=loss.device)
         bad = ~torch.isfinite(loss.detach())
-        first = torch.full_like(code, -1) if self.first is None else self.first
-        self.first = torch.where(bad & (first < 0), code, first)
+        # the code goes in as a Python number (a kernel argument), not as a tensor copied over
+        self.first = torch.where(bad & (self.first < 0), epoch * 10 ** 9 + step, self.first)
 
     def check(self):
         if self.first is not None and int(self.first) >= 0:
@@ -412,6 +498,8 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
         alpha = config.get('alpha', 0)
         if epoch == 0 and alpha_ramp:
             alpha = alpha * min(1, i / num_steps)
+        if config.get('compile'):  # a tensor: a new value each step is new data, not a new graph
+            alpha = torch.tensor(alpha, dtype=torch.float32)
         skipped += skipped_now
         # accumulation: the momentum encoders move once per optimizer step (on its first micro-batch)
         # and the gradients are all-reduced only on its last
@@ -471,7 +559,8 @@ def fit(model, loader, optimizer, lr_scheduler, run, state, checkpointer, train_
                                           alpha_ramp=alpha_ramp, fmt=fmt)
             stats.update({f'train_{k}': v for k, v in train_stats.items()})
         if evaluate is not None:
-            stats.update(evaluate(epoch))
+            with run.eval_precision():
+                stats.update(evaluate(epoch))
         log_stats(run, {**stats, 'epoch': epoch})
         if evaluate_only:
             return stats

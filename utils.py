@@ -51,6 +51,30 @@ def concat_all_gather(tensor):
     return torch.cat(gathered, dim=0)
 
 
+@torch.no_grad()
+def gather_rows(tensor, total, strided=False):
+    """The `total` rows of a tensor split over ranks by rows, on every rank, in one all-gather.
+
+    strided: rank r holds rows r, r + world, r + 2 world, ... (engine.eval_loader's split);
+    otherwise contiguous blocks of total // world + 1 rows (models.retrieval_eval.rank_rows).
+    Shares of unequal length are padded for the collective and the padding is dropped.
+    """
+    world_size = get_world_size()
+    if world_size == 1:
+        return tensor
+    rows = -(-total // world_size) if strided else total // world_size + 1
+    padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+    padded[:tensor.size(0)] = tensor
+    gathered = tensor.new_empty((world_size, rows, *tensor.shape[1:]))
+    if dist.get_backend() == 'nccl':
+        dist.all_gather_into_tensor(gathered, padded)
+    else:  # gloo: into the slices of `gathered` (contiguous views)
+        dist.all_gather(list(gathered.unbind(0)), padded)
+    if strided:  # row j of rank r is row j * world + r
+        gathered = gathered.transpose(0, 1)
+    return gathered.reshape(world_size * rows, *tensor.shape[1:])[:total]
+
+
 def all_reduce_sum(tensor):
     """Sum over ranks, in place; the identity with one process."""
     if is_dist_avail_and_initialized():
@@ -99,6 +123,33 @@ def setup_for_distributed(is_master):
             builtin_print(*args, **kwargs)
 
     builtins.print = print
+
+
+# ---- moving batches to the device ---------------------------------------------------------------
+def to_device(obj, device):
+    """`obj` (a tensor, or a dict / list / tuple of them, e.g. the tokenizer's output) on `device`,
+    copied without making the host wait.
+
+    A copy to a GPU with non_blocking=True is asynchronous only from pinned (page-locked) memory:
+    from ordinary memory the host waits for the GPU's queue to drain before it copies. CPU tensors
+    are therefore pinned first (a host-side copy) unless the loader pinned them already. The
+    source is never modified afterwards: the pinned copy is a new tensor, and its memory is not
+    reused before the transfer has finished (the pinned allocator records the copy). On the CPU this
+    returns `obj` itself.
+    """
+    device = torch.device(device)
+    if torch.is_tensor(obj):
+        if obj.device == device or (device.index is None and obj.device.type == device.type):
+            return obj
+        if device.type == 'cuda' and obj.device.type == 'cpu' and not obj.is_pinned():
+            obj = obj.pin_memory()
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return type(obj)({key: to_device(value, device) for key, value in obj.items()})
+    if isinstance(obj, (list, tuple)) and not isinstance(obj, str):
+        moved = [to_device(value, device) for value in obj]
+        return type(obj)(moved) if isinstance(obj, list) or type(obj) is tuple else type(obj)(*moved)
+    return obj
 
 
 # ---- metric logging -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     python benchmarks/train_step.py --size small                      # CPU: fp32
     python benchmarks/train_step.py --size base --amp bf16            # GPU: ViT-B/16 at 256 px, batch 64
     python benchmarks/train_step.py --size small --paths default      # one path only
+    python benchmarks/train_step.py --size base --amp bf16 --paths default,compile --grad_checkpointing
 
 Both paths build the same pre-training model from the same seed and compute the same losses (a
 test holds them to float32 tolerance). They differ only in how:
@@ -11,6 +12,8 @@ test holds them to float32 tolerance). They differ only in how:
             token, hard negatives drawn one sample at a time with .item() and stacked sample by
             sample, ITM in two fusion passes (3B image copies), the queue pointer read back to the
             host, a for-loop AdamW, float32
+  compile   the default path with every ViT block and BERT layer torch.compile'd in place
+            (engine.compile_regions, as --compile does); the first steps include compiling
   default   this repository: scaled_dot_product_attention, the MLM head on the masked tokens
             only, one batched multinomial per direction, ITM in one fusion pass that projects
             each image's cross-attention keys and values once, BERT's linear layers on the real
@@ -36,6 +39,7 @@ sys.path.insert(0, ROOT)
 from models import base as albef_base  # noqa: E402
 from models import xbert  # noqa: E402
 from models.model_pretrain import ALBEF  # noqa: E402
+from models.tokenization_bert import TokenizerOutput  # noqa: E402
 from models.xbert import BertConfig  # noqa: E402
 
 SIZES = {
@@ -53,14 +57,9 @@ class FakeTokenizer:
     pad_token_id, cls_token_id, mask_token_id = 0, 101, 103
 
 
-class Text:
-    """A tokenised batch: input_ids and attention_mask, movable like a BatchEncoding."""
-
-    def __init__(self, input_ids, attention_mask):
-        self.input_ids, self.attention_mask = input_ids, attention_mask
-
-    def to(self, device):
-        return Text(self.input_ids.to(device), self.attention_mask.to(device))
+def Text(input_ids, attention_mask):
+    """A tokenised batch, as the tokenizer returns it (a dict with attribute access and `.to`)."""
+    return TokenizerOutput(input_ids=input_ids, attention_mask=attention_mask)
 
 
 def model_config(size):
@@ -173,10 +172,15 @@ class plain_path:
         F.scaled_dot_product_attention, albef_base.sample_negatives, xbert.PACK_TOKENS = self.saved
 
 
-def build(path, config, device, seed=0):
+def build(path, config, device, seed=0, grad_checkpointing=False):
     torch.manual_seed(seed)
     cls = PlainALBEF if path == 'plain' else ALBEF
     model = cls(config=config, text_encoder=None, tokenizer=FakeTokenizer(), init_deit=False).to(device)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if path == 'compile':
+        import engine
+        engine.compile_regions(model)
     from optim import create_optimizer
     optim_config = {'opt': 'adamW', 'lr': 1e-4, 'weight_decay': 0.02}
     if path == 'plain':
@@ -199,12 +203,12 @@ def step(model, optimizer, image, text, amp, device):
     return losses
 
 
-def time_path(path, size, amp, steps, warmup, device, batch_size):
+def time_path(path, size, amp, steps, warmup, device, batch_size, grad_checkpointing=False):
     config = model_config(size)
-    model, optimizer = build(path, config, device)
+    model, optimizer = build(path, config, device, grad_checkpointing=grad_checkpointing)
     image, text = fixed_batch(config, batch_size)
     image = image.to(device)
-    if path == 'default':
+    if path != 'plain':
         text_in = text  # left on the CPU: the model draws its MLM masks there
     else:
         text_in = text.to(device)
@@ -224,6 +228,7 @@ def time_path(path, size, amp, steps, warmup, device, batch_size):
     peak = (torch.cuda.max_memory_allocated() if device.type == 'cuda'
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {'path': path, 'size': size, 'amp': amp, 'device': str(device), 'batch': batch_size,
+            'grad_checkpointing': grad_checkpointing,
             'ms_per_step': 1000 * elapsed / steps, 'samples_per_s': batch_size * steps / elapsed,
             'peak_memory_gib': peak / 2 ** 30}
 
@@ -247,6 +252,7 @@ def main():
     parser.add_argument('--paths', default='plain,default')
     parser.add_argument('--repeats', type=int, default=3, help='processes per path; the median is printed')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--grad_checkpointing', action='store_true', help='in the default and compile paths')
     parser.add_argument('--json', help='append the results as JSON lines to this file')
     parser.add_argument('--one', help=argparse.SUPPRESS)  # internal: time one path in this process
     args = parser.parse_args()
@@ -255,7 +261,8 @@ def main():
 
     if args.one:
         amp = 'off' if args.one == 'plain' else args.amp
-        print(json.dumps(time_path(args.one, args.size, amp, args.steps, args.warmup, device, batch)))
+        print(json.dumps(time_path(args.one, args.size, amp, args.steps, args.warmup, device, batch,
+                                   args.grad_checkpointing and args.one != 'plain')))
         return
 
     runs = {path: [] for path in args.paths.split(',')}
@@ -263,7 +270,7 @@ def main():
         for path in runs:
             command = [sys.executable, os.path.abspath(__file__), '--one', path, '--size', args.size, '--batch',
                        str(batch), '--amp', args.amp, '--steps', str(args.steps), '--warmup', str(args.warmup),
-                       '--device', args.device]
+                       '--device', args.device] + (['--grad_checkpointing'] if args.grad_checkpointing else [])
             out = subprocess.run(command, capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f'{path} path failed:\n{out.stderr}')
@@ -275,7 +282,7 @@ def main():
           f'(median of {args.repeats} processes x {args.steps} steps per path)')
     print(f"{'path':8} {'precision':9} {'samples/s':>10} {'ms/step':>9} {'peak GiB':>9}")
     for r in results:
-        print(f"{r['path']:8} {r['amp'] if r['path'] == 'default' else 'fp32':9} {r['samples_per_s']:10.1f} "
+        print(f"{r['path']:8} {r['amp'] if r['path'] != 'plain' else 'fp32':9} {r['samples_per_s']:10.1f} "
               f"{r['ms_per_step']:9.1f} {r['peak_memory_gib']:9.2f}")
     by_path = {r['path']: r for r in results}
     if {'plain', 'default'} <= set(by_path):

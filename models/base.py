@@ -81,10 +81,16 @@ class ALBEFBase(nn.Module):
     def _momentum_update(self):
         if self.momentum_paused:
             return
+        online, momentum = [], []
         for model, model_m in self.model_pairs:
             for param, param_m in zip(model.parameters(), model_m.parameters()):
-                # m * theta_m and (1 - m) * theta rounded separately, then summed: bit-exact with the original
-                param_m.data.mul_(self.momentum).add_(param.data * (1. - self.momentum))
+                online.append(param.detach())
+                momentum.append(param_m.detach())
+        # theta_m <- m theta_m + (1 - m) theta over all parameters at once (a few fused kernels
+        # instead of two per parameter); m theta_m and (1 - m) theta are rounded separately, then
+        # summed, as the original's per-parameter loop does: bit-identical (a test)
+        torch._foreach_mul_(momentum, self.momentum)
+        torch._foreach_add_(momentum, torch._foreach_mul(online, 1. - self.momentum))
 
     def set_grad_checkpointing(self, enable=True):
         """Recompute the activations of the online ViT blocks and BERT layers in the backward pass
@@ -149,6 +155,13 @@ class ContrastiveALBEF(ALBEFBase):
             encoder_attention_mask=image_atts, return_dict=True, mode='fusion',
             encoder_index=image_index).last_hidden_state[:, 0, :]
 
+    def _similarities(self, feat, feat_all):
+        """feat (B, E) against feat_all (E, B + queue) / temp, in float32 even under bf16/fp16
+        autocast: a softmax over 65,536 logits of about 1/0.07 = 14 each is quantised in bf16 (8 bits
+        of mantissa), and the matrix is small (B x 65k x 256 multiply-adds)."""
+        with torch.autocast(feat.device.type, enabled=False):
+            return feat.float() @ feat_all.float() / self.temp
+
     def contrastive_forward(self, image, text, alpha, idx=None, distill=True):
         """Returns (loss_ita, loss_itm, image_embeds, image_embeds_m) for one batch.
 
@@ -174,14 +187,15 @@ class ContrastiveALBEF(ALBEFBase):
                 sim_targets = torch.zeros(image.size(0), image_feat_all.size(1), device=image.device)
                 sim_targets.fill_diagonal_(1)
             if distill:
-                sim_i2t_targets = distill_targets(image_feat_m @ text_feat_all / self.temp, sim_targets, alpha)
-                sim_t2i_targets = distill_targets(text_feat_m @ image_feat_all / self.temp, sim_targets, alpha)
+                sim_i2t_targets = distill_targets(self._similarities(image_feat_m, text_feat_all), sim_targets, alpha)
+                sim_t2i_targets = distill_targets(self._similarities(text_feat_m, image_feat_all), sim_targets, alpha)
             else:
                 sim_i2t_targets = sim_t2i_targets = sim_targets
 
-        sim_i2t = image_feat @ text_feat_all / self.temp
-        sim_t2i = text_feat @ image_feat_all / self.temp
-        loss_ita = itc_loss(sim_i2t, sim_t2i, sim_i2t_targets, sim_t2i_targets)
+        sim_i2t = self._similarities(image_feat, text_feat_all)
+        sim_t2i = self._similarities(text_feat, image_feat_all)
+        with torch.autocast(image.device.type, enabled=False):  # float32 log-softmax over the queue
+            loss_ita = itc_loss(sim_i2t, sim_t2i, sim_i2t_targets, sim_t2i_targets)
 
         self._dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
 
@@ -215,8 +229,8 @@ class ContrastiveALBEF(ALBEFBase):
         # image_atts is all ones: no encoder mask attends to every image token just the same, and
         # lets the attention kernel skip the mask
         vl_output = self.itm_head(self._fusion(text_embeds_all, text_atts_all, image_embeds, None, image_index))
-        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]
-                               ).to(image_embeds.device)
+        # built on the device: 1 for the B positives, 0 for the 2B negatives
+        itm_labels = (torch.arange(3 * bs, device=image_embeds.device) < bs).long()
         return F.cross_entropy(vl_output, itm_labels)
 
 

@@ -73,7 +73,14 @@ def hard_negative_weights(sim, exclude, eps=0.0):
 
 
 def sample_negatives(weights):
-    """One index per row of `weights`: one batched torch.multinomial call, no value read back to
-    the host. On the CPU it draws exactly what the original's row-by-row loop draws for the
-    same seed (a test); on CUDA the stream differs, the distribution does not."""
-    return torch.multinomial(weights, 1).squeeze(1)
+    """One index per row of `weights` (non-negative, not necessarily normalised), drawn with
+    probability proportional to the weight, without reading anything back to the host.
+
+    This is what torch.multinomial(weights, 1) computes (argmax of weights / Exp(1) noise), minus
+    its validity checks, which on CUDA read two values back to the host every call. On the CPU
+    it draws exactly what multinomial, and the original's row-by-row loop, draw for the same
+    seed (a test); on CUDA the stream differs, the distribution does not. A row of zeros (no
+    possible negative) gives index 0 where multinomial raises an error.
+    """
+    noise = torch.empty_like(weights).exponential_(1)
+    return torch.argmax(weights / noise, dim=-1)

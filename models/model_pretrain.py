@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils import to_device
 from .base import ContrastiveALBEF
 from .losses import mlm_loss
 from .xbert import BertForMaskedLM
@@ -31,15 +32,18 @@ class ALBEF(ContrastiveALBEF):
 
         self._create_momentum('visual_encoder', 'vision_proj', 'text_encoder', 'text_proj')
         self._create_queues(embed_dim, self.queue_size)
+        # None, or a fixed length for the masked-token index (see masked_positions): for compiling
+        # the whole model; regional compilation (engine.compile_regions) leaves the MLM head eager
+        self.mlm_positions = None
 
     def forward(self, image, text, alpha=0):
-        """(loss_mlm, loss_ita, loss_itm). `text` may still be on the CPU (as the tokenizer returns
-        it): the masking is drawn there without reading anything back from the device."""
+        """(loss_mlm, loss_ita, loss_itm). `text` is best passed on the CPU, as the tokenizer returns
+        it: the MLM masks are drawn there, on the host's own copy, and the text is moved to the
+        device without the host waiting for it. Text already on the device is copied back once."""
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
-        input_ids = text.input_ids.clone().cpu()  # a copy on the CPU either way
-        if hasattr(text, 'to'):
-            text = text.to(image.device)
+        input_ids = text.input_ids.cpu().clone()  # masked in place below; the caller's text is untouched
+        text = to_device(text, image.device)
         loss_ita, loss_itm, image_embeds, image_embeds_m = self.contrastive_forward(image, text, alpha)
 
         # ---- masked language modelling, distilled from the momentum model -----------------------
@@ -49,9 +53,10 @@ class ALBEF(ContrastiveALBEF):
                                       targets=labels, probability_matrix=probability_matrix)
         # The loss reads only the masked positions (about 15%), so the MLM head, whose vocabulary
         # projection costs about three BERT-base layers per token, runs on those alone: same loss.
-        masked = (labels != -100).flatten().nonzero().squeeze(1).to(image.device, non_blocking=True)
-        input_ids = input_ids.to(image.device, non_blocking=True)
-        labels = labels.flatten().to(image.device, non_blocking=True).index_select(0, masked)
+        masked = to_device(masked_positions(labels, self.mlm_positions), image.device)
+        input_ids = to_device(input_ids, image.device)
+        labels = to_device(labels.flatten(), image.device).index_select(0, masked.clamp(min=0))
+        labels = labels.masked_fill(masked < 0, -100)  # padding of a fixed-size index (see masked_positions)
         # no image mask: every image token is attended, as with the original's all-ones mask
         with torch.no_grad():
             logits_m = self._masked_logits(self.text_encoder_m, input_ids, text.attention_mask, image_embeds_m,
@@ -65,7 +70,7 @@ class ALBEF(ContrastiveALBEF):
         """MLM logits (len(positions), vocab) at the given flat token positions."""
         hidden = text_encoder.bert(input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
                                    encoder_attention_mask=image_atts, return_dict=True).last_hidden_state
-        return text_encoder.cls(hidden.flatten(0, 1).index_select(0, positions))
+        return text_encoder.cls(hidden.flatten(0, 1).index_select(0, positions.clamp(min=0)))
 
     def mask(self, input_ids, vocab_size, device, targets=None, masked_indices=None, probability_matrix=None):
         """BERT masking: of the chosen tokens 80% become [MASK], 10% a random token, 10% stay.
@@ -76,14 +81,26 @@ class ALBEF(ContrastiveALBEF):
         ids_cpu = input_ids.cpu()
         if masked_indices is None:
             masked_indices = torch.bernoulli(probability_matrix).bool()
-        masked_indices = masked_indices.cpu().clone()
-        masked_indices[ids_cpu == self.tokenizer.pad_token_id] = False
-        masked_indices[ids_cpu == self.tokenizer.cls_token_id] = False
+        # (masked_fill and where rather than boolean-mask indexing: the same values, and no
+        # data-dependent shapes, so nothing here reads the device even with the ids on it)
+        special = (ids_cpu == self.tokenizer.pad_token_id) | (ids_cpu == self.tokenizer.cls_token_id)
+        masked_indices = masked_indices.cpu() & ~special
         if targets is not None:
-            targets[~masked_indices.to(targets.device)] = -100  # loss only on masked tokens
+            targets.masked_fill_(~masked_indices.to(targets.device), -100)  # loss only on masked tokens
         replaced = torch.bernoulli(torch.full(input_ids.shape, 0.8)).bool() & masked_indices
         random_words = torch.bernoulli(torch.full(input_ids.shape, 0.5)).bool() & masked_indices & ~replaced
         random_ids = torch.randint(vocab_size, input_ids.shape, dtype=torch.long)
-        input_ids[replaced.to(input_ids.device)] = self.tokenizer.mask_token_id
-        input_ids[random_words.to(input_ids.device)] = random_ids[random_words].to(input_ids.device)
+        input_ids.masked_fill_(replaced.to(input_ids.device), self.tokenizer.mask_token_id)
+        input_ids.copy_(torch.where(random_words, random_ids, input_ids.cpu()).to(input_ids.device))
         return (input_ids, targets) if targets is not None else input_ids
+
+
+def masked_positions(labels, size=None):
+    """Flat positions (on the CPU) of the tokens whose label is not -100, from the host's copy of
+    the labels. With `size` (torch.compile: a shape that does not change from step to step) the
+    index is padded with -1 to `size` entries; padded entries read position 0 and their labels are
+    set to -100, so the loss ignores them."""
+    positions = (labels != -100).flatten().nonzero().squeeze(1)
+    if size is None or positions.numel() > size:  # (more than `size`: about 1e-15 per step, one recompile)
+        return positions
+    return torch.cat([positions, positions.new_full((size - positions.numel(),), -1)])

@@ -4,7 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils import to_device
 from .base import ALBEFBase
+from .losses import sample_negatives
 from .model_nlvr import pair_layers, share_cross_attention
 
 
@@ -36,12 +38,13 @@ class ALBEF(ALBEFBase):
             weights = F.softmax(sim, dim=1).fill_diagonal_(0)
 
         # The original's per-sample draws, in its order (the coin flips come from the CPU generator,
-        # the partners from the images' device), without reading a partner back to the host.
+        # the partners from the images' device), without reading a partner back to the host;
+        # the partners are multinomial's draws without its host-side checks (sample_negatives).
         image_inputs, labels = [], []
         for b in range(image.size(0)):
             this = torch.full((1,), b, dtype=torch.long, device=image.device)
-            if torch.rand(1) > 1 / 3:
-                other = torch.multinomial(weights[b], 1)
+            if torch.rand(1) > 1 / 3:  # (CPU coin flips: read on the host, no device involved)
+                other = sample_negatives(weights[b]).view(1)
                 if torch.rand(1) > 0.5:
                     image_inputs.append(torch.cat([this, other]))
                     labels.append(0)
@@ -49,12 +52,20 @@ class ALBEF(ALBEFBase):
                     image_inputs.append(torch.cat([other, this]))
                     labels.append(1)
             else:
-                image_inputs.append(torch.multinomial(weights[b], 2))
+                image_inputs.append(sample_without_replacement(weights[b], 2))
                 labels.append(2)
         pairs = torch.stack(image_inputs)
-        labels = torch.tensor(labels, device=image.device)
+        labels = to_device(torch.tensor(labels), image.device)
 
         output = self.text_encoder(text.input_ids, attention_mask=text.attention_mask,
                                    encoder_hidden_states=[image_embeds[pairs[:, 0]], image_embeds[pairs[:, 1]]],
                                    encoder_attention_mask=[image_atts, image_atts], return_dict=True)
         return F.cross_entropy(self.ta_head(output.last_hidden_state[:, 0, :]), labels)
+
+
+def sample_without_replacement(weights, n):
+    """n distinct indices drawn with probability proportional to `weights` (1-D): what
+    torch.multinomial(weights, n) computes (the top n of weights / Exp(1) noise, the same draws on
+    the CPU), without its validity checks, which read values back to the host on CUDA."""
+    noise = torch.empty_like(weights).exponential_(1)
+    return torch.topk(weights / noise, n).indices

@@ -3,6 +3,7 @@ candidate answers conditioned on the multimodal question states (SPEC 4.4)."""
 import torch
 import torch.nn.functional as F
 
+from utils import to_device
 from .base import ALBEFBase
 from .xbert import BertLMHeadModel
 
@@ -45,9 +46,12 @@ class ALBEF(ALBEFBase):
                                     answer.attention_mask, k)
 
         # one row per (question, answer): question b repeated k[b] times
-        repeats = torch.as_tensor(k, device=question_output.device)
-        question_states = torch.repeat_interleave(question_output, repeats, dim=0)
-        question_atts = torch.repeat_interleave(question.attention_mask, repeats, dim=0)
+        # (the total is known on the host: given as output_size, repeat_interleave reads nothing back)
+        counts = k.tolist() if torch.is_tensor(k) else [int(n) for n in k]
+        repeats = to_device(torch.tensor(counts, dtype=torch.long), question_output.device)
+        rows = sum(counts)
+        question_states = torch.repeat_interleave(question_output, repeats, dim=0, output_size=rows)
+        question_atts = torch.repeat_interleave(question.attention_mask, repeats, dim=0, output_size=rows)
         answer_targets = answer.input_ids.masked_fill(answer.input_ids == self.tokenizer.pad_token_id, -100)
 
         soft_labels = None
@@ -55,7 +59,7 @@ class ALBEF(ALBEFBase):
             with torch.no_grad():
                 self._momentum_update()
                 question_output_m = self._question_states(self.visual_encoder_m, self.text_encoder_m, image, question)
-                question_states_m = torch.repeat_interleave(question_output_m, repeats, dim=0)
+                question_states_m = torch.repeat_interleave(question_output_m, repeats, dim=0, output_size=rows)
                 logits_m = self.text_decoder_m(answer.input_ids, attention_mask=answer.attention_mask,
                                                encoder_hidden_states=question_states_m,
                                                encoder_attention_mask=question_atts, return_logits=True)

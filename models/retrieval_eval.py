@@ -138,7 +138,7 @@ def retrieval_scores(model, image_feats, image_embeds, text_feats, text_embeds, 
     """(score_i2t (I, T), score_t2i (T, I)) as numpy arrays, identical on every rank.
 
     With `itc_only` the scores are the ITC similarities (no re-ranking); otherwise the re-ranking
-    is split over ranks and the partial matrices are summed.
+    is split over ranks by query rows and the rows are gathered.
     """
     sims = image_embeds @ text_embeds.t()
     if itc_only:
@@ -156,7 +156,8 @@ def retrieval_scores(model, image_feats, image_embeds, text_feats, text_embeds, 
                         pairs_per_pass, bar)
         if bar is not None:
             bar.close()
-        results.append(utils.all_reduce_sum(scores).cpu().numpy())
+        # each rank scored its own block of rows: one all-gather of the blocks (not a sum of full matrices)
+        results.append(utils.gather_rows(scores[rows], matrix.size(0)).cpu().numpy())
     return tuple(results)
 
 

