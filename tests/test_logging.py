@@ -230,3 +230,26 @@ def test_evaluate_accuracy_is_a_rounded_number(tokenizer):
     loader = [(torch.zeros(len(t), 3, 4, 4), ['a cat'] * len(t), t) for t in targets]
     result = engine.evaluate_accuracy(Model(), loader, run, lambda batch: batch)
     assert result == {'acc': 0.7143} and type(result['acc']) is float
+
+
+def test_log_every_hands_the_printed_numbers_to_on_log(monkeypatch, capsys):
+    import utils
+    # a GPU as far as the logger can tell: its peak memory is 300 MiB
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'max_memory_allocated', lambda *args, **kwargs: 300 * 2 ** 20)
+    logger = utils.MetricLogger(delimiter='  ')
+    logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    calls = []
+    for i, loss in logger.log_every([4.0, 2.0, 3.0, 1.0, 5.0], 2, 'Train', samples_per_step=8,
+                                    on_log=lambda i, numbers: calls.append((i, numbers))):
+        logger.update(lr=0.25 * (i + 1), loss=torch.tensor(loss))
+    assert [i for i, _ in calls] == [0, 2, 4]  # every print_freq steps and the last
+    assert all(set(numbers) == {'lr', 'loss', 'time', 'data_time', 'samples_per_s', 'max_mem_mb'}
+               for _, numbers in calls)
+    assert [numbers['loss'] for _, numbers in calls] == [4.0, 3.0, 3.0]  # medians of [4], [4 2 3], [4 2 3 1 5]
+    assert [numbers['lr'] for _, numbers in calls] == [0.25, 0.75, 1.25]
+    assert all(numbers['max_mem_mb'] == 300 and numbers['samples_per_s'] == 8 / max(numbers['time'], 1e-9)
+               for _, numbers in calls)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('Train  [')]
+    assert len(lines) == 3 and all(line.endswith('max mem: 300MB') for line in lines), lines
+    assert 'loss: 3.0000 (3.0000)' in lines[2] and 'lr: 1.250000' in lines[2]
