@@ -13,6 +13,7 @@ network (`wandb sync` uploads it later). Nothing is opened before the first numb
 run that stops on bad input leaves output_dir as it was.
 """
 import atexit
+import importlib.util
 import os
 
 BACKENDS = ('tensorboard', 'wandb')
@@ -44,10 +45,9 @@ def parse_log_to(value, where='log_to'):
             raise LogToError(f"{where}: unknown logger '{name}' (expected {', '.join(BACKENDS)} or none)")
     if 'none' in names and len(names) > 1:
         raise LogToError(f"{where}: 'none' cannot be combined with other loggers, got {value!r}")
-    if 'wandb' in names:
-        import importlib.util
-        if importlib.util.find_spec('wandb') is None:
-            raise LogToError(f'{where}: wandb is not installed (pip install wandb)')
+    for name in BACKENDS:  # found here, imported only at the first number
+        if name in names and importlib.util.find_spec(name) is None:
+            raise LogToError(f'{where}: {name} is not installed (pip install {name}, or log to none)')
     return tuple(b for b in BACKENDS if b in names)
 
 
@@ -88,14 +88,16 @@ class ScalarWriter:
     def log_dir(self):
         return os.path.join(self.output_dir, 'tensorboard')
 
-    def _open(self):
+    def _open(self, first_step=None):
         if self._opened:
             return
         self._opened = True
         os.makedirs(self.output_dir, exist_ok=True)
         if 'tensorboard' in self.backends:
             from torch.utils.tensorboard import SummaryWriter
-            self._tensorboard = SummaryWriter(log_dir=self.log_dir)
+            # a run resumed at step T (or started afresh in an old output_dir) hides the events that an
+            # interrupted run wrote at steps >= T, so each step keeps one point
+            self._tensorboard = SummaryWriter(log_dir=self.log_dir, purge_step=first_step)
         if 'wandb' in self.backends:
             import wandb
             name = os.path.basename(os.path.normpath(self.output_dir))
@@ -116,7 +118,7 @@ class ScalarWriter:
                 values[f'{prefix}/{name}'] = number
         if not values:
             return
-        self._open()
+        self._open(first_step=step if prefix == 'train' else None)
         if self._tensorboard is not None:
             for tag, value in values.items():
                 self._tensorboard.add_scalar(tag, value, global_step=step)

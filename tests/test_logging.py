@@ -75,8 +75,15 @@ def assert_same(actual, expected):
             assert abs(value - want) <= tolerance + 1e-7 * abs(want), (tag, step, value, want)
 
 
-def test_tensorboard_holds_the_step_lines_and_log_txt_across_a_resume(demo_config, tmp_path):
+def read_scalars(log_dir):
+    """{tag: [(step, value)]} of every event file under log_dir, as TensorBoard shows them."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(log_dir))  # reads every event file of the folder, in order
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()['scalars']}
+
+
+def test_tensorboard_holds_the_step_lines_and_log_txt_across_a_resume(demo_config, tmp_path):
     out = tmp_path / 'out'
     first = run_script('Pretrain.py', '--config', demo_config('Pretrain', **SMALL, schedular={'epochs': 1}),
                        '--output_dir', out, '--device', 'cpu')
@@ -98,10 +105,7 @@ def test_tensorboard_holds_the_step_lines_and_log_txt_across_a_resume(demo_confi
                                                           'data_time', 'samples_per_s')} \
         | {f'epoch/train_{name}' for name in ('lr', 'loss_mlm', 'loss_ita', 'loss_itm')}
 
-    events = EventAccumulator(str(out / 'tensorboard'))  # reads every event file of the folder
-    events.Reload()
-    actual = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()['scalars']}
-    assert_same(actual, expected)
+    assert_same(read_scalars(out / 'tensorboard'), expected)
 
 
 def read_wandb_records(path):
@@ -195,6 +199,32 @@ def test_bad_log_to_is_a_config_error(demo_config, tmp_path, capsys, value, flag
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == ['error: ' + message.format(config=config)]
     assert os.listdir(out) == ['log.txt'] and (out / 'log.txt').read_text() == '{"epoch": 0}\n'
+
+
+def test_a_resumed_writer_hides_what_an_interrupted_one_wrote_past_the_resume_step(tmp_path):
+    interrupted = tracking.ScalarWriter(str(tmp_path), ('tensorboard',))
+    for step in (0, 2, 4, 6):  # killed after step 6, its checkpoint taken at step 6
+        interrupted.step(step, {'loss': 10.0 + step})
+    interrupted.epoch({'train_loss': 1.5, 'epoch': 0})
+    interrupted.close()
+    resumed = tracking.ScalarWriter(str(tmp_path), ('tensorboard',))
+    for step in (6, 8):  # the same step again first: TensorBoard alone would keep both points
+        resumed.step(step, {'loss': 20.0 + step})
+    resumed.close()
+    assert len(os.listdir(tmp_path / 'tensorboard')) == 2
+    assert read_scalars(tmp_path / 'tensorboard') == {'train/loss': [(0, 10.0), (2, 12.0), (4, 14.0), (6, 26.0),
+                                                                     (8, 28.0)],
+                                                      'epoch/train_loss': [(0, 1.5)]}
+
+
+def test_a_missing_package_is_named_before_the_run_starts(monkeypatch):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *args: None if name == 'wandb' else
+                        find_spec(name, *args))
+    with pytest.raises(engine.ConfigError) as error:
+        engine.log_to_option(argparse.Namespace(config='c.yaml', log_to='tensorboard,wandb'), {})
+    assert str(error.value) == '--log_to: wandb is not installed (pip install wandb, or log to none)'
 
 
 def test_log_stats_writes_json_numbers(tmp_path):

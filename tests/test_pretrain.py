@@ -99,6 +99,15 @@ def test_kill_and_resume_is_exact(demo_config, tmp_path):
         for name, value in optimizer_ref[index].items():
             assert torch.equal(optimizer[index][name], value)
     assert read_log(out)[-1] == read_log(reference)[-1]
+    # TensorBoard shows the resumed run's losses and lr exactly as the uninterrupted run's, one point per
+    # step: what the killed process wrote past its checkpoint is purged
+    from test_logging import read_scalars
+    resumed, uninterrupted = read_scalars(out / 'tensorboard'), read_scalars(reference / 'tensorboard')
+    def steps(scalars):
+        return {tag: [step for step, _ in points] for tag, points in scalars.items()}
+    assert steps(resumed) == steps(uninterrupted)
+    exact = [tag for tag in uninterrupted if tag.startswith(('train/loss', 'train/lr', 'epoch/'))]
+    assert len(exact) == 8 and all(resumed[tag] == uninterrupted[tag] for tag in exact)
 
 
 def test_text_assignment_pretraining_feeds_nlvr(demo_config, tmp_path):
