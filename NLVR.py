@@ -63,7 +63,7 @@ def main(args):
     evaluate = engine.split_evaluator({'val': val_loader, 'test': test_loader},
                                       lambda loader: engine.evaluate_accuracy(model_without_ddp, loader, run, unpack))
     engine.fit(model, train_loader, optimizer, lr_scheduler, run, state, checkpointer, train_step, evaluate,
-               best_key='val_acc', evaluate_only=args.evaluate, alpha_ramp=config['warm_up'], fmt='{:.4f}')
+               best_key='val_acc', evaluate_only=args.evaluate, alpha_ramp=config['warm_up'], digits=4)
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,

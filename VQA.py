@@ -128,8 +128,8 @@ def main(args):
                 print(f'{len(test_dataset.ann) - len(scored)} test questions without an answer are not scored')
             accuracy = vqa_accuracy(results, scored, normalization)
             print(f"VQA accuracy on {accuracy['num_questions']} questions: {accuracy['overall']:.2f}")
-            engine.log_stats(run, {'vqa_acc': f"{accuracy['overall']:.2f}",
-                                   **{f'vqa_acc_{t}': f'{a:.2f}' for t, a in accuracy['per_answer_type'].items()},
+            engine.log_stats(run, {'vqa_acc': round(accuracy['overall'], 2),
+                                   **{f'vqa_acc_{t}': round(a, 2) for t, a in accuracy['per_answer_type'].items()},
                                    'epoch': last_epoch})
     utils.barrier()
 

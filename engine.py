@@ -23,6 +23,7 @@ import torch.distributed as dist
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+import tracking
 import utils
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.tokenization_bert import BertTokenizer
@@ -36,7 +37,7 @@ COMMON_KEYS = {
     'bert_config', 'image_res', 'vision_width', 'vision_depth', 'vision_num_heads', 'patch_size',
     'text_encoder', 'init_text_encoder', 'num_workers', 'print_freq', 'save_every_steps',
     'skip_bad_images', 'check_images', 'augment', 'randaugment_autocontrast', 'optimizer', 'schedular',
-    'amp', 'accum_steps', 'grad_checkpointing', 'compile',
+    'amp', 'accum_steps', 'grad_checkpointing', 'compile', 'log_to',
 }
 AMP_MODES = ('bf16', 'fp16', 'off')
 OPTIMIZER_KEYS = {'opt', 'lr', 'weight_decay'}
@@ -71,6 +72,10 @@ def get_args_parser(config, output_dir):
     parser.add_argument('--resume', action='store_true',
                         help='continue from the newest checkpoint in --output_dir')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument('--log_to', default=None,
+                        help="where rank 0 also sends the step and epoch scalars: a comma-separated list of "
+                             "tensorboard (output_dir/tensorboard/) and wandb, or none (default: the config's "
+                             "log_to, else tensorboard)")
     speed = parser.add_argument_group('speed and memory (each also a config key of the same name)')
     speed.add_argument('--amp', choices=AMP_MODES, default=None,
                        help='mixed precision for training (default: bf16 on GPUs that support it, else off)')
@@ -138,6 +143,7 @@ class Run:
     amp: str = 'off'
     accum_steps: int = 1
     scaler: object = None
+    writer: object = None  # tracking.ScalarWriter (TensorBoard / W&B), rank 0 only
     _config_written: bool = False
 
     def autocast(self):
@@ -201,9 +207,11 @@ def setup(args, config):
     if args.text_encoder:
         config['text_encoder'] = args.text_encoder
     speed_options(args, config, device)
+    backends = log_to_option(args, config)
     run = Run(args=args, config=config, rank=args.rank, world_size=args.world_size, device=device,
               output_dir=args.output_dir, amp=config['amp'], accum_steps=config['accum_steps'],
               scaler=torch.amp.GradScaler(device.type, enabled=config['amp'] == 'fp16'))
+    run.writer = tracking.ScalarWriter(run.output_dir, backends, config, enabled=run.is_main)
     if run.distributed:
         print(f'process {run.rank} of {run.world_size} on {device} ({dist.get_backend()})', force=True)
     else:
@@ -242,6 +250,19 @@ def compiler_errors():
              'CppCompileError')
     return (dynamo_exc.TorchDynamoException,) + tuple(getattr(inductor_exc, n) for n in names
                                                       if hasattr(inductor_exc, n))
+
+
+def log_to_option(args, config):
+    """The --log_to flag, else the config key log_to, else 'tensorboard'; the effective value
+    goes back into the config (and config.yaml) as a string such as 'tensorboard,wandb' or 'none'."""
+    flag = getattr(args, 'log_to', None)
+    where = '--log_to' if flag is not None else f'{args.config}: log_to'
+    try:
+        backends = tracking.parse_log_to(flag if flag is not None else config.get('log_to'), where)
+    except tracking.LogToError as error:
+        raise ConfigError(str(error)) from None
+    config['log_to'] = ','.join(backends) or 'none'
+    return backends
 
 
 class CompileFallback:
@@ -473,10 +494,12 @@ class LossGuard:
 
 
 def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, train_step, checkpointer=None,
-                    alpha_ramp=True, fmt='{:.3f}'):
+                    alpha_ramp=True, digits=3):
     """One epoch: `train_step(model, batch, alpha)` returns a dict of named losses, which are
     summed, back-propagated and logged. Owns the alpha ramp of epoch 0, the warm-up stepping of
-    the scheduler every 100 iterations, the non-finite-loss stop and mid-epoch checkpoints."""
+    the scheduler every 100 iterations, the non-finite-loss stop and mid-epoch checkpoints.
+    Returns the epoch averages as numbers: the losses rounded to `digits` decimals (the precision
+    the original prints), the lr to `digits` significant digits."""
     config = run.config
     model.train()
     logger = utils.MetricLogger(delimiter='  ')
@@ -493,8 +516,14 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
 
     accum = run.accum_steps
     bare_model = getattr(model, 'module', model)  # under DistributedDataParallel
+    # the step line's numbers also go to TensorBoard / W&B, at the global step (the same after a resume)
+    on_log = None
+    if run.writer is not None and run.writer.active:
+        def on_log(i, numbers):
+            run.writer.step(epoch * num_steps + i, numbers)
     for i, (batch, skipped_now) in logger.log_every(loader, print_freq, f'Train Epoch: [{epoch}]', start=state.step,
-                                     total=num_steps, samples_per_step=loader.batch_size * run.world_size):
+                                     total=num_steps, samples_per_step=loader.batch_size * run.world_size,
+                                     on_log=on_log):
         alpha = config.get('alpha', 0)
         if epoch == 0 and alpha_ramp:
             alpha = alpha * min(1, i / num_steps)
@@ -532,14 +561,15 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
     logger.synchronize_between_processes()
     print('Averaged stats:', logger.global_avg())
     state.step, state.meters = 0, None
-    stats = {name: fmt.format(meter.global_avg) for name, meter in logger.meters.items()}
+    stats = {name: float(f'{meter.global_avg:.{digits}g}') if name == 'lr' else round(meter.global_avg, digits)
+             for name, meter in logger.meters.items()}
     if config.get('skip_bad_images'):
         stats['skipped_images'] = int(utils.all_reduce_sum(torch.tensor(skipped)).item())
     return stats
 
 
 def fit(model, loader, optimizer, lr_scheduler, run, state, checkpointer, train_step, evaluate=None,
-        best_key=None, evaluate_only=False, alpha_ramp=True, fmt='{:.3f}'):
+        best_key=None, evaluate_only=False, alpha_ramp=True, digits=3):
     """The epoch loop of every script: train one epoch, evaluate, log one JSON line, step the
     schedule, checkpoint.
 
@@ -547,6 +577,7 @@ def fit(model, loader, optimizer, lr_scheduler, run, state, checkpointer, train_
     `checkpoint_best.pth` keeps the epoch with the highest `best_key`, `checkpoint_last.pth` the
     newest, and log.txt ends with 'best epoch: N'. Without it (pre-training, VQA) every epoch
     is kept as `checkpoint_NN.pth`. `evaluate_only` evaluates once and writes only the log.
+    `digits`: the rounding of the training averages (see `train_one_epoch`).
     """
     warmup_epochs = run.config['schedular']['warmup_epochs']
     print('Start evaluation' if evaluate_only else 'Start training')
@@ -556,7 +587,7 @@ def fit(model, loader, optimizer, lr_scheduler, run, state, checkpointer, train_
         if not evaluate_only:
             train_stats = train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state,
                                           lambda m, b, a: train_step(m, b, a, run), checkpointer,
-                                          alpha_ramp=alpha_ramp, fmt=fmt)
+                                          alpha_ramp=alpha_ramp, digits=digits)
             stats.update({f'train_{k}': v for k, v in train_stats.items()})
         if evaluate is not None:
             with run.eval_precision():
@@ -696,11 +727,21 @@ def start_state(args, run, model, optimizer, lr_scheduler, **load_kwargs):
 
 
 def log_stats(run, stats):
-    """One JSON line per epoch in output_dir/log.txt (rank 0)."""
+    """One JSON line per epoch in output_dir/log.txt (rank 0), every value a JSON number (numpy and
+    torch scalars become Python numbers; a string is an error), and the same numbers to
+    TensorBoard / W&B under `epoch/<key>`."""
+    numbers = {}
+    for key, value in stats.items():
+        number = tracking.as_number(value)
+        if number is None:
+            raise TypeError(f'log_stats: {key!r} must be a number, got {type(value).__name__} {value!r}')
+        numbers[key] = number
     if run.is_main:
         run.write_config()
         with open(run.path('log.txt'), 'a') as f:
-            f.write(json.dumps(stats) + '\n')
+            f.write(json.dumps(numbers) + '\n')
+        if run.writer is not None:
+            run.writer.epoch(numbers)
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -724,6 +765,7 @@ def launch(main, parser, argv=None):
         print(f'error: {short_message(error)}', file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
+        tracking.close_all()
         if utils.is_dist_avail_and_initialized():
             dist.destroy_process_group()
 
@@ -744,7 +786,8 @@ def split_evaluator(loaders, score):
 
 @torch.no_grad()
 def evaluate_accuracy(model, loader, run, unpack):
-    """Classification accuracy of `model` over a whole split, as the original logs it: {'acc': '0.xxxx'}.
+    """Classification accuracy of `model` over a whole split: {'acc': fraction}, rounded to 4 decimals
+    as the original prints it.
 
     With an `eval_loader(..., distributed=True)` each rank scores its own share and the counts are
     summed over ranks, so every example counts exactly once. `unpack(batch)` returns
@@ -760,4 +803,4 @@ def evaluate_accuracy(model, loader, run, unpack):
         counts[0] += (prediction.argmax(dim=1) == targets).sum()
         counts[1] += targets.numel()
     correct, seen = utils.all_reduce_sum(counts).tolist()
-    return {'acc': '{:.4f}'.format(correct / max(seen, 1))}
+    return {'acc': round(correct / max(seen, 1), 4)}

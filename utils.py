@@ -258,9 +258,15 @@ class MetricLogger:
             meter.load_state_dict(meter_state)
             self.meters[name] = meter
 
-    def log_every(self, iterable, print_freq, header='', start=0, samples_per_step=None, total=None):
+    def log_every(self, iterable, print_freq, header='', start=0, samples_per_step=None, total=None,
+                  on_log=None):
         """Yield (i, item) for i = start, start + 1, ...; every `print_freq` steps and at the last,
-        print the meters, the time per step, samples per second and the time remaining."""
+        print the meters, the time per step, samples per second and the time remaining.
+
+        `on_log(i, {name: number})`, when given, receives the printed numbers at the same steps:
+        each meter's median (the first number its column shows; the lr meter's window is one step,
+        so its median is the value), 'time' and 'data_time' (seconds per step, averaged over the
+        last 20), 'samples_per_s' and, on GPUs, 'max_mem_mb' (peak CUDA memory in MiB)."""
         total = len(iterable) if total is None else total
         width = len(str(total))
         start_time = end = time.time()
@@ -274,11 +280,16 @@ class MetricLogger:
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
                 parts = [header, f'[{i:{width}d}/{total}]', f'eta: {eta}', str(self), f'time: {iter_time}',
                          f'data: {data_time}']
+                numbers = {'time': iter_time.avg, 'data_time': data_time.avg}
                 if samples_per_step:
-                    parts.append(f'samples/s: {samples_per_step / max(iter_time.avg, 1e-9):.1f}')
+                    numbers['samples_per_s'] = samples_per_step / max(iter_time.avg, 1e-9)
+                    parts.append(f"samples/s: {numbers['samples_per_s']:.1f}")
                 if torch.cuda.is_available():
-                    parts.append(f'max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}MB')
+                    numbers['max_mem_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
+                    parts.append(f"max mem: {numbers['max_mem_mb']:.0f}MB")
                 print(self.delimiter.join(p for p in parts if p), flush=True)
+                if on_log is not None:
+                    on_log(i, {**{name: meter.median for name, meter in self.meters.items()}, **numbers})
             i += 1
             end = time.time()
         steps = max(i - start, 1)

@@ -21,7 +21,7 @@ def read_log(output_dir):
 
 
 def epoch_loss(stats):
-    return sum(float(v) for k, v in stats.items() if k.startswith('train_loss'))
+    return sum(v for k, v in stats.items() if k.startswith('train_loss'))
 
 
 def assert_ok(result):
@@ -38,7 +38,8 @@ def test_pretrain_one_process_loss_falls(demo_config, tmp_path):
     assert [s['epoch'] for s in stats] == list(range(8))
     assert {'train_lr', 'train_loss_mlm', 'train_loss_ita', 'train_loss_itm'} <= set(stats[0])
     assert epoch_loss(stats[-1]) < epoch_loss(stats[0]) - 0.2, stats
-    assert sorted(os.listdir(out)) == [f'checkpoint_{e:02d}.pth' for e in range(8)] + ['config.yaml', 'log.txt']
+    assert sorted(os.listdir(out)) == [f'checkpoint_{e:02d}.pth' for e in range(8)] + ['config.yaml', 'log.txt',
+                                                                                      'tensorboard']
     # the step log: losses, learning rate, throughput and time remaining
     step_lines = [line for line in result.stdout.splitlines() if line.startswith('Train Epoch')]
     assert step_lines and all(k in step_lines[0] for k in ('loss_mlm', 'lr:', 'samples/s:', 'eta:'))
@@ -55,8 +56,9 @@ def test_pretrain_two_processes(demo_config, tmp_path, launcher):
                         nproc=2, launcher=launcher)
     assert_ok(result)
     assert 'process 1 of 2 on cpu (gloo)' in result.stdout + result.stderr
-    assert sorted(os.listdir(out)) == ['checkpoint_00.pth', 'config.yaml', 'log.txt']
+    assert sorted(os.listdir(out)) == ['checkpoint_00.pth', 'config.yaml', 'log.txt', 'tensorboard']
     assert len(read_log(out)) == 1
+    assert len(os.listdir(out / 'tensorboard')) == 1  # rank 0's event file only
     # only rank 0 logs the step lines
     assert (result.stdout + result.stderr).count('Train Epoch: [0]  [0/') == 1
 
@@ -97,6 +99,15 @@ def test_kill_and_resume_is_exact(demo_config, tmp_path):
         for name, value in optimizer_ref[index].items():
             assert torch.equal(optimizer[index][name], value)
     assert read_log(out)[-1] == read_log(reference)[-1]
+    # TensorBoard shows the resumed run's losses and lr exactly as the uninterrupted run's, one point per
+    # step: what the killed process wrote past its checkpoint is purged
+    from test_logging import read_scalars
+    resumed, uninterrupted = read_scalars(out / 'tensorboard'), read_scalars(reference / 'tensorboard')
+    def steps(scalars):
+        return {tag: [step for step, _ in points] for tag, points in scalars.items()}
+    assert steps(resumed) == steps(uninterrupted)
+    exact = [tag for tag in uninterrupted if tag.startswith(('train/loss', 'train/lr', 'epoch/'))]
+    assert len(exact) == 8 and all(resumed[tag] == uninterrupted[tag] for tag in exact)
 
 
 def test_text_assignment_pretraining_feeds_nlvr(demo_config, tmp_path):
@@ -106,8 +117,12 @@ def test_text_assignment_pretraining_feeds_nlvr(demo_config, tmp_path):
     from engine import load_yaml
 
     pretrain_out = tmp_path / 'pretrain'
-    assert_ok(run_script('Pretrain.py', '--config', demo_config('Pretrain', **SMALL, schedular={'epochs': 1}),
+    assert_ok(run_script('Pretrain.py', '--config', demo_config('Pretrain', **SMALL, schedular={'epochs': 1},
+                                                                log_to='none'),
                          '--output_dir', pretrain_out, '--device', 'cpu'))
+    # log_to none: no TensorBoard event files
+    assert sorted(os.listdir(pretrain_out)) == ['checkpoint_00.pth', 'config.yaml', 'log.txt']
+    assert load_yaml(pretrain_out / 'config.yaml')['log_to'] == 'none'
     config = demo_config('NLVR_pretrain', batch_size=8, num_workers=0, schedular={'epochs': 1})
     out = tmp_path / 'ta'
     result = run_script('Pretrain_nlvr.py', '--config', config, '--checkpoint', pretrain_out / 'checkpoint_00.pth',

@@ -85,10 +85,13 @@ def test_log_format_and_best_epoch(runs, task):
     assert [s['epoch'] for s in stats] == list(range(epochs)) and epochs >= 2
     for s in stats:
         assert set(s) == {'train_lr', 'train_loss', 'val_acc', 'test_acc', 'epoch'}
-        assert all(re.fullmatch(r'\d\.\d{4}', s[k]) for k in ('train_lr', 'train_loss', 'val_acc', 'test_acc'))
-    val = [float(s['val_acc']) for s in stats]
+        # JSON numbers: the loss and accuracies rounded to 4 decimals, the lr to 4 significant digits
+        assert all(type(s[k]) is float for k in ('train_lr', 'train_loss', 'val_acc', 'test_acc')), s
+        assert all(round(s[k], 4) == s[k] for k in ('train_loss', 'val_acc', 'test_acc')), s
+        assert s['train_lr'] > 0 and float(f"{s['train_lr']:.4g}") == s['train_lr'], s
+    val = [s['val_acc'] for s in stats]
     assert best_epoch == val.index(max(val))  # the first epoch with the best val accuracy
-    assert float(stats[-1]['train_loss']) < float(stats[0]['train_loss'])
+    assert stats[-1]['train_loss'] < stats[0]['train_loss']
 
 
 def test_fine_tuning_keeps_the_best_and_the_last_checkpoint(runs):
@@ -104,15 +107,15 @@ def test_fine_tuning_keeps_the_best_and_the_last_checkpoint(runs):
 def test_ve_learns_above_chance(runs):
     stats, best_epoch = split_log(runs['ve'])
     # three balanced classes: chance is 1/3
-    assert float(stats[best_epoch]['test_acc']) > 1 / 3 + 0.25, stats
-    assert float(stats[-1]['test_acc']) > 1 / 3 + 0.2, stats
+    assert stats[best_epoch]['test_acc'] > 1 / 3 + 0.25, stats
+    assert stats[-1]['test_acc'] > 1 / 3 + 0.2, stats
 
 
 def test_nlvr_learns_above_chance(runs):
     stats, best_epoch = split_log(runs['nlvr'])
     # True and False are balanced within every statement template of the demo (test_toy), so a
     # model that reads only the words scores 1/2
-    assert float(stats[best_epoch]['test_acc']) > 0.5 + 0.1, stats
+    assert stats[best_epoch]['test_acc'] > 0.5 + 0.1, stats
 
 
 @pytest.mark.parametrize('task', ['ve', 'nlvr'])

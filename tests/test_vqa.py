@@ -81,12 +81,12 @@ def test_fine_tuning_beats_the_majority_answer(vqa):
     baseline = vqa_accuracy([{'question_id': item['question_id'], 'answer': majority} for item in vqa['test']],
                             vqa['test'])['overall']
     log = read_log(vqa['finetune'])
-    accuracy = float(log[-1]['vqa_acc'])
+    accuracy = log[-1]['vqa_acc']
     # the logged accuracies are those of the result file, overall and per answer type
     results = read_json(vqa['finetune'] / 'result' / f'vqa_result_epoch{EPOCHS - 1}.json')
     expected = vqa_accuracy(results, vqa['test'])
-    assert log[-1] == {'vqa_acc': f"{expected['overall']:.2f}", 'epoch': EPOCHS - 1,
-                       **{f'vqa_acc_{t}': f'{a:.2f}' for t, a in expected['per_answer_type'].items()}}
+    assert log[-1] == {'vqa_acc': round(expected['overall'], 2), 'epoch': EPOCHS - 1,
+                       **{f'vqa_acc_{t}': round(a, 2) for t, a in expected['per_answer_type'].items()}}
     assert set(expected['per_answer_type']) == {'yes/no', 'number', 'other'}
     assert accuracy > baseline + 15, f'VQA accuracy {accuracy:.2f} vs majority answer "{majority}" {baseline:.2f}'
 
@@ -95,7 +95,7 @@ def test_training_log_and_checkpoints(vqa):
     log = read_log(vqa['finetune'])
     assert [line['epoch'] for line in log] == list(range(EPOCHS)) + [EPOCHS - 1]
     assert all({'train_lr', 'train_loss'} <= set(line) for line in log[:EPOCHS])
-    assert float(log[EPOCHS - 1]['train_loss']) < float(log[0]['train_loss']) - 1.0
+    assert log[EPOCHS - 1]['train_loss'] < log[0]['train_loss'] - 1.0
     assert {'vqa_acc', 'vqa_acc_yes/no', 'vqa_acc_number', 'vqa_acc_other'} <= set(log[-1])
     names = set(os.listdir(vqa['finetune']))
     assert {f'checkpoint_{e:02d}.pth' for e in range(EPOCHS)} <= names
