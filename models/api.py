@@ -112,6 +112,17 @@ def _read_json(path, what):
         raise CheckpointError(f'{path}: cannot read the {what} ({error})') from None
 
 
+def _read_yaml(path):
+    from ruamel.yaml import YAML
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'config file not found: {path}')
+    with open(path) as f:
+        config = YAML(typ='safe').load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f'{path}: expected a mapping of keys to values at the top level')
+    return config
+
+
 def _stored_config(checkpoint):
     """The config a training checkpoint stores (a dict, or the original's argparse Namespace)."""
     if not isinstance(checkpoint, dict) or 'model' not in checkpoint:
@@ -184,8 +195,9 @@ class Resolved:
     answer_list: list = None
 
 
-def resolve(checkpoint, task=None, text_encoder=None, answer_list=None, trust_checkpoint=False):
-    """Read a checkpoint (a .pth or an export directory) into a `Resolved`."""
+def resolve(checkpoint, task=None, text_encoder=None, answer_list=None, trust_checkpoint=False, config=None):
+    """Read a checkpoint (a .pth or an export directory) into a `Resolved`; `config` (a dict or a
+    task YAML) overrides the stored config's keys."""
     source = os.fspath(checkpoint)
     stored, tokenizer_source, answers = {}, None, None
     if os.path.isdir(source):
@@ -208,6 +220,12 @@ def resolve(checkpoint, task=None, text_encoder=None, answer_list=None, trust_ch
             tokenizer_source = _repo_path(stored['text_encoder'])
         if isinstance(stored.get('answer_list'), str) and os.path.isfile(_repo_path(stored['answer_list'])):
             answers = _repo_path(stored['answer_list'])
+    if config is not None:
+        if not isinstance(config, dict):
+            config = _read_yaml(os.fspath(config))
+        stored = {**stored, **config}
+        if isinstance(config.get('text_encoder'), str):
+            tokenizer_source = _repo_path(config['text_encoder'])
     found = infer_task(state_dict)
     if task is None:
         task = stored.get('task') if stored.get('task') in TASKS else found
@@ -216,12 +234,12 @@ def resolve(checkpoint, task=None, text_encoder=None, answer_list=None, trust_ch
                                   f'text_decoder); pass task= one of {", ".join(TASKS)}')
     elif task not in TASKS:
         raise ValueError(f'task must be one of {", ".join(TASKS)}, got {task!r}')
-    config = model_config(state_dict, task, stored)
+    model_cfg = model_config(state_dict, task, stored)
     if answer_list is not None:
         answers = answer_list
     if isinstance(answers, (str, os.PathLike)):
         answers = _read_answer_list(os.fspath(answers))
-    return Resolved(source, state_dict, task, config, text_encoder or tokenizer_source or RELEASED_TOKENIZER,
+    return Resolved(source, state_dict, task, model_cfg, text_encoder or tokenizer_source or RELEASED_TOKENIZER,
                     list(answers) if answers is not None else None)
 
 
@@ -263,7 +281,8 @@ def build_model(task, config, tokenizer):
 
 
 # ---- the loaded model ---------------------------------------------------------------------------
-def load(checkpoint, task=None, device=None, *, text_encoder=None, answer_list=None, trust_checkpoint=False):
+def load(checkpoint, task=None, device=None, *, text_encoder=None, answer_list=None, trust_checkpoint=False,
+         config=None):
     """Load an ALBEF checkpoint for inference; returns a `LoadedModel` (model in eval mode).
 
     Args:
@@ -277,8 +296,10 @@ def load(checkpoint, task=None, device=None, *, text_encoder=None, answer_list=N
         answer_list: VQA candidate answers (a list or a JSON file); default the export's
             answer_list.json or the file the checkpoint's config names.
         trust_checkpoint: fully unpickle a file that holds Python objects besides tensors.
+        config: a task YAML or dict whose keys (model sizes, image_res, bert_config, text_encoder)
+            override the checkpoint's stored config (for files that store none).
     """
-    resolved = resolve(checkpoint, task, text_encoder, answer_list, trust_checkpoint)
+    resolved = resolve(checkpoint, task, text_encoder, answer_list, trust_checkpoint, config)
     tokenizer = load_tokenizer(resolved.tokenizer_source)
     model = build_model(resolved.task, resolved.config, tokenizer)
     load_checkpoint(model, strip_for_release(resolved.state_dict), allow_new_heads=False)
@@ -288,7 +309,14 @@ def load(checkpoint, task=None, device=None, *, text_encoder=None, answer_list=N
 
 
 def _as_list(items):
+    """A list of items, or a (B, 3, H, W) batch of already transformed images as it is."""
+    if torch.is_tensor(items):
+        return items if items.dim() == 4 else items.unsqueeze(0)
     return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
+def _repeat(items, n):
+    return items.expand(n, *items.shape[1:]) if torch.is_tensor(items) else items * n
 
 
 def to_pil(image):
@@ -333,7 +361,9 @@ class LoadedModel:
         return tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False)
 
     def _images(self, images):
-        """(B, 3, H, W) on the device."""
+        """(B, 3, H, W) on the device, from PIL images and paths (or a transformed batch)."""
+        if torch.is_tensor(images):
+            return images.to(self.device)
         return torch.stack([self.transform(to_pil(i)) for i in images]).to(self.device)
 
     def _texts(self, texts):
@@ -371,11 +401,17 @@ class LoadedModel:
     def itm(self, images, texts, batch_size=64, progress=False):
         """(N,): the ITM match probability of each pair (images[i], texts[i]); one image (or one
         text) is paired with every text (every image)."""
+        return F.softmax(self.itm_logits(images, texts, batch_size, progress), dim=1)[:, 1]
+
+    @torch.no_grad()
+    def itm_logits(self, images, texts, batch_size=64, progress=False):
+        """(N, 2) float32 on the CPU: the ITM head's (no match, match) logits of each pair; the
+        match logit is the retrieval evaluation's re-ranking score."""
         from .retrieval_eval import image_features, itm_logits, text_features
         self._need('itm')
         images, texts = _as_list(images), _as_list(texts)
         if len(images) == 1 and len(texts) > 1:
-            images = images * len(texts)
+            images = _repeat(images, len(texts))
         elif len(texts) == 1 and len(images) > 1:
             texts = texts * len(images)
         if len(images) != len(texts):
@@ -386,9 +422,8 @@ class LoadedModel:
             image_feats = image_features(self.model, self._images(images[s:s + batch_size]))[0]
             text_feats, _, text_atts = text_features(self.model, texts[s:s + batch_size], self.tokenizer,
                                                      self.device, max_length=MAX_WORDS)
-            logits = itm_logits(self.model, image_feats, text_feats, text_atts)
-            scores.append(F.softmax(logits.float(), dim=1)[:, 1].cpu())
-        return torch.cat(scores) if scores else torch.zeros(0)
+            scores.append(itm_logits(self.model, image_feats, text_feats, text_atts).float().cpu())
+        return torch.cat(scores) if scores else torch.zeros(0, 2)
 
     # ---- Grad-CAM --------------------------------------------------------------------------
     def gradcam(self, image, text, block_num=8):
@@ -431,7 +466,7 @@ class LoadedModel:
                             'answer_list= a JSON list of strings (the answer_list.json of VQA)')
         images, questions = _as_list(images), _as_list(questions)
         if len(images) == 1 and len(questions) > 1:
-            images = images * len(questions)
+            images = _repeat(images, len(questions))
         if len(images) != len(questions):
             raise ValueError(f'answer asks one question per image: got {len(images)} images and '
                              f'{len(questions)} questions')
@@ -457,7 +492,7 @@ class LoadedModel:
         self._need('ve')
         images, texts = _as_list(images), _as_list(texts)
         if len(images) == 1 and len(texts) > 1:
-            images = images * len(texts)
+            images = _repeat(images, len(texts))
         if len(images) != len(texts):
             raise ValueError(f'entailment scores pairs: got {len(images)} images and {len(texts)} texts')
         texts = self._texts(texts)

@@ -51,9 +51,7 @@ def export(checkpoint, out, task=None, text_encoder=None, answer_list=None, trus
     with open(path(CONFIG_FILE), 'w') as f:
         json.dump(config, f, indent=2)
         f.write('\n')
-    for name in tokenizer.hf.save_pretrained(out):
-        if os.path.basename(name) not in (CONFIG_FILE, SAFETENSORS_FILE):
-            written.append(name)
+    written += [name for name in tokenizer.hf.save_pretrained(out) if os.path.isfile(name)]
     if not os.path.isfile(os.path.join(out, 'vocab.txt')):  # a fast tokenizer may save tokenizer.json only
         with open(path('vocab.txt'), 'w', encoding='utf-8') as f:
             vocab = tokenizer.hf.get_vocab()
@@ -61,7 +59,7 @@ def export(checkpoint, out, task=None, text_encoder=None, answer_list=None, trus
     if resolved.task == 'vqa' and resolved.answer_list:
         with open(path(ANSWER_LIST_FILE), 'w') as f:
             json.dump(resolved.answer_list, f)
-    return written
+    return sorted(set(written))
 
 
 def main(argv=None):
