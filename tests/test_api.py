@@ -280,7 +280,8 @@ def test_objects_need_trust(demo, capsys):
                                 f'them can run code: pass --trust_checkpoint (config key trust_checkpoint: true) if '
                                 f'you trust its source')
     m = models.load(str(path), device='cpu', trust_checkpoint=True)
-    assert f'{path}: fully unpickled, as --trust_checkpoint asks (it holds fractions.Fraction)' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f'{path}: fully unpickled, as --trust_checkpoint asks (it holds fractions.Fraction)' in printed
     assert m.task == 'retrieval'
 
 
