@@ -30,7 +30,8 @@ def export(checkpoint, out, task=None, text_encoder=None, answer_list=None, trus
     resolved = resolve(checkpoint, task, text_encoder, answer_list, trust_checkpoint)
     tokenizer = load_tokenizer(resolved.tokenizer_source)
     state_dict = strip_for_release(resolved.state_dict)
-    load_checkpoint(build_model(resolved.task, resolved.config, tokenizer), state_dict, allow_new_heads=False)
+    load_checkpoint(build_model(resolved.task, resolved.config, tokenizer), state_dict, allow_new_heads=False,
+                    source=resolved.source)
     if os.path.exists(out) and not os.path.isdir(out):
         raise CheckpointError(f'--out {out}: exists and is not a directory')
     # one tensor per key: safetensors stores no shared storage (tied embeddings, NLVR's shared
