@@ -2,15 +2,20 @@
 
     python -m dataset.check configs/Retrieval_flickr.yaml [--task re] [--write-clean OUT_DIR]
 
-Reads the YAML, finds the task from its keys (or `--task`), reads every annotation file of every
-split, checks each item's keys and values as the dataset classes do, and opens and verifies every
-image with PIL. Every problem is printed on its own line, then a summary. The exit status is 1 if
-anything was found, else 0 (2 for an unusable config). `--write-clean OUT_DIR` writes each
+Reads the YAML and checks its keys against the task script's (unknown and missing keys are an
+unusable config, as for the scripts), finds the task from its keys (or `--task`), reads every
+annotation file of every split, checks each item's keys and values as the dataset classes do, and
+opens, verifies and fully decodes every image with PIL (a truncated file is unreadable; a 16-bit
+image is noted). It then measures how much of the training text the config's vocabulary
+(`text_encoder`) reads as [UNK]. Every problem is printed on its own line, then a summary. The
+exit status is 1 if anything was found, else 0 (2 for an unusable config). `--write-clean OUT_DIR` writes each
 annotation file without its bad items to OUT_DIR under the same base name.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import json
 import os
 import sys
@@ -21,6 +26,13 @@ from ruamel.yaml import YAML
 
 from . import TASKS
 from .base import DataError, Problem, as_file_list, read_json_list
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the script that trains each task, whose REQUIRED / OPTIONAL key sets the config must satisfy
+TASK_SCRIPTS = {'pretrain': 'Pretrain.py', 're': 'Retrieval.py', 'vqa': 'VQA.py', 've': 'VE.py',
+                'nlvr': 'NLVR.py', 'grounding': 'Grounding.py'}
+UNK_LIMIT = 0.05  # above this share of [UNK] word pieces the scripts warn
+TEXT_KEYS = ('caption', 'sentence', 'question', 'text')
 
 
 def load_config(path: str) -> dict:
@@ -65,6 +77,116 @@ def infer_task(config: dict) -> str:
     if 'batch_size_train' in config:
         return 've'
     raise DataError("cannot tell the task from the config's keys or its first training item; pass --task")
+
+
+def _literal_sets(path: str, names: Sequence[str]) -> dict[str, set]:
+    """The literal set assignments `NAME = {...}` of a Python file, read without importing it (the
+    scripts and engine import torch, which takes long to load)."""
+    with open(path, encoding='utf-8') as f:
+        tree = ast.parse(f.read(), path)
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                and node.targets[0].id in names:
+            found[node.targets[0].id] = set(ast.literal_eval(node.value))
+    return found
+
+
+def config_key_problem(config: dict, path: str, task: str) -> str | None:
+    """The first unknown or missing key of the config, as the task's script reports it, or None."""
+    script = TASK_SCRIPTS.get(task)
+    if script is None or not os.path.isfile(os.path.join(ROOT, script)):
+        return None
+    schema = _literal_sets(os.path.join(ROOT, script), ('REQUIRED', 'OPTIONAL'))
+    common = _literal_sets(os.path.join(ROOT, 'engine.py'), ('COMMON_KEYS', 'OPTIMIZER_KEYS', 'SCHEDULER_KEYS'))
+    sections = [('', config, schema.get('REQUIRED', set()) | {'optimizer', 'schedular'},
+                 common['COMMON_KEYS'] | schema.get('OPTIONAL', set()))]
+    for key, required, optional in (('optimizer', common['OPTIMIZER_KEYS'], {'fused'}),
+                                    ('schedular', common['SCHEDULER_KEYS'], set())):
+        if isinstance(config.get(key), dict):
+            sections.append((f'{key}.', config[key], required, optional))
+    for section, values, required, optional in sections:
+        known = required | optional
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ''
+                return f"{path}: {section}unknown key '{key}'{hint}"
+        for key in sorted(required):
+            if key not in values:
+                return f"{path}: {section}missing required key '{key}'"
+    return None
+
+
+def sample_texts(items: Sequence, limit: int = 1000) -> list[str]:
+    """Up to `limit` texts (captions, sentences, questions; the first of a caption list) from items
+    spread evenly over `items`."""
+    texts: list[str] = []
+    step = max(1, len(items) // limit)
+    for index in range(0, len(items), step):
+        item = items[index]
+        if not isinstance(item, dict):
+            continue
+        for key in TEXT_KEYS:
+            value = item.get(key)
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if isinstance(value, str):
+                texts.append(value)
+    return texts[:limit]
+
+
+def unk_rate(texts: Sequence[str], tokenizer) -> tuple[float, list[str]]:
+    """(share of the texts' word pieces that are [UNK], the three texts with the largest share)."""
+    total = unknown = 0
+    shares = []
+    for text in texts:
+        pieces = tokenizer.tokenize(text)
+        count = sum(piece == tokenizer.unk_token for piece in pieces)
+        total, unknown = total + len(pieces), unknown + count
+        if count:
+            shares.append((-count / len(pieces), len(shares), text))
+    return unknown / max(total, 1), [text for _, _, text in sorted(shares)[:3]]
+
+
+def vocabulary_path(text_encoder: str) -> str:
+    path = os.path.join(str(text_encoder), 'vocab.txt')
+    return path if os.path.isfile(path) else str(text_encoder)
+
+
+def unk_report(dataset, tokenizer, text_encoder: str, limit: float = UNK_LIMIT, always: bool = False) -> str | None:
+    """One line on the [UNK] share of a sample of the dataset's texts: when it is above `limit`
+    (or `always`), else None."""
+    texts = sample_texts(getattr(dataset, 'ann', dataset))
+    if not texts:
+        return None
+    rate, examples = unk_rate(texts, tokenizer)
+    if rate <= limit and not always:
+        return None
+    line = (f'{rate:.1%} of the word pieces of {len(texts)} sampled training texts are [UNK] in the vocabulary '
+            f'{vocabulary_path(text_encoder)}')
+    if rate > limit:
+        line += (f" (above {limit:.0%}; e.g. {'; '.join(repr(t) for t in examples)}): use a text_encoder whose "
+                 f"vocabulary covers these texts")
+    return line
+
+
+def vocabulary_line(config: dict) -> str:
+    """dataset.check's report on the [UNK] share of the training texts."""
+    text_encoder = config.get('text_encoder', 'bert-base-uncased')
+    items = []
+    for path in as_file_list(config.get('train_file', [])):
+        try:
+            items += read_json_list(path)
+        except DataError:
+            continue
+    try:
+        from models.tokenization_bert import BertTokenizer
+        tokenizer = BertTokenizer.from_pretrained(text_encoder)
+    except Exception as e:  # offline, a missing directory, ...
+        return f'vocabulary: cannot load the tokenizer of {text_encoder} ({str(e).splitlines()[0][:200]})'
+    line = unk_report(items, tokenizer, text_encoder, always=True)
+    return f'vocabulary: {line}' if line else 'vocabulary: no training texts to measure'
 
 
 def scan(config: dict, task: str, workers: int = 8, progress: bool = True) -> tuple[list[Problem], dict[str, int]]:
@@ -160,10 +282,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # YAML syntax errors span several lines; keep the first
         print(f'error: {args.config}: {str(e).splitlines()[0] if str(e) else type(e).__name__}', file=sys.stderr)
         return 2
+    problem = config_key_problem(config, args.config, task)
+    if problem:
+        print(f'error: {problem}', file=sys.stderr)
+        return 2
     print(f'checking the {task} data of {args.config}', file=sys.stderr)
     problems, counts = scan(config, task, workers=args.workers, progress=not args.no_progress)
+    notes = [p for p in problems if p.kind == 'note']
+    problems = [p for p in problems if p.kind != 'note']
     for problem in problems:
         print(problem.message)
+    for note in notes:
+        print(f'note: {note.message}')
+    print(vocabulary_line(config))
     print(summary(problems, counts))
     if args.write_clean:
         write_clean(problems, counts, args.write_clean)
