@@ -448,7 +448,7 @@ def check_batch_count(num_items, batch_size, run, files=None):
         return
     where = f" in {', '.join(map(str, files))}" if files else ''
     per_process = -(-num_items // run.world_size)  # DistributedSampler pads every rank to this
-    if per_process < batch_size:
+    if num_items < batch_size * run.world_size:
         raise ConfigError(f'{num_items} training items{where} are too few for one batch of {batch_size} in each of '
                           f'{run.world_size} process(es) (at least {batch_size * run.world_size} needed): lower '
                           f'batch_size in {run.args.config} or add items')
@@ -495,25 +495,28 @@ class StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM (SLURM pre-emption, `kill`) while `fit` trains are remembered
     instead of stopping the process mid-step: the loop asks `requested(run)` between optimizer
     steps, which every rank answers the same (the signal any rank received), so all ranks stop
-    together at the same step. Before training, and at a second signal, SIGINT stops at once
-    (KeyboardInterrupt) and SIGTERM ends the process as usual. `launch` installs the handlers."""
+    together at the same step. A second signal is taken as the same request (torchrun passes a
+    Ctrl-C on to its workers, which had it already); before training, and at a third signal,
+    SIGINT stops at once (KeyboardInterrupt) and SIGTERM ends the process as usual. `launch`
+    installs the handlers."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.signum, self.active, self.previous, self.group = 0, False, {}, None
+        self.signum, self.count, self.active, self.previous, self.group = 0, 0, False, {}, None
 
     def _handle(self, signum, frame):
-        if not self.active or self.signum:
+        self.count += 1
+        if not self.active or self.count > 2:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.signum = signum
+        self.signum = self.signum or signum
 
     def install(self):
-        self.signum, self.active = 0, False
+        self.signum, self.count, self.active = 0, 0, False
         try:
             self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread: the handlers stay as they are
