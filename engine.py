@@ -766,17 +766,17 @@ class Checkpointer:
         """Rank 0 writes {'model', 'optimizer', 'lr_scheduler', 'config', 'epoch'} (the original's
         format) plus what exact resume needs: position, meters and every rank's RNG states."""
         rng = _rng_state()
-        if self.run.distributed:
+        if self.run.distributed:  # every rank's RNG states and meters (the epoch averages sum them)
             gathered = [None] * self.run.world_size
-            dist.all_gather_object(gathered, rng)
-            rng = gathered
+            dist.all_gather_object(gathered, (rng, state.meters))
+            rng, meters = [g[0] for g in gathered], [g[1] for g in gathered]
         else:
-            rng = [rng]
+            rng, meters = [rng], [state.meters]
         error = None
         if self.run.is_main:
             self.run.write_config()
             try:
-                self._write(filename, state, epoch, rng)
+                self._write(filename, state, epoch, rng, meters)
             except DiskFullError as e:
                 last = self.last_saved or 'none (no checkpoint was written)'
                 error = f'{e.strerror}; the last good checkpoint is {last}'
@@ -788,7 +788,7 @@ class Checkpointer:
             raise DiskFullError(errno.ENOSPC, error)
         self.last_saved = self.run.path(filename)
 
-    def _write(self, filename, state, epoch, rng):
+    def _write(self, filename, state, epoch, rng, meters):
         atomic_save({
             'model': self.model.state_dict(),
             'optimizer': self.optimizer.state_dict(),
@@ -796,7 +796,7 @@ class Checkpointer:
             'config': self.run.config,
             'epoch': state.epoch if epoch is None else epoch,
             'resume': {'epoch': state.epoch, 'step': state.step, 'meters': state.meters, 'best': state.best,
-                       'best_epoch': state.best_epoch, 'extra': state.extra, 'rng': rng,
+                       'best_epoch': state.best_epoch, 'extra': state.extra, 'rng': rng, 'rank_meters': meters,
                        'scaler': self.run.scaler.state_dict() if self.run.scaler.is_enabled() else None},
         }, self.run.path(filename))
 
@@ -842,7 +842,9 @@ class Checkpointer:
         self.optimizer.load_state_dict(ckpt['optimizer'])
         self.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
         resume = ckpt.get('resume') or {'epoch': ckpt['epoch'] + 1, 'step': 0}
-        state = TrainState(epoch=resume['epoch'], step=resume['step'], meters=resume.get('meters'),
+        meters = resume.get('rank_meters')
+        meters = meters[self.run.rank] if meters and len(meters) == self.run.world_size else resume.get('meters')
+        state = TrainState(epoch=resume['epoch'], step=resume['step'], meters=meters,
                            best=resume.get('best'), best_epoch=resume.get('best_epoch'),
                            extra=resume.get('extra') or {})
         if resume.get('scaler') and self.run.scaler.is_enabled():
