@@ -10,7 +10,6 @@ A script is started in any of these ways, with the same code path:
 """
 import argparse
 import contextlib
-import difflib
 import errno
 import json
 import os
@@ -23,9 +22,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ruamel.yaml import YAML
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+import configuration
 import utils
+from configuration import ConfigError, check_keys, load_yaml  # noqa: F401 (also engine.ConfigError, ...)
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.tokenization_bert import BertTokenizer
 from optim import create_optimizer
@@ -44,10 +44,6 @@ AMP_MODES = ('bf16', 'fp16', 'off')
 OPTIMIZER_KEYS = {'opt', 'lr', 'weight_decay'}
 SCHEDULER_KEYS = {'sched', 'lr', 'epochs', 'min_lr', 'decay_rate', 'warmup_lr', 'warmup_epochs',
                   'cooldown_epochs'}
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the file and key in the message."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -100,36 +96,6 @@ def get_args_parser(config, output_dir):
                        help='intra-op CPU threads of each process (default: the cores this process may use, '
                             'shared among the processes of the node, less one per loader worker)')
     return parser
-
-
-def load_yaml(path):
-    if not os.path.isfile(path):
-        raise ConfigError(f'config file not found: {path}')
-    try:
-        with open(path) as f:
-            config = YAML(typ='safe').load(f)
-    except MarkedYAMLError as e:
-        mark = e.problem_mark
-        raise ConfigError(f'{path}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {e.problem}') from None
-    except YAMLError as e:
-        raise ConfigError(f'{path}: YAML syntax error: {e}') from None
-    if not isinstance(config, dict):
-        raise ConfigError(f'{path}: expected a mapping of keys to values at the top level')
-    return config
-
-
-def check_keys(config, path, required, optional, section=''):
-    """Every required key present, and no key outside required | optional (with a suggestion)."""
-    where = f'{path}: {section}' if section else f'{path}: '
-    known = set(required) | set(optional)
-    for key in config:  # unknown keys first: a misspelt required key is reported with its fix
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ''
-            raise ConfigError(f"{where}unknown key '{key}'{hint}")
-    for key in sorted(required):
-        if key not in config:
-            raise ConfigError(f"{where}missing required key '{key}'")
 
 
 def load_config(path, required, optional=()):
@@ -220,19 +186,11 @@ def setup(args, config):
 
 
 def check_output_dir(args):
-    """An output_dir holding checkpoints is only continued (--resume), started again (--overwrite:
-    returns the earlier run's files, which are removed when this run writes its first file) or
-    evaluated into (--evaluate writes its log beside the checkpoints)."""
-    out = args.output_dir
-    names = sorted(os.listdir(out)) if os.path.isdir(out) else []
-    checkpoints = [n for n in names if n.startswith('checkpoint') and n.endswith('.pth')]
-    if not checkpoints or args.resume or getattr(args, 'evaluate', False):
-        return []
-    if not getattr(args, 'overwrite', False):
-        raise ConfigError(f"{out} holds checkpoints of an earlier run ({', '.join(checkpoints)}): continue it with "
-                          f"--resume, start again with --overwrite, or choose another --output_dir")
-    replaced = checkpoints + [n for n in ('log.txt', 'config.yaml') if n in names]
-    print(f"--overwrite: this run replaces {', '.join(replaced)} in {out} (removed when it writes its first file)")
+    """configuration.check_output_dir, saying what --overwrite replaces."""
+    replaced = configuration.check_output_dir(args)
+    if replaced:
+        print(f"--overwrite: this run replaces {', '.join(replaced)} in {args.output_dir} "
+              f"(removed when it writes its first file)")
     return replaced
 
 

@@ -14,8 +14,6 @@ annotation file without its bad items to OUT_DIR under the same base name.
 from __future__ import annotations
 
 import argparse
-import ast
-import difflib
 import json
 import os
 import sys
@@ -79,42 +77,16 @@ def infer_task(config: dict) -> str:
     raise DataError("cannot tell the task from the config's keys or its first training item; pass --task")
 
 
-def _literal_sets(path: str, names: Sequence[str]) -> dict[str, set]:
-    """The literal set assignments `NAME = {...}` of a Python file, read without importing it (the
-    scripts and engine import torch, which takes long to load)."""
-    with open(path, encoding='utf-8') as f:
-        tree = ast.parse(f.read(), path)
-    found = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
-                and node.targets[0].id in names:
-            found[node.targets[0].id] = set(ast.literal_eval(node.value))
-    return found
-
-
 def config_key_problem(config: dict, path: str, task: str) -> str | None:
     """The first unknown or missing key of the config, as the task's script reports it, or None."""
-    script = TASK_SCRIPTS.get(task)
-    if script is None or not os.path.isfile(os.path.join(ROOT, script)):
+    from configuration import ConfigError, check_script_keys
+    script = os.path.join(ROOT, TASK_SCRIPTS.get(task, ''))
+    if not os.path.isfile(script):
         return None
-    schema = _literal_sets(os.path.join(ROOT, script), ('REQUIRED', 'OPTIONAL'))
-    common = _literal_sets(os.path.join(ROOT, 'engine.py'), ('COMMON_KEYS', 'OPTIMIZER_KEYS', 'SCHEDULER_KEYS'))
-    sections = [('', config, schema.get('REQUIRED', set()) | {'optimizer', 'schedular'},
-                 common['COMMON_KEYS'] | schema.get('OPTIONAL', set()))]
-    for key, required, optional in (('optimizer', common['OPTIMIZER_KEYS'], {'fused'}),
-                                    ('schedular', common['SCHEDULER_KEYS'], set())):
-        if isinstance(config.get(key), dict):
-            sections.append((f'{key}.', config[key], required, optional))
-    for section, values, required, optional in sections:
-        known = required | optional
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ''
-                return f"{path}: {section}unknown key '{key}'{hint}"
-        for key in sorted(required):
-            if key not in values:
-                return f"{path}: {section}missing required key '{key}'"
+    try:
+        check_script_keys(config, path, script)
+    except ConfigError as e:
+        return str(e)
     return None
 
 

@@ -457,3 +457,44 @@ def test_signals_in_two_processes(demo_config, tmp_path):
         assert code == 0, err[-3000:]
         assert f'resumed from {out / "checkpoint_last.pth"} at epoch 0' in stdout
         assert_same_end(out, reference)
+
+
+# ---- 8. config mistakes before the slow imports ----------------------------------------------------
+PROBE = """import runpy, sys
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+try:
+    runpy.run_path(sys.argv[0], run_name='__main__')
+except SystemExit as exit_info:
+    print(exit_info.code, 'torch' in sys.modules)
+"""
+
+
+@pytest.mark.parametrize('script', ['Pretrain.py', 'Retrieval.py', 'VQA.py', 'VE.py', 'NLVR.py', 'Grounding.py',
+                                    'Pretrain_nlvr.py'])
+def test_config_mistakes_are_reported_before_torch_is_imported(script, tmp_path):
+    config = tmp_path / 'config.yaml'
+    config.write_text('batch_szie: 8\n')
+    result = subprocess.run([sys.executable, '-c', PROBE, os.path.join(ROOT, script), '--config', str(config)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ['2', 'False'], result.stdout + result.stderr
+    error = result.stderr.strip()
+    assert error.startswith(f"error: {config}: unknown key 'batch_szie'"), error
+
+
+def test_precheck_paths(demo_config, tmp_path, earlier_run, capsys):
+    import configuration
+    config = write_config(demo_config, tmp_path, train_file=[str(tmp_path / 'none.json')])
+    script = os.path.join(ROOT, 'Pretrain.py')
+    for argv, message in (
+            (['--config', config], f'annotation file not found: {tmp_path / "none.json"}'),
+            (['--config', write_config(demo_config, tmp_path), '--checkpoint', str(tmp_path / 'no.pth')],
+             f'checkpoint not found: {tmp_path / "no.pth"}'),
+            (['--config', write_config(demo_config, tmp_path), '--output_dir', str(earlier_run)],
+             f'{earlier_run} holds checkpoints of an earlier run (checkpoint_00.pth, checkpoint_05.pth): continue it '
+             f'with --resume, start again with --overwrite, or choose another --output_dir')):
+        with pytest.raises(SystemExit) as exit_info:
+            configuration.precheck('__main__', script, argv)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip() == f'error: {message}'
+    configuration.precheck('__main__', script, ['--config', write_config(demo_config, tmp_path)])  # a good one
+    configuration.precheck('Pretrain', script, ['--config', str(tmp_path / 'nowhere.yaml')])  # imported: no check
