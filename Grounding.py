@@ -6,6 +6,9 @@ detection proposals, scored by IoU >= 0.5 with the ground truth on val, testA an
     python Grounding.py --config configs/Grounding.yaml --checkpoint refcoco.pth --output_dir out --evaluate
     python Grounding.py ... --gradcam_mode itc --block_num 8
 """
+import configuration
+configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
+
 import argparse
 
 import torch.distributed as dist

@@ -13,6 +13,9 @@ Parity:
 - the original also writes checkpoint_<epoch>.pth whenever val accuracy improves; like the other
   fine-tuning scripts we keep checkpoint_best.pth and checkpoint_last.pth.
 """
+import configuration
+configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
+
 import argparse
 
 import torch

@@ -3,6 +3,9 @@
     python Pretrain.py --config configs/Pretrain.yaml --output_dir output/Pretrain
     torchrun --nproc_per_node=8 Pretrain.py --config configs/Pretrain.yaml --output_dir output/Pretrain
 """
+import configuration
+configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
+
 import argparse
 
 import engine

@@ -3,6 +3,9 @@ which image of a pair (or neither) a text describes. Its checkpoint starts NLVR.
 
     python Pretrain_nlvr.py --config configs/NLVR_pretrain.yaml --checkpoint ALBEF.pth --output_dir out
 """
+import configuration
+configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
+
 import argparse
 
 import engine

@@ -4,6 +4,9 @@ evaluation by ITC candidates re-ranked with ITM.
     python Retrieval.py --config configs/Retrieval_flickr.yaml --checkpoint ALBEF.pth --output_dir out
     python Retrieval.py --config configs/Retrieval_coco.yaml --checkpoint mscoco.pth --output_dir out --evaluate
 """
+import configuration
+configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
+
 import argparse
 
 import torch

@@ -4,6 +4,9 @@ sentence? Fine-tuning with momentum distillation; accuracy on val and test after
     python VE.py --config configs/VE.yaml --checkpoint ALBEF.pth --output_dir output/VE
     python VE.py --config configs/VE.yaml --checkpoint output/VE/checkpoint_best.pth --output_dir out --evaluate
 """
+import configuration
+configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
+
 import argparse
 
 import engine

@@ -13,6 +13,9 @@ pre-normalised; that is not the official number).
 With `topk_answers: K` in the config, the K best answers of each question and their
 probabilities go to vqa_result_epoch<N>_top<K>.json as well.
 """
+import configuration
+configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
+
 import argparse
 import json
 import os

@@ -10,10 +10,11 @@ A script is started in any of these ways, with the same code path:
 """
 import argparse
 import contextlib
-import difflib
+import errno
 import json
 import os
 import random
+import signal
 import sys
 from dataclasses import dataclass, field
 
@@ -21,10 +22,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ruamel.yaml import YAML
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+import configuration
 import tracking
 import utils
+from configuration import ConfigError, check_keys, load_yaml  # noqa: F401 (also engine.ConfigError, ...)
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.tokenization_bert import BertTokenizer
 from optim import create_optimizer
@@ -37,7 +39,8 @@ COMMON_KEYS = {
     'bert_config', 'image_res', 'vision_width', 'vision_depth', 'vision_num_heads', 'patch_size',
     'text_encoder', 'init_text_encoder', 'num_workers', 'print_freq', 'save_every_steps',
     'skip_bad_images', 'check_images', 'augment', 'randaugment_autocontrast', 'optimizer', 'schedular', 'amp',
-    'accum_steps', 'grad_checkpointing', 'compile', 'log_to', 'trust_checkpoint',
+    'accum_steps', 'grad_checkpointing', 'compile', 'log_to', 'trust_checkpoint', 'keep_checkpoints',
+    'num_threads',
 }
 AMP_MODES = ('bf16', 'fp16', 'off')
 OPTIMIZER_KEYS = {'opt', 'lr', 'weight_decay'}
@@ -45,12 +48,20 @@ SCHEDULER_KEYS = {'sched', 'lr', 'epochs', 'min_lr', 'decay_rate', 'warmup_lr', 
                   'cooldown_epochs'}
 
 
-class ConfigError(ValueError):
-    """A configuration problem, with the file and key in the message."""
-
-
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written for lack of space (the message names the last good one)."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped training; `code` is the exit status (128 + the signal number)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
 
 
 # ---- arguments and configuration ----------------------------------------------------------------
@@ -74,6 +85,8 @@ def get_args_parser(config, output_dir):
     parser.add_argument('--trust_checkpoint', action='store_true', default=None,
                         help='fully unpickle a --checkpoint that holds Python objects besides tensors (only '
                              'for files from a source you trust; also the config key trust_checkpoint)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='start again in an --output_dir that holds checkpoints (they are replaced)')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument('--log_to', default=None,
                         help="where rank 0 also sends the step and epoch scalars: a comma-separated list of "
@@ -91,37 +104,10 @@ def get_args_parser(config, output_dir):
                             'back to eager mode if the compiler fails')
     speed.add_argument('--eval_amp', action='store_true',
                        help='evaluate under the training --amp precision (default: float32)')
+    speed.add_argument('--num_threads', type=int, default=None,
+                       help='intra-op CPU threads of each process (default: the cores this process may use, '
+                            'shared among the processes of the node, less one per loader worker)')
     return parser
-
-
-def load_yaml(path):
-    if not os.path.isfile(path):
-        raise ConfigError(f'config file not found: {path}')
-    try:
-        with open(path) as f:
-            config = YAML(typ='safe').load(f)
-    except MarkedYAMLError as e:
-        mark = e.problem_mark
-        raise ConfigError(f'{path}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {e.problem}') from None
-    except YAMLError as e:
-        raise ConfigError(f'{path}: YAML syntax error: {e}') from None
-    if not isinstance(config, dict):
-        raise ConfigError(f'{path}: expected a mapping of keys to values at the top level')
-    return config
-
-
-def check_keys(config, path, required, optional, section=''):
-    """Every required key present, and no key outside required | optional (with a suggestion)."""
-    where = f'{path}: {section}' if section else f'{path}: '
-    known = set(required) | set(optional)
-    for key in config:  # unknown keys first: a misspelt required key is reported with its fix
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ''
-            raise ConfigError(f"{where}unknown key '{key}'{hint}")
-    for key in sorted(required):
-        if key not in config:
-            raise ConfigError(f"{where}missing required key '{key}'")
 
 
 def load_config(path, required, optional=()):
@@ -147,6 +133,7 @@ class Run:
     accum_steps: int = 1
     scaler: object = None
     writer: object = None  # tracking.ScalarWriter (TensorBoard / W&B), rank 0 only
+    replaces: list = field(default_factory=list)  # --overwrite: the earlier run's files, removed at the first write
     _config_written: bool = False
 
     def autocast(self):
@@ -185,6 +172,9 @@ class Run:
         if self._config_written or not self.is_main:
             return
         os.makedirs(self.output_dir, exist_ok=True)
+        for name in self.replaces:  # announced at start-up by check_output_dir
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path(name))
         with open(self.path('config.yaml'), 'w') as f:
             YAML(typ='safe').dump(self.config, f)
         self._config_written = True
@@ -210,16 +200,55 @@ def setup(args, config):
     if args.text_encoder:
         config['text_encoder'] = args.text_encoder
     speed_options(args, config, device)
+    for key in ('keep_checkpoints', 'num_threads'):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f'{args.config}: {key}: expected a positive integer, got {value!r}')
     backends = log_to_option(args, config)
+    replaces = check_output_dir(args)
+    set_threads(args, config, device)
     run = Run(args=args, config=config, rank=args.rank, world_size=args.world_size, device=device,
               output_dir=args.output_dir, amp=config['amp'], accum_steps=config['accum_steps'],
-              scaler=torch.amp.GradScaler(device.type, enabled=config['amp'] == 'fp16'))
+              scaler=torch.amp.GradScaler(device.type, enabled=config['amp'] == 'fp16'), replaces=replaces)
     run.writer = tracking.ScalarWriter(run.output_dir, backends, config, enabled=run.is_main)
     if run.distributed:
         print(f'process {run.rank} of {run.world_size} on {device} ({dist.get_backend()})', force=True)
     else:
         print(f'single process on {device}')
     return run
+
+
+def check_output_dir(args):
+    """configuration.check_output_dir, saying what --overwrite replaces."""
+    replaced = configuration.check_output_dir(args)
+    if replaced:
+        print(f"--overwrite: this run replaces {', '.join(replaced)} in {args.output_dir} "
+              f"(removed when it writes its first file)")
+    return replaced
+
+
+def default_threads(num_workers, cores=None, local_processes=None):
+    """Intra-op threads for one process: the cores this process may run on (its affinity mask),
+    shared among the processes started on the node, less one core per data-loader worker."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    if local_processes is None:
+        local_processes = int(os.environ.get('LOCAL_WORLD_SIZE') or os.environ.get('SLURM_NTASKS_PER_NODE', '1')
+                              .split('(')[0] or 1)
+    return max(1, cores // max(local_processes, 1) - num_workers)
+
+
+def set_threads(args, config, device):
+    """--num_threads, else the config's num_threads, else OMP_NUM_THREADS when set, else
+    default_threads(). (DataLoader workers run one thread each.)"""
+    threads = getattr(args, 'num_threads', None) or config.get('num_threads')
+    if threads is None and os.environ.get('OMP_NUM_THREADS'):
+        return torch.get_num_threads()
+    if threads is not None and threads < 1:
+        raise ConfigError(f'--num_threads: expected a positive integer, got {threads}')
+    threads = threads or default_threads(config.get('num_workers', 4))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def speed_options(args, config, device):
@@ -298,7 +327,25 @@ class CompileFallback:
 
 
 def build_tokenizer(config):
-    return BertTokenizer.from_pretrained(config['text_encoder'])
+    tokenizer = BertTokenizer.from_pretrained(config['text_encoder'])
+    check_vocab_size(tokenizer, config)
+    return tokenizer
+
+
+def check_vocab_size(tokenizer, config):
+    """The tokenizer's word pieces must all have a row in the word-embedding table (`vocab_size` of
+    the bert_config); otherwise the first caption with a high token id fails deep in the model."""
+    path = config.get('bert_config')
+    try:
+        with open(path) as f:
+            vocab_size = json.load(f)['vocab_size']
+    except (TypeError, OSError, ValueError, KeyError):
+        return  # a missing or broken bert_config is reported where the model reads it
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(f"the tokenizer of {config['text_encoder']} has {len(tokenizer)} word pieces but {path} "
+                          f"sets vocab_size: {vocab_size} (the rows of the word-embedding table): set "
+                          f"vocab_size: {len(tokenizer)} in {path}, or point text_encoder at the vocabulary the "
+                          f"config was made for")
 
 
 def bert_weights(config):
@@ -444,11 +491,47 @@ class CountSkipped:
 def train_loader(dataset, batch_size, run, config, collate_fn=None):
     """Shuffled, resumable training batches; iterating yields (batch, images skipped)."""
     sampler = ResumableSampler(dataset, run.world_size, run.rank, seed=run.args.seed)
+    check_batch_count(len(dataset), batch_size, run, getattr(dataset, 'ann_files', None))
+    if run.tokenizer is not None:
+        check_vocabulary(dataset, run)
     num_workers = config.get('num_workers', 4)
     return torch.utils.data.DataLoader(
         SeededSamples(dataset, run.args.seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         collate_fn=CountSkipped(collate_fn), drop_last=True, pin_memory=run.device.type == 'cuda',
-        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(run.args.seed))
+        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(run.args.seed),
+        worker_init_fn=_worker_init)
+
+
+def _worker_init(worker_id):
+    # the main process decides when to stop (SIGINT from Ctrl-C and SLURM's SIGTERM reach the workers too)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def check_batch_count(num_items, batch_size, run, files=None):
+    """Too few items for one batch per process is an error; the items that drop_last leaves out of
+    every epoch are reported once."""
+    if getattr(run.args, 'evaluate', False):
+        return
+    where = f" in {', '.join(map(str, files))}" if files else ''
+    per_process = -(-num_items // run.world_size)  # DistributedSampler pads every rank to this
+    if num_items < batch_size * run.world_size:
+        raise ConfigError(f'{num_items} training items{where} are too few for one batch of {batch_size} in each of '
+                          f'{run.world_size} process(es) (at least {batch_size * run.world_size} needed): lower '
+                          f'batch_size in {run.args.config} or add items')
+    steps = per_process // batch_size
+    used = steps * batch_size * run.world_size
+    if used < num_items:
+        print(f'drop_last: {num_items - used} of {num_items} training items are left out of each epoch '
+              f'({steps} batches of {batch_size} in each of {run.world_size} process(es))')
+
+
+def check_vocabulary(dataset, run, limit=0.05):
+    """Warn once when more than `limit` of the word pieces of the training texts are [UNK]."""
+    from dataset.check import unk_report
+    message = unk_report(dataset, run.tokenizer, run.config['text_encoder'], limit=limit)
+    if message:
+        print(f'warning: {message}', file=sys.stderr, flush=True)
 
 
 def eval_loader(dataset, batch_size, run, config, collate_fn=None, distributed=True):
@@ -460,7 +543,7 @@ def eval_loader(dataset, batch_size, run, config, collate_fn=None, distributed=T
     num_workers = config.get('num_workers', 4)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                        collate_fn=collate_fn, shuffle=False, drop_last=False,
-                                       pin_memory=run.device.type == 'cuda')
+                                       pin_memory=run.device.type == 'cuda', worker_init_fn=_worker_init)
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -473,6 +556,75 @@ class TrainState:
     best: float = None
     best_epoch: int = None
     extra: dict = field(default_factory=dict)
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (SLURM pre-emption, `kill`) while `fit` trains are remembered
+    instead of stopping the process mid-step: the loop asks `requested(run)` between optimizer
+    steps, which every rank answers the same (the signal any rank received), so all ranks stop
+    together at the same step. A second signal is taken as the same request (torchrun passes a
+    Ctrl-C on to its workers, which had it already); before training, and at a third signal,
+    SIGINT stops at once (KeyboardInterrupt) and SIGTERM ends the process as usual. `launch`
+    installs the handlers."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self.count, self.active, self.previous, self.group = 0, 0, False, {}, None
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        if not self.active or self.count > 2:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = self.signum or signum
+
+    def install(self):
+        self.signum, self.count, self.active = 0, 0, False
+        try:
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        except ValueError:  # not the main thread: the handlers stay as they are
+            self.previous = {}
+
+    def uninstall(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous, self.active, self.group = {}, False, None
+
+    def start(self, run):
+        """Training begins: defer signals from now on (only where `launch` installed the handlers)."""
+        if not self.previous:
+            return
+        if run.distributed and self.group is None:
+            # a CPU group for the flag, so asking every step needs no device synchronisation
+            self.group = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else dist.group.WORLD
+        self.active = True
+
+    def requested(self, run):
+        """The signal number to stop for (0: go on), the same on every rank."""
+        if not self.active:
+            return 0
+        if not run.distributed:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag.item())
+
+
+SIGNALS = StopSignals()
+
+
+def stop(signum, epoch, step, what):
+    """End training after a signal: exit status 128 + the signal number (130 SIGINT, 143 SIGTERM)."""
+    raise Interrupted(f'interrupted at epoch {epoch}, step {step}; {what}; continue with --resume', 128 + signum)
+
+
+def _since(checkpointer):
+    name = os.path.basename(checkpointer.last_saved) if checkpointer and checkpointer.last_saved else None
+    return f'nothing trained since {name}' if name else 'nothing was trained, so no checkpoint was written'
 
 
 class LossGuard:
@@ -516,6 +668,7 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
     print_freq = config.get('print_freq', 50)
     guard = LossGuard()
     skipped = state.extra.get('skipped_images', 0) if state.step else 0
+    saved_step = state.step  # the step the newest checkpoint continues from
 
     accum = run.accum_steps
     bare_model = getattr(model, 'module', model)  # under DistributedDataParallel
@@ -559,6 +712,18 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
             guard.check()
             state.meters, state.extra['skipped_images'] = logger.state_dict(), skipped
             checkpointer.save('checkpoint_last.pth', state)
+            saved_step = state.step
+        # a signal stops between optimizer steps; at the epoch's last step the epoch is finished first
+        if SIGNALS.active and state.step % accum == 0 and state.step < num_steps \
+                and (signum := SIGNALS.requested(run)):
+            if checkpointer and state.step > saved_step:
+                guard.check()
+                state.meters, state.extra['skipped_images'] = logger.state_dict(), skipped
+                checkpointer.save('checkpoint_last.pth', state)
+                saved_step = state.step
+            written = checkpointer and checkpointer.last_saved == checkpointer.run.path('checkpoint_last.pth') \
+                and saved_step == state.step
+            stop(signum, epoch, state.step, 'checkpoint_last.pth written' if written else _since(checkpointer))
     bare_model.momentum_paused = False
     guard.check()
     logger.synchronize_between_processes()
@@ -584,6 +749,7 @@ def fit(model, loader, optimizer, lr_scheduler, run, state, checkpointer, train_
     """
     warmup_epochs = run.config['schedular']['warmup_epochs']
     print('Start evaluation' if evaluate_only else 'Start training')
+    SIGNALS.start(run)
     for epoch in range(state.epoch, run.config['schedular']['epochs']):
         state.epoch = epoch
         stats = {}
@@ -595,21 +761,26 @@ def fit(model, loader, optimizer, lr_scheduler, run, state, checkpointer, train_
         if evaluate is not None:
             with run.eval_precision():
                 stats.update(evaluate(epoch))
-        log_stats(run, {**stats, 'epoch': epoch})
         if evaluate_only:
+            log_stats(run, {**stats, 'epoch': epoch})
             return stats
         lr_scheduler.step(epoch + warmup_epochs + 1)
         state.epoch = epoch + 1
         if evaluate is None:
             checkpointer.save(f'checkpoint_{epoch:02d}.pth', state, epoch=epoch)
-            continue
-        if state.best is None or float(stats[best_key]) > state.best:
-            state.best, state.best_epoch = float(stats[best_key]), epoch
-            checkpointer.save('checkpoint_best.pth', state, epoch=epoch)
-        checkpointer.save('checkpoint_last.pth', state, epoch=epoch)
+            checkpointer.prune(run.config.get('keep_checkpoints'))
+        else:
+            if state.best is None or float(stats[best_key]) > state.best:
+                state.best, state.best_epoch = float(stats[best_key]), epoch
+                checkpointer.save('checkpoint_best.pth', state, epoch=epoch)
+            checkpointer.save('checkpoint_last.pth', state, epoch=epoch)
+        log_stats(run, {**stats, 'epoch': epoch})  # only once the epoch's checkpoints are safely on disk
+        if epoch + 1 < run.config['schedular']['epochs'] and (signum := SIGNALS.requested(run)):
+            stop(signum, epoch + 1, 0, f'{os.path.basename(checkpointer.last_saved)} written')
     if evaluate is not None and run.is_main and state.best_epoch is not None:
         with open(run.path('log.txt'), 'a') as f:
             f.write(f'best epoch: {state.best_epoch}\n')
+    SIGNALS.active = False  # what the script does after training stops at a signal as before
     return None
 
 
@@ -633,14 +804,37 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
+DISK_FULL = {errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC)}
+
+
+def _disk_full(error):
+    """Whether `error` (or an error it wraps: torch.save reports a failed write as a RuntimeError)
+    is a full disk or an exceeded quota."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            return True
+        if 'No space left on device' in str(error) or 'Disk quota exceeded' in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def atomic_save(obj, path):
-    """Write to a temporary file beside `path`, then rename: a crash never leaves a torn file."""
+    """Write to a temporary file beside `path`, then rename: a crash never leaves a torn file, and a
+    failed write (a full disk: DiskFullError) leaves no temporary file behind."""
     tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(error, Exception) and _disk_full(error):
+            raise DiskFullError(errno.ENOSPC, f'no space left on device writing {path}') from None
+        raise
 
 
 class Checkpointer:
@@ -648,30 +842,56 @@ class Checkpointer:
 
     def __init__(self, run, model, optimizer, lr_scheduler):
         self.run, self.model, self.optimizer, self.lr_scheduler = run, model, optimizer, lr_scheduler
+        self.last_saved = None  # the newest checkpoint file this run wrote or resumed from
 
     def save(self, filename, state, epoch=None):
         """Rank 0 writes {'model', 'optimizer', 'lr_scheduler', 'config', 'epoch'} (the original's
         format) plus what exact resume needs: position, meters and every rank's RNG states."""
         rng = _rng_state()
-        if self.run.distributed:
+        if self.run.distributed:  # every rank's RNG states and meters (the epoch averages sum them)
             gathered = [None] * self.run.world_size
-            dist.all_gather_object(gathered, rng)
-            rng = gathered
+            dist.all_gather_object(gathered, (rng, state.meters))
+            rng, meters = [g[0] for g in gathered], [g[1] for g in gathered]
         else:
-            rng = [rng]
+            rng, meters = [rng], [state.meters]
+        error = None
         if self.run.is_main:
             self.run.write_config()
-            atomic_save({
-                'model': self.model.state_dict(),
-                'optimizer': self.optimizer.state_dict(),
-                'lr_scheduler': self.lr_scheduler.state_dict(),
-                'config': self.run.config,
-                'epoch': state.epoch if epoch is None else epoch,
-                'resume': {'epoch': state.epoch, 'step': state.step, 'meters': state.meters, 'best': state.best,
-                           'best_epoch': state.best_epoch, 'extra': state.extra, 'rng': rng,
-                           'scaler': self.run.scaler.state_dict() if self.run.scaler.is_enabled() else None},
-            }, self.run.path(filename))
-        utils.barrier()
+            try:
+                self._write(filename, state, epoch, rng, meters)
+            except DiskFullError as e:
+                last = self.last_saved or 'none (no checkpoint was written)'
+                error = f'{e.strerror}; the last good checkpoint is {last}'
+        if self.run.distributed:  # every rank learns whether rank 0 could write (and waits for it)
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise DiskFullError(errno.ENOSPC, error)
+        self.last_saved = self.run.path(filename)
+
+    def _write(self, filename, state, epoch, rng, meters):
+        atomic_save({
+            'model': self.model.state_dict(),
+            'optimizer': self.optimizer.state_dict(),
+            'lr_scheduler': self.lr_scheduler.state_dict(),
+            'config': self.run.config,
+            'epoch': state.epoch if epoch is None else epoch,
+            'resume': {'epoch': state.epoch, 'step': state.step, 'meters': state.meters, 'best': state.best,
+                       'best_epoch': state.best_epoch, 'extra': state.extra, 'rng': rng, 'rank_meters': meters,
+                       'scaler': self.run.scaler.state_dict() if self.run.scaler.is_enabled() else None},
+        }, self.run.path(filename))
+
+    def prune(self, keep):
+        """Keep the newest `keep` epoch checkpoints (checkpoint_NN.pth); None keeps all."""
+        if keep is None or not self.run.is_main:
+            return
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ConfigError(f'keep_checkpoints: expected a positive integer, got {keep!r}')
+        names = sorted(n for n in os.listdir(self.run.output_dir)
+                       if n.startswith('checkpoint_') and n.endswith('.pth') and n[11:-4].isdigit())
+        for name in names[:-keep]:
+            os.remove(self.run.path(name))
 
     def newest(self):
         """(path, checkpoint) of the checkpoint in output_dir that is furthest along, or None.
@@ -710,7 +930,9 @@ class Checkpointer:
         self.optimizer.load_state_dict(ckpt['optimizer'])
         self.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
         resume = ckpt.get('resume') or {'epoch': ckpt['epoch'] + 1, 'step': 0}
-        state = TrainState(epoch=resume['epoch'], step=resume['step'], meters=resume.get('meters'),
+        meters = resume.get('rank_meters')
+        meters = meters[self.run.rank] if meters and len(meters) == self.run.world_size else resume.get('meters')
+        state = TrainState(epoch=resume['epoch'], step=resume['step'], meters=meters,
                            best=resume.get('best'), best_epoch=resume.get('best_epoch'),
                            extra=resume.get('extra') or {})
         if resume.get('scaler') and self.run.scaler.is_enabled():
@@ -721,6 +943,7 @@ class Checkpointer:
         elif rng:
             print(f'resuming with {self.run.world_size} processes from a run with {len(rng)}: '
                   f'random streams are not continued')
+        self.last_saved = path
         print(f'resumed from {path} at epoch {state.epoch}, step {state.step}')
         return state
 
@@ -769,12 +992,22 @@ def launch(main, parser, argv=None):
     """Parse arguments and run `main(args)`; bad input ends with a one-line error and exit status 2."""
     from dataset import DataError
     args = parser.parse_args(argv)
+    SIGNALS.install()
     try:
         main(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, NonFiniteLossError) as error:
-        print(f'error: {short_message(error)}', file=sys.stderr, flush=True)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, NonFiniteLossError, DiskFullError) as error:
+        message = error.strerror if isinstance(error, DiskFullError) else short_message(error)
+        print(f'error: {message}', file=sys.stderr, flush=True)
         sys.exit(2)
+    except Interrupted as interrupt:
+        print(interrupt, file=sys.stderr, flush=True)
+        sys.exit(interrupt.code)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print('interrupted; nothing more was written (continue with --resume from the last checkpoint, if any)',
+              file=sys.stderr, flush=True)
+        sys.exit(130)
     finally:
+        SIGNALS.uninstall()
         tracking.close_all()
         if utils.is_dist_avail_and_initialized():
             dist.destroy_process_group()

@@ -17,12 +17,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
-# Parity: the original sets these globally (caption_dataset.py); every dataset module imports this one.
-ImageFile.LOAD_TRUNCATED_IMAGES = True
+# The original sets LOAD_TRUNCATED_IMAGES globally, which trains on a cut-off file's missing part
+# as grey without a word; here a truncated image is unreadable (an error, or skipped with
+# `skip_bad_images`). Very large images are allowed, as in the original.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = None
+
+# modes with more than 8 bits per sample (16-bit and 32-bit greyscale, float)
+HIGH_BIT_DEPTH_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F')
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +44,8 @@ class ImageError(DataError):
 @dataclass(frozen=True)
 class Problem:
     """One problem found in the data. `index` is the item's position in `file` (None for a problem
-    with the whole file). `kind` is 'file', 'item', 'missing_image' or 'bad_image'."""
+    with the whole file). `kind` is 'file', 'item', 'missing_image' or 'bad_image', or 'note' for
+    something that is not wrong but worth knowing (a 16-bit image)."""
     kind: str
     file: str
     index: int | None
@@ -84,11 +91,30 @@ def read_json_list(path: str) -> list:
     return data
 
 
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """8-bit RGB. A high-bit-depth greyscale image (a 16-bit PNG, mode I;16) is scaled by its
+    actual range, darkest pixel to 0 and brightest to 255 (PIL's own conversion clips it to 255,
+    an all-white image); a flat image keeps its level relative to the mode's full scale."""
+    if img.mode not in HIGH_BIT_DEPTH_MODES:
+        return img.convert('RGB')
+    values = np.asarray(img, dtype=np.float64)
+    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(values.min()), float(values.max())
+    if high > low:
+        values = (values - low) * (255.0 / (high - low))
+    else:
+        full = 65535.0 if img.mode.startswith('I;16') else (1.0 if img.mode == 'F' else 2.0 ** 31 - 1)
+        values = np.full_like(values, min(max(low / full, 0.0), 1.0) * 255.0)
+    return Image.fromarray(np.rint(values).astype(np.uint8), 'L').convert('RGB')
+
+
 def load_rgb(path: str, where: str) -> Image.Image:
-    """Open `path` as an RGB PIL image; `where` ('item i of file') goes into the error message."""
+    """Open and fully decode `path` as an 8-bit RGB PIL image (`to_rgb8`); `where` ('item i of
+    file') goes into the error message. A truncated file is unreadable."""
     try:
         with Image.open(path) as img:
-            return img.convert('RGB')
+            img.load()
+            return to_rgb8(img)
     except FileNotFoundError:
         raise ImageError(f'image not found: {path} ({where})') from None
     except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, ...)
@@ -96,15 +122,21 @@ def load_rgb(path: str, where: str) -> Image.Image:
 
 
 def probe_image(path: str, where: str) -> tuple[str, str] | None:
-    """Check that `path` exists and that PIL can open and verify it. Returns None if so, else
-    (kind, message) with kind 'missing_image' or 'bad_image'."""
+    """Check that `path` exists and that PIL can verify it and decode it fully, as training does.
+    Returns None if so, else (kind, message) with kind 'missing_image', 'bad_image', or 'note'
+    (a high-bit-depth image, which training scales to 8 bits by its range)."""
     if not os.path.isfile(path):
         return 'missing_image', f'image not found: {path} ({where})'
     try:
         with Image.open(path) as img:
             img.verify()
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
     except Exception as e:
         return 'bad_image', f'cannot read image {path} ({where}): {_one_line(e)}'
+    if mode in HIGH_BIT_DEPTH_MODES:
+        return 'note', f'image {path} ({where}) has mode {mode}: scaled to 8 bits by its range of values'
     return None
 
 
@@ -113,6 +145,17 @@ def type_problem(item: dict, key: str, expected: type | tuple[type, ...], what: 
     if isinstance(item[key], expected):
         return None
     return f"has '{key}' of type {type(item[key]).__name__} (expected {what})"
+
+
+def list_problem(item: dict, key: str) -> str | None:
+    """'has a non-string in <key> ...' when item[key] is a list with an element that is not a string."""
+    value = item[key]
+    if not isinstance(value, list):
+        return None
+    for position, element in enumerate(value):
+        if not isinstance(element, str):
+            return f"has {_json_type(element)} at position {position} of its '{key}' list (expected strings)"
+    return None
 
 
 class AnnotationDataset(Dataset):

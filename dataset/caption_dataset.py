@@ -5,7 +5,7 @@ import os
 import random
 from typing import Callable, Sequence
 
-from .base import AnnotationDataset, type_problem
+from .base import AnnotationDataset, list_problem, type_problem
 from .utils import pre_caption
 
 
@@ -25,7 +25,8 @@ class pretrain_dataset(AnnotationDataset):
         caption = item['caption']
         if isinstance(caption, list) and not caption:
             return "has an empty 'caption' list"
-        return type_problem(item, 'caption', (str, list), 'a string or a list of strings')
+        return (type_problem(item, 'caption', (str, list), 'a string or a list of strings')
+                or list_problem(item, 'caption'))
 
     def image_paths(self, item: dict) -> list[str]:
         return [item['image']]
@@ -97,7 +98,7 @@ class re_eval_dataset(AnnotationDataset):
                 self.txt2img[txt_id] = img_id
 
     def item_problem(self, item: dict) -> str | None:
-        return type_problem(item, 'caption', list, 'a list of strings')
+        return type_problem(item, 'caption', list, 'a list of strings') or list_problem(item, 'caption')
 
     def image_paths(self, item: dict) -> list[str]:
         return [os.path.join(self.image_root, item['image'])]

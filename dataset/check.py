@@ -2,10 +2,13 @@
 
     python -m dataset.check configs/Retrieval_flickr.yaml [--task re] [--write-clean OUT_DIR]
 
-Reads the YAML, finds the task from its keys (or `--task`), reads every annotation file of every
-split, checks each item's keys and values as the dataset classes do, and opens and verifies every
-image with PIL. Every problem is printed on its own line, then a summary. The exit status is 1 if
-anything was found, else 0 (2 for an unusable config). `--write-clean OUT_DIR` writes each
+Reads the YAML and checks its keys against the task script's (unknown and missing keys are an
+unusable config, as for the scripts), finds the task from its keys (or `--task`), reads every
+annotation file of every split, checks each item's keys and values as the dataset classes do, and
+opens, verifies and fully decodes every image with PIL (a truncated file is unreadable; a 16-bit
+image is noted). It then measures how much of the training text the config's vocabulary
+(`text_encoder`) reads as [UNK]. Every problem is printed on its own line, then a summary. The
+exit status is 1 if anything was found, else 0 (2 for an unusable config). `--write-clean OUT_DIR` writes each
 annotation file without its bad items to OUT_DIR under the same base name.
 """
 from __future__ import annotations
@@ -21,6 +24,13 @@ from ruamel.yaml import YAML
 
 from . import TASKS
 from .base import DataError, Problem, as_file_list, read_json_list
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the script that trains each task, whose REQUIRED / OPTIONAL key sets the config must satisfy
+TASK_SCRIPTS = {'pretrain': 'Pretrain.py', 're': 'Retrieval.py', 'vqa': 'VQA.py', 've': 'VE.py',
+                'nlvr': 'NLVR.py', 'grounding': 'Grounding.py'}
+UNK_LIMIT = 0.05  # above this share of [UNK] word pieces the scripts warn
+TEXT_KEYS = ('caption', 'sentence', 'question', 'text')
 
 
 def load_config(path: str) -> dict:
@@ -65,6 +75,90 @@ def infer_task(config: dict) -> str:
     if 'batch_size_train' in config:
         return 've'
     raise DataError("cannot tell the task from the config's keys or its first training item; pass --task")
+
+
+def config_key_problem(config: dict, path: str, task: str) -> str | None:
+    """The first unknown or missing key of the config, as the task's script reports it, or None."""
+    from configuration import ConfigError, check_script_keys
+    script = os.path.join(ROOT, TASK_SCRIPTS.get(task, ''))
+    if not os.path.isfile(script):
+        return None
+    try:
+        check_script_keys(config, path, script)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def sample_texts(items: Sequence, limit: int = 1000) -> list[str]:
+    """Up to `limit` texts (captions, sentences, questions; the first of a caption list) from items
+    spread evenly over `items`."""
+    texts: list[str] = []
+    step = max(1, len(items) // limit)
+    for index in range(0, len(items), step):
+        item = items[index]
+        if not isinstance(item, dict):
+            continue
+        for key in TEXT_KEYS:
+            value = item.get(key)
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if isinstance(value, str):
+                texts.append(value)
+    return texts[:limit]
+
+
+def unk_rate(texts: Sequence[str], tokenizer) -> tuple[float, list[str]]:
+    """(share of the texts' word pieces that are [UNK], the three texts with the largest share)."""
+    total = unknown = 0
+    shares = []
+    for text in texts:
+        pieces = tokenizer.tokenize(text)
+        count = sum(piece == tokenizer.unk_token for piece in pieces)
+        total, unknown = total + len(pieces), unknown + count
+        if count:
+            shares.append((-count / len(pieces), len(shares), text))
+    return unknown / max(total, 1), [text for _, _, text in sorted(shares)[:3]]
+
+
+def vocabulary_path(text_encoder: str) -> str:
+    path = os.path.join(str(text_encoder), 'vocab.txt')
+    return path if os.path.isfile(path) else str(text_encoder)
+
+
+def unk_report(dataset, tokenizer, text_encoder: str, limit: float = UNK_LIMIT, always: bool = False) -> str | None:
+    """One line on the [UNK] share of a sample of the dataset's texts: when it is above `limit`
+    (or `always`), else None."""
+    texts = sample_texts(getattr(dataset, 'ann', dataset))
+    if not texts:
+        return None
+    rate, examples = unk_rate(texts, tokenizer)
+    if rate <= limit and not always:
+        return None
+    line = (f'{rate:.1%} of the word pieces of {len(texts)} sampled training texts are [UNK] in the vocabulary '
+            f'{vocabulary_path(text_encoder)}')
+    if rate > limit:
+        line += (f" (above {limit:.0%}; e.g. {'; '.join(repr(t) for t in examples)}): use a text_encoder whose "
+                 f"vocabulary covers these texts")
+    return line
+
+
+def vocabulary_line(config: dict) -> str:
+    """dataset.check's report on the [UNK] share of the training texts."""
+    text_encoder = config.get('text_encoder', 'bert-base-uncased')
+    items = []
+    for path in as_file_list(config.get('train_file', [])):
+        try:
+            items += read_json_list(path)
+        except DataError:
+            continue
+    try:
+        from models.tokenization_bert import BertTokenizer
+        tokenizer = BertTokenizer.from_pretrained(text_encoder)
+    except Exception as e:  # offline, a missing directory, ...
+        return f'vocabulary: cannot load the tokenizer of {text_encoder} ({str(e).splitlines()[0][:200]})'
+    line = unk_report(items, tokenizer, text_encoder, always=True)
+    return f'vocabulary: {line}' if line else 'vocabulary: no training texts to measure'
 
 
 def scan(config: dict, task: str, workers: int = 8, progress: bool = True) -> tuple[list[Problem], dict[str, int]]:
@@ -160,10 +254,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # YAML syntax errors span several lines; keep the first
         print(f'error: {args.config}: {str(e).splitlines()[0] if str(e) else type(e).__name__}', file=sys.stderr)
         return 2
+    problem = config_key_problem(config, args.config, task)
+    if problem:
+        print(f'error: {problem}', file=sys.stderr)
+        return 2
     print(f'checking the {task} data of {args.config}', file=sys.stderr)
     problems, counts = scan(config, task, workers=args.workers, progress=not args.no_progress)
+    notes = [p for p in problems if p.kind == 'note']
+    problems = [p for p in problems if p.kind != 'note']
     for problem in problems:
         print(problem.message)
+    for note in notes:
+        print(f'note: {note.message}')
+    print(vocabulary_line(config))
     print(summary(problems, counts))
     if args.write_clean:
         write_clean(problems, counts, args.write_clean)

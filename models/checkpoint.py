@@ -279,6 +279,9 @@ def load_checkpoint(model, checkpoint, allow_new_heads=True, sync_momentum=True,
         if key in state_dict and module is not None:
             state_dict[key] = interpolate_pos_embed(state_dict[key], module)
 
+    vocab_problem = word_embedding_problem(state_dict, own, source)
+    if vocab_problem:
+        raise CheckpointError(vocab_problem)
     wrong_shape = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}'
                    for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
     missing = [k for k in own if k not in state_dict]
@@ -304,6 +307,18 @@ def load_checkpoint(model, checkpoint, allow_new_heads=True, sync_momentum=True,
     report = LoadReport(str(source), description, missing, unexpected, from_online)
     print(report)
     return report
+
+
+def word_embedding_problem(state_dict, own, source):
+    """A checkpoint whose word-embedding table has another number of rows than the model's
+    (`vocab_size` of the bert_config, which the tokenizer's vocabulary must fit): both sizes."""
+    for key, value in own.items():
+        if key.endswith('embeddings.word_embeddings.weight') and key in state_dict \
+                and state_dict[key].shape[0] != value.shape[0]:
+            return (f'{source}: its word embeddings ({key}) have {state_dict[key].shape[0]} rows but the configured '
+                    f'vocabulary has {value.shape[0]} (vocab_size of the bert_config): use the bert_config and '
+                    f'text_encoder the checkpoint was trained with')
+    return None
 
 
 def _may_be_missing(model, key, allow_new_heads):

@@ -16,6 +16,11 @@ def write_json(path, data):
     return str(path)
 
 
+def task_config(name, **data):
+    """configs/<name>.yaml with the data keys replaced (dataset.check checks the keys as the scripts do)."""
+    return {**load_config(os.path.join(CONFIGS, f'{name}.yaml')), **data}
+
+
 def write_config(path, config):
     lines = [f'{key}: {json.dumps(value)}' for key, value in config.items()]  # JSON values are YAML
     path.write_text('\n'.join(lines) + '\n')
@@ -39,8 +44,8 @@ def retrieval(tmp_path):
     ])
     test = write_json(tmp_path / 'test.json', [{'image': 'a.jpg', 'caption': ['x', 'y']},
                                                {'image': 'b.jpg', 'caption': ['z']}])
-    config = {'train_file': [train], 'val_file': test, 'test_file': test, 'image_root': str(root),
-              'image_res': 16, 'k_test': 2}
+    config = task_config('Retrieval_flickr', train_file=[train], val_file=test, test_file=test, image_root=str(root),
+                         image_res=16, k_test=2)
     return {'config': write_config(tmp_path / 'config.yaml', config), 'train': train, 'test': test,
             'root': str(root), 'tmp': tmp_path, 'dict': config}
 
@@ -62,7 +67,10 @@ def test_clean_data_exits_0(retrieval, capsys):
     clean = write_json(retrieval['tmp'] / 'clean.json', [{'image': 'a.jpg', 'caption': 'ok', 'image_id': 0}])
     config = write_config(retrieval['tmp'] / 'clean.yaml', dict(retrieval['dict'], train_file=[clean]))
     assert main([config, '--task', 're', '--no-progress']) == 0
-    assert capsys.readouterr().out.splitlines() == ['OK: 3 items in 2 annotation files, no problems']
+    lines = capsys.readouterr().out.splitlines()
+    # the share of [UNK] word pieces is a report, not a problem (it depends on the config's text_encoder)
+    assert len(lines) == 2 and lines[0].startswith('vocabulary: ')
+    assert lines[1] == 'OK: 3 items in 2 annotation files, no problems'
 
 
 def test_unusable_annotation_files_are_reported_with_the_rest(retrieval, capsys):
@@ -102,8 +110,8 @@ def test_vqa_answer_list_and_roots(tmp_path, capsys):
         {'dataset': 'vqa', 'image': 'a.jpg', 'question': 'q', 'answer': ['x']},
         {'dataset': 'vg', 'image': 'a.jpg', 'question': 'q', 'answer': 'y'}])
     test = write_json(tmp_path / 'test.json', [{'dataset': 'vqa', 'image': 'a.jpg', 'question': 'q', 'question_id': 1}])
-    config = {'train_file': [train], 'test_file': [test], 'answer_list': str(tmp_path / 'answers.json'),
-              'vqa_root': str(root), 'vg_root': str(tmp_path / 'vg')}
+    config = task_config('VQA', train_file=[train], test_file=[test], answer_list=str(tmp_path / 'answers.json'),
+                         vqa_root=str(root), vg_root=str(tmp_path / 'vg'))
     assert main([write_config(tmp_path / 'vqa.yaml', config), '--no-progress']) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[:2] == [f"image not found: {tmp_path / 'vg' / 'a.jpg'} (item 1 of {train})",

@@ -1,0 +1,130 @@
+"""Config checks that need neither torch nor the models, so that a mistake in the config or the
+command line is reported within a second instead of after the slow imports.
+
+A task script calls `precheck(__name__, __file__)` before its other imports. When it runs as the
+main program with `--config`, that reads the YAML, checks its keys against the script's
+`REQUIRED` / `OPTIONAL` sets and engine's common keys (read from the source files, not imported),
+checks that the annotation files, the `--checkpoint` and the `--output_dir` fit, and otherwise
+lets the script start as usual, where the same checks run again with everything else. A problem
+ends the process with one line on stderr and exit status 2, as in `engine.launch`.
+"""
+import argparse
+import ast
+import difflib
+import os
+import sys
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+ANNOTATION_KEYS = ('train_file', 'val_file', 'test_file')
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and key in the message."""
+
+
+def load_yaml(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f'config file not found: {path}')
+    try:
+        with open(path) as f:
+            config = YAML(typ='safe').load(f)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark
+        raise ConfigError(f'{path}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {e.problem}') from None
+    except YAMLError as e:
+        raise ConfigError(f'{path}: YAML syntax error: {e}') from None
+    if not isinstance(config, dict):
+        raise ConfigError(f'{path}: expected a mapping of keys to values at the top level')
+    return config
+
+
+def check_keys(config, path, required, optional, section=''):
+    """Every required key present, and no key outside required | optional (with a suggestion)."""
+    where = f'{path}: {section}' if section else f'{path}: '
+    known = set(required) | set(optional)
+    for key in config:  # unknown keys first: a misspelt required key is reported with its fix
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ''
+            raise ConfigError(f"{where}unknown key '{key}'{hint}")
+    for key in sorted(required):
+        if key not in config:
+            raise ConfigError(f"{where}missing required key '{key}'")
+
+
+def literal_sets(path, names):
+    """The literal set assignments `NAME = {...}` at the top level of a Python file, read without
+    importing it."""
+    with open(path, encoding='utf-8') as f:
+        tree = ast.parse(f.read(), path)
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                and node.targets[0].id in names:
+            found[node.targets[0].id] = set(ast.literal_eval(node.value))
+    return found
+
+
+def check_script_keys(config, path, script):
+    """The config's keys against a task script's schema, as engine.load_config checks them."""
+    schema = literal_sets(script, ('REQUIRED', 'OPTIONAL'))
+    common = literal_sets(os.path.join(ROOT, 'engine.py'), ('COMMON_KEYS', 'OPTIMIZER_KEYS', 'SCHEDULER_KEYS'))
+    check_keys(config, path, schema.get('REQUIRED', set()) | {'optimizer', 'schedular'},
+               common['COMMON_KEYS'] | schema.get('OPTIONAL', set()))
+    check_keys(config['optimizer'], path, common['OPTIMIZER_KEYS'], {'fused'}, 'optimizer.')
+    check_keys(config['schedular'], path, common['SCHEDULER_KEYS'], (), 'schedular.')
+
+
+def check_output_dir(args):
+    """An output_dir holding checkpoints is only continued (--resume), started again (--overwrite:
+    returns the earlier run's files, which are removed when this run writes its first file) or
+    evaluated into (--evaluate writes its log beside the checkpoints)."""
+    out = args.output_dir
+    names = sorted(os.listdir(out)) if out and os.path.isdir(out) else []
+    checkpoints = [n for n in names if n.startswith('checkpoint') and n.endswith('.pth')]
+    if not checkpoints or args.resume or getattr(args, 'evaluate', False):
+        return []
+    if not getattr(args, 'overwrite', False):
+        raise ConfigError(f"{out} holds checkpoints of an earlier run ({', '.join(checkpoints)}): continue it with "
+                          f"--resume, start again with --overwrite, or choose another --output_dir")
+    return checkpoints + [n for n in ('log.txt', 'config.yaml') if n in names]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # the script's own parser reports a bad command line
+        raise ValueError(message)
+
+
+def precheck(name, script, argv=None):
+    """Check the config and paths of `python SCRIPT --config ...` before the slow imports."""
+    if name != '__main__':
+        return
+    parser = _Parser(add_help=False, allow_abbrev=False)
+    for flag in ('--config', '--output_dir', '--checkpoint'):
+        parser.add_argument(flag)
+    for flag in ('--resume', '--overwrite', '--evaluate'):
+        parser.add_argument(flag, action='store_true')
+    try:
+        args, _ = parser.parse_known_args(argv)
+    except ValueError:
+        return
+    if not args.config:
+        return
+    try:
+        config = load_yaml(args.config)
+        check_script_keys(config, args.config, script)
+        for key in ANNOTATION_KEYS:
+            paths = config.get(key, [])
+            for path in [paths] if isinstance(paths, str) else paths if isinstance(paths, list) else []:
+                if isinstance(path, str) and not os.path.isfile(path):
+                    raise ConfigError(f'annotation file not found: {path}')
+        if args.checkpoint and not os.path.isfile(args.checkpoint):
+            raise ConfigError(f'checkpoint not found: {args.checkpoint}')
+        check_output_dir(args)
+    except ConfigError as error:
+        if os.environ.get('RANK', '0') == '0':  # under torchrun every process checks; one reports
+            print(f'error: {error}', file=sys.stderr, flush=True)
+        sys.exit(2)

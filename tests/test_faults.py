@@ -1,0 +1,500 @@
+"""The faults a new user meets after the demo: a re-run into an output_dir, a tokenizer that does not
+fit the model, captions the vocabulary cannot read, too few items, 16-bit and truncated images,
+Ctrl-C and pre-emption, a full disk, keep_checkpoints. Each ends with one line naming the file,
+key, item or limit, exit status 2 (130 / 143 for an interrupt), and the files already in
+output_dir unchanged."""
+import argparse
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import engine
+import Pretrain
+from conftest import ROOT
+from dataset import check
+from dataset.base import DataError, ImageError, load_rgb
+from test_bad_input import fail, write_config
+
+
+def run_pretrain(argv):
+    """Pretrain.py in this process, as `python Pretrain.py ARGV` runs it; returns the exit status."""
+    try:
+        engine.launch(Pretrain.main, Pretrain.get_parser(), [*map(str, argv), '--device', 'cpu'])
+    except SystemExit as exit_info:
+        return exit_info.code
+    return 0
+
+
+def snapshot(directory):
+    return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))}
+
+
+def items_of(demo_world, n, caption='a red circle'):
+    image = os.path.join(demo_world, 'images', 'train_00000.png')
+    return [{'image': image, 'caption': caption} for _ in range(n)]
+
+
+def annotations(tmp_path, items, name='ann.json'):
+    path = tmp_path / name
+    path.write_text(json.dumps(items))
+    return str(path)
+
+
+# ---- 1. re-running into an output_dir --------------------------------------------------------------
+@pytest.fixture
+def earlier_run(tmp_path):
+    out = tmp_path / 'earlier'
+    out.mkdir()
+    for name, text in (('checkpoint_00.pth', 'weights 0'), ('checkpoint_05.pth', 'weights 5'),
+                       ('log.txt', '{"epoch": 0}\n'), ('config.yaml', 'earlier: run\n')):
+        (out / name).write_text(text)
+    return out
+
+
+def test_rerun_into_output_dir_with_checkpoints_is_refused(demo_config, tmp_path, earlier_run, capsys):
+    config = write_config(demo_config, tmp_path)
+    assert fail(['--config', config], earlier_run, capsys) == (
+        f'{earlier_run} holds checkpoints of an earlier run (checkpoint_00.pth, checkpoint_05.pth): continue it '
+        f'with --resume, start again with --overwrite, or choose another --output_dir')
+
+
+def test_overwrite_says_what_it_replaces_and_starts_again(demo_config, tmp_path, earlier_run, capsys):
+    config = write_config(demo_config, tmp_path, schedular={'epochs': 1})
+    assert run_pretrain(['--config', config, '--output_dir', earlier_run, '--overwrite']) == 0
+    assert (f'--overwrite: this run replaces checkpoint_00.pth, checkpoint_05.pth, log.txt, config.yaml in '
+            f'{earlier_run} (removed when it writes its first file)') in capsys.readouterr().out
+    assert sorted(os.listdir(earlier_run)) == ['checkpoint_00.pth', 'config.yaml', 'log.txt']
+    assert [json.loads(line)['epoch'] for line in open(earlier_run / 'log.txt')] == [0]  # this run's only
+
+
+def test_evaluate_and_resume_may_use_an_output_dir_with_checkpoints(earlier_run):
+    before = snapshot(earlier_run)
+    for flags in ({'evaluate': True, 'resume': False}, {'evaluate': False, 'resume': True}):
+        assert engine.check_output_dir(argparse.Namespace(output_dir=str(earlier_run), **flags)) == []
+    assert snapshot(earlier_run) == before
+
+
+# ---- 2. tokenizer and model that do not fit --------------------------------------------------------
+def test_tokenizer_larger_than_the_embedding_table(demo_config, demo_world, tmp_path, capsys):
+    vocab = tmp_path / 'big_vocab'
+    vocab.mkdir()
+    words = open(os.path.join(demo_world, 'text_encoder', 'vocab.txt')).read().split()
+    words += [f'word{i}' for i in range(100 - len(words))]
+    (vocab / 'vocab.txt').write_text('\n'.join(words) + '\n')
+    config = write_config(demo_config, tmp_path)
+    bert_config = engine.load_yaml(config)['bert_config']
+    out = tmp_path / 'out'
+    out.mkdir()
+    assert fail(['--config', config, '--text_encoder', vocab], out, capsys) == (
+        f'the tokenizer of {vocab} has 100 word pieces but {bert_config} sets vocab_size: 66 (the rows of the '
+        f'word-embedding table): set vocab_size: 100 in {bert_config}, or point text_encoder at the vocabulary '
+        f'the config was made for')
+
+
+def test_checkpoint_embeddings_of_another_vocabulary_size(demo_config, tmp_path, capsys):
+    from models.model_pretrain import ALBEF
+    from models.tokenization_bert import BertTokenizer
+    config = write_config(demo_config, tmp_path)
+    cfg = engine.load_yaml(config)
+    bert = json.load(open(cfg['bert_config']))
+    bigger = tmp_path / 'config_bert_80.json'
+    bigger.write_text(json.dumps({**bert, 'vocab_size': 80}))
+    model = ALBEF(config={**cfg, 'bert_config': str(bigger)}, text_encoder=None, init_deit=False,
+                  tokenizer=BertTokenizer.from_pretrained(cfg['text_encoder']))
+    torch.save({'model': model.state_dict()}, tmp_path / 'other_vocab.pth')
+    out = tmp_path / 'out'
+    out.mkdir()
+    assert fail(['--config', config, '--checkpoint', tmp_path / 'other_vocab.pth'], out, capsys) == (
+        f'{tmp_path / "other_vocab.pth"}: its word embeddings (text_encoder.bert.embeddings.word_embeddings.weight) '
+        f'have 80 rows but the configured vocabulary has 66 (vocab_size of the bert_config): use the bert_config '
+        f'and text_encoder the checkpoint was trained with')
+
+
+# ---- 3. captions the vocabulary cannot read ---------------------------------------------------------
+def test_unk_rate_warns_once_with_examples(demo_config, demo_world, tmp_path, capsys):
+    items = items_of(demo_world, 12) + items_of(demo_world, 4, caption='a golden retriever catches a frisbee')
+    config = write_config(demo_config, tmp_path, train_file=[annotations(tmp_path, items)])
+    empty = tmp_path / 'empty'
+    assert run_pretrain(['--config', config, '--output_dir', empty, '--resume']) == 2  # stops after the check
+    vocab = os.path.join(demo_world, 'text_encoder', 'vocab.txt')
+    example = "'a golden retriever catches a frisbee'"
+    assert capsys.readouterr().err.splitlines() == [  # 26.7%
+        # 'a golden retriever catches a frisbee': 6 pieces, 4 of them [UNK]; 'a red circle': 3 known pieces
+        f'warning: {16 / (4 * 6 + 12 * 3):.1%} of the word pieces of 16 sampled training texts are [UNK] in the vocabulary {vocab} '
+        f'(above 5%; e.g. {example}; {example}; {example}): use a text_encoder whose vocabulary covers these texts',
+        f'error: --resume: no checkpoint to resume from in {empty}']
+
+
+def test_dataset_check_reports_the_unk_rate(demo_config, demo_world, capsys):
+    assert check.main([demo_config('Pretrain'), '--no-progress']) == 0
+    vocab = os.path.join(demo_world, 'text_encoder', 'vocab.txt')
+    assert f'vocabulary: 0.0% of the word pieces of 60 sampled training texts are [UNK] in the vocabulary {vocab}' \
+        in capsys.readouterr().out.splitlines()
+
+
+# ---- 4. too few items -------------------------------------------------------------------------------
+def test_fewer_items_than_one_batch(demo_config, demo_world, tmp_path, capsys):
+    ann = annotations(tmp_path, items_of(demo_world, 5))
+    config = write_config(demo_config, tmp_path, train_file=[ann])
+    out = tmp_path / 'out'
+    out.mkdir()
+    assert fail(['--config', config], out, capsys) == (
+        f'5 training items in {ann} are too few for one batch of 8 in each of 1 process(es) (at least 8 needed): '
+        f'lower batch_size in {config} or add items')
+
+
+def test_items_left_out_by_drop_last_are_reported(demo_config, demo_world, tmp_path, capsys):
+    config = write_config(demo_config, tmp_path, train_file=[annotations(tmp_path, items_of(demo_world, 17))])
+    assert run_pretrain(['--config', config, '--output_dir', tmp_path / 'empty', '--resume']) == 2
+    assert capsys.readouterr().out.count('drop_last: 1 of 17 training items are left out of each epoch '
+                                         '(2 batches of 8 in each of 1 process(es))') == 1
+
+
+def test_batch_count_with_several_processes():
+    run = argparse.Namespace(world_size=4, args=argparse.Namespace(config='c.yaml'))
+    with pytest.raises(engine.ConfigError, match=r'^31 training items in a.json are too few for one batch of 8 in '
+                                                 r'each of 4 process\(es\) \(at least 32 needed\)'):
+        engine.check_batch_count(31, 8, run, ['a.json'])
+    engine.check_batch_count(29, 4, run)  # 8 per process (padded to 32): two batches each, none left out
+
+
+# ---- 5. images that decode wrongly ------------------------------------------------------------------
+def sixteen_bit_png(path):
+    """A 16-bit greyscale gradient from 1000 to 5000 (a 12-bit camera's range)."""
+    values = np.array([[1000, 2000], [3000, 5000]], dtype=np.uint16)
+    Image.fromarray(values).save(path)  # uint16: mode I;16
+    return values
+
+
+def truncated_jpeg(demo_world, path):
+    Image.open(os.path.join(demo_world, 'images', 'train_00000.png')).convert('RGB').save(path, quality=95)
+    data = open(path, 'rb').read()
+    open(path, 'wb').write(data[:len(data) // 2])
+
+
+def test_16_bit_image_is_scaled_by_its_range(tmp_path):
+    sixteen_bit_png(tmp_path / 'deep.png')
+    assert Image.open(tmp_path / 'deep.png').mode == 'I;16'
+    image = load_rgb(str(tmp_path / 'deep.png'), 'item 0 of a.json')
+    assert image.mode == 'RGB'
+    expected = np.rint((np.array([[1000, 2000], [3000, 5000]]) - 1000) * 255 / 4000).astype(np.uint8)
+    assert expected.tolist() == [[0, 64], [128, 255]]
+    assert (np.asarray(image) == expected[..., None]).all()
+
+
+def test_truncated_image_is_unreadable(demo_config, demo_world, tmp_path, capsys):
+    bad = tmp_path / 'cut.jpg'
+    truncated_jpeg(demo_world, bad)
+    with pytest.raises(ImageError, match=rf'^cannot read image {bad} \(item 3 of a.json\): image file is truncated'):
+        load_rgb(str(bad), 'item 3 of a.json')
+    items = items_of(demo_world, 7) + [{'image': str(bad), 'caption': 'a red circle'}]
+    ann = annotations(tmp_path, items)
+    config = write_config(demo_config, tmp_path, train_file=[ann])
+    out = tmp_path / 'out'
+    out.mkdir()
+    message = fail(['--config', config], out, capsys)
+    assert message.startswith(f'cannot read image {bad} (item 7 of {ann}): image file is truncated'), message
+
+
+def test_dataset_check_decodes_every_image(demo_config, demo_world, tmp_path, capsys):
+    sixteen_bit_png(tmp_path / 'deep.png')
+    truncated_jpeg(demo_world, tmp_path / 'cut.jpg')
+    items = items_of(demo_world, 2) + [{'image': str(tmp_path / 'deep.png'), 'caption': 'a red circle'},
+                                       {'image': str(tmp_path / 'cut.jpg'), 'caption': 'a red circle'}]
+    ann = annotations(tmp_path, items)
+    assert check.main([write_config(demo_config, tmp_path, train_file=[ann]), '--no-progress']) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith(f'cannot read image {tmp_path / "cut.jpg"} (item 3 of {ann}): image file is '
+                               f'truncated') for line in lines), lines
+    assert f'note: image {tmp_path / "deep.png"} (item 2 of {ann}) has mode I;16: scaled to 8 bits by its range ' \
+           f'of values' in lines
+    assert lines[-1] == '1 problem(s): 1 unreadable image(s); 1 bad item(s) of 4 in 1 readable annotation file(s)'
+
+
+# ---- 8. smaller cases -------------------------------------------------------------------------------
+def test_caption_list_elements_are_validated(demo_config, demo_world, tmp_path, capsys):
+    items = items_of(demo_world, 3)
+    items[2]['caption'] = ['a red circle', None]
+    ann = annotations(tmp_path, items)
+    config = write_config(demo_config, tmp_path, train_file=[ann])
+    out = tmp_path / 'out'
+    out.mkdir()
+    assert fail(['--config', config], out, capsys) == \
+        f"{ann}: item 2 has null at position 1 of its 'caption' list (expected strings)"
+
+
+def test_dataset_check_validates_config_keys_as_the_scripts(demo_config, tmp_path, capsys):
+    config = write_config(demo_config, tmp_path, edit=lambda c: c.update(batch_szie=c.pop('batch_size')))
+    assert check.main([config, '--no-progress']) == 2
+    assert capsys.readouterr().err.strip() == f"error: {config}: unknown key 'batch_szie' (did you mean 'batch_size'?)"
+    config = write_config(demo_config, tmp_path, edit=lambda c: c.pop('queue_size'))
+    assert check.main([config, '--no-progress']) == 2
+    assert capsys.readouterr().err.strip() == f"error: {config}: missing required key 'queue_size'"
+
+
+# ---- 7. a full disk ---------------------------------------------------------------------------------
+def test_full_disk_keeps_the_last_good_checkpoint(demo_config, tmp_path, capsys, monkeypatch):
+    config = write_config(demo_config, tmp_path, schedular={'epochs': 3})
+    out = tmp_path / 'out'
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):  # the second checkpoint meets a full disk half-way
+        calls.append(f.name)
+        if len(calls) == 2:
+            f.write(b'\0' * 4096)
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, 'save', save)
+    assert run_pretrain(['--config', config, '--output_dir', out]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f'error: no space left on device writing {out / "checkpoint_01.pth"}; the last good checkpoint is '
+        f'{out / "checkpoint_00.pth"}']
+    assert sorted(os.listdir(out)) == ['checkpoint_00.pth', 'config.yaml', 'log.txt']  # no .tmp file left
+    assert [json.loads(line)['epoch'] for line in open(out / 'log.txt')] == [0]  # epoch 1 is not logged
+
+
+def test_disk_full_from_a_wrapped_error(tmp_path, monkeypatch):
+    def save(obj, f, *args, **kwargs):  # torch.save reports a failed write as a RuntimeError
+        try:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        except OSError as error:
+            raise RuntimeError('[enforce fail at inline_container.cc:820] . PytorchStreamWriter failed writing '
+                               'file data/3: file write failed') from error
+
+    monkeypatch.setattr(torch, 'save', save)
+    with pytest.raises(engine.DiskFullError) as error:
+        engine.atomic_save({}, str(tmp_path / 'c.pth'))
+    assert error.value.strerror == f'no space left on device writing {tmp_path / "c.pth"}'
+    assert os.listdir(tmp_path) == []
+
+
+# ---- 10. keep_checkpoints ---------------------------------------------------------------------------
+def test_keep_checkpoints(tmp_path):
+    for name in ('checkpoint_00.pth', 'checkpoint_01.pth', 'checkpoint_02.pth', 'checkpoint_10.pth',
+                 'checkpoint_best.pth', 'checkpoint_last.pth', 'log.txt'):
+        (tmp_path / name).write_text(name)
+    run = engine.Run(args=None, config={}, output_dir=str(tmp_path))
+    engine.Checkpointer(run, None, None, None).prune(2)
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint_02.pth', 'checkpoint_10.pth', 'checkpoint_best.pth',
+                                            'checkpoint_last.pth', 'log.txt']
+    engine.Checkpointer(run, None, None, None).prune(None)  # the default keeps all
+    assert len(os.listdir(tmp_path)) == 5
+
+
+def test_keep_checkpoints_must_be_positive(demo_config, tmp_path, capsys):
+    config = write_config(demo_config, tmp_path, keep_checkpoints=0)
+    out = tmp_path / 'out'
+    out.mkdir()
+    assert fail(['--config', config], out, capsys) == f'{config}: keep_checkpoints: expected a positive integer, got 0'
+
+
+# ---- 9. threads ---------------------------------------------------------------------------------------
+def test_default_threads_share_the_cores():
+    assert engine.default_threads(num_workers=2, cores=16, local_processes=1) == 14
+    assert engine.default_threads(num_workers=2, cores=16, local_processes=4) == 2
+    assert engine.default_threads(num_workers=4, cores=2, local_processes=1) == 1
+    assert engine.default_threads(num_workers=0, cores=len(os.sched_getaffinity(0)), local_processes=1) == \
+        len(os.sched_getaffinity(0))
+
+
+# ---- 6. interrupts and pre-emption ------------------------------------------------------------------
+# 7 steps in each process (one epoch of the small demo world), a step line every 2 steps; the signal
+# is sent once the line of step 2 is out, so it lands mid-epoch
+SIGNAL_RUN = dict(queue_size=32, num_workers=0, print_freq=2, schedular={'epochs': 1})
+TRIGGER = 'Train Epoch: [0]  [2/7]'
+
+
+def start_pretrain(config, out, nproc, *flags):
+    command = [sys.executable]
+    if nproc > 1:
+        command += ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+    command += [os.path.join(ROOT, 'Pretrain.py'), '--config', str(config), '--output_dir', str(out),
+                '--device', 'cpu', *flags]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+class Output:
+    """Collects a process's stdout and stderr; `reached` is set once stdout shows TRIGGER."""
+
+    def __init__(self, process):
+        self.process, self.out, self.err, self.reached = process, [], [], threading.Event()
+        self.threads = [threading.Thread(target=self._read, args=(process.stdout, self.out), daemon=True),
+                        threading.Thread(target=self._read, args=(process.stderr, self.err), daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def _read(self, stream, lines):
+        for line in stream:
+            lines.append(line)
+            if TRIGGER in line:
+                self.reached.set()
+
+    def wait(self, timeout=300):
+        code = self.process.wait(timeout)
+        for thread in self.threads:
+            thread.join(timeout)
+        return code, ''.join(self.out), ''.join(self.err)
+
+
+def worker_pids(launcher_pid):
+    """{rank: pid} of the workers torchrun started."""
+    pids = {}
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        try:
+            ppid = int(open(f'/proc/{name}/stat').read().rsplit(')', 1)[1].split()[1])
+            environ = open(f'/proc/{name}/environ', 'rb').read().split(b'\0')
+        except OSError:
+            continue
+        if ppid == launcher_pid:
+            env = dict(item.split(b'=', 1) for item in environ if b'=' in item)
+            pids[int(env[b'RANK'])] = int(name)
+    return pids
+
+
+def interrupt(config, out, nproc, signum, target):
+    """Start a run that gets `signum` mid-epoch, sent to `target` ('process': the launched process,
+    'group': every process, as Ctrl-C in a terminal does, or a rank number). Returns its Output."""
+    output = Output(start_pretrain(config, out, nproc))
+
+    def send():
+        assert output.reached.wait(300), 'the run did not reach step 2'
+        if target == 'group':
+            os.killpg(output.process.pid, signum)
+        elif target == 'process':
+            output.process.send_signal(signum)
+        else:
+            os.kill(worker_pids(output.process.pid)[target], signum)
+
+    threading.Thread(target=send, daemon=True).start()
+    return output
+
+
+def assert_same_end(out, reference):
+    checkpoint = torch.load(out / 'checkpoint_00.pth', map_location='cpu', weights_only=False)
+    expected = torch.load(reference / 'checkpoint_00.pth', map_location='cpu', weights_only=False)
+    for key, value in expected['model'].items():
+        assert torch.equal(checkpoint['model'][key], value), key
+    for index, values in expected['optimizer']['state'].items():
+        for name, value in values.items():
+            assert torch.equal(checkpoint['optimizer']['state'][index][name], value), (index, name)
+    assert open(out / 'log.txt').read() == open(reference / 'log.txt').read()
+
+
+def test_signals_in_one_process(demo_config, tmp_path, capsys, monkeypatch):
+    # in this process, the signal sent by the third training step to the process itself: it
+    # finishes that step, writes checkpoint_last.pth and stops; --resume ends as the uninterrupted run
+    config = demo_config('Pretrain', **SIGNAL_RUN, batch_size=8)
+    reference = tmp_path / 'reference'
+    assert run_pretrain(['--config', config, '--output_dir', reference]) == 0
+    train_step = Pretrain.train_step
+    for signum, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        steps, out = [], tmp_path / signum.name
+
+        def step_then_signal(model, batch, alpha, run):
+            steps.append(len(steps))
+            if len(steps) == 3:
+                os.kill(os.getpid(), signum)
+            return train_step(model, batch, alpha, run)
+
+        monkeypatch.setattr(Pretrain, 'train_step', step_then_signal)
+        capsys.readouterr()
+        assert run_pretrain(['--config', config, '--output_dir', out]) == status
+        assert capsys.readouterr().err.splitlines() == [
+            'interrupted at epoch 0, step 3; checkpoint_last.pth written; continue with --resume']
+        assert steps == [0, 1, 2] and sorted(os.listdir(out)) == ['checkpoint_last.pth', 'config.yaml']
+        monkeypatch.setattr(Pretrain, 'train_step', train_step)
+        assert run_pretrain(['--config', config, '--output_dir', out, '--resume']) == 0
+        assert f'resumed from {out / "checkpoint_last.pth"} at epoch 0, step 3' in capsys.readouterr().out
+        assert_same_end(out, reference)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # launch put the handlers back
+
+
+def test_signals_in_two_processes(demo_config, tmp_path):
+    # torchrun with 2 processes of 30 items in batches of 4: 7 steps each
+    nproc = 2
+    config = demo_config('Pretrain', **SIGNAL_RUN, batch_size=4)
+    reference, by_sigint, by_sigterm = tmp_path / 'reference', tmp_path / 'sigint', tmp_path / 'sigterm'
+    uninterrupted = Output(start_pretrain(config, reference, nproc))
+    # Ctrl-C to every process (as in a terminal), SIGTERM to rank 1 alone, which rank 0 must follow
+    with_sigint = interrupt(config, by_sigint, nproc, signal.SIGINT, 'group')
+    with_sigterm = interrupt(config, by_sigterm, nproc, signal.SIGTERM, 1)
+    code, _, err = uninterrupted.wait()
+    assert code == 0, err[-3000:]
+
+    for out, output, status in ((by_sigint, with_sigint, 130), (by_sigterm, with_sigterm, 143)):
+        code, stdout, err = output.wait()
+        lines = [line for line in err.splitlines() if line.startswith('interrupted')]
+        # no traceback from the script (torchrun itself reports the signal with one)
+        assert len(lines) == 1 and f'File "{ROOT}' not in err, err[-3000:]
+        step = int(lines[0].split('step ')[1].split(';')[0])
+        assert 2 < step < 7
+        assert lines[0] == f'interrupted at epoch 0, step {step}; checkpoint_last.pth written; continue with --resume'
+        assert code != 0  # torchrun's own status (it reports the workers' 130 / 143 as a failure)
+        assert f'exitcode  : {status}' in err or 'got signal' in err, err[-3000:]
+        assert sorted(os.listdir(out)) == ['checkpoint_last.pth', 'config.yaml']
+        resume = torch.load(out / 'checkpoint_last.pth', map_location='cpu', weights_only=False)['resume']
+        assert (resume['epoch'], resume['step'], len(resume['rng'])) == (0, step, nproc)
+
+    resumed = [Output(start_pretrain(config, out, nproc, '--resume')) for out in (by_sigint, by_sigterm)]
+    for out, output in zip((by_sigint, by_sigterm), resumed):
+        code, stdout, err = output.wait()
+        assert code == 0, err[-3000:]
+        assert f'resumed from {out / "checkpoint_last.pth"} at epoch 0' in stdout
+        assert_same_end(out, reference)
+
+
+# ---- 8. config mistakes before the slow imports ----------------------------------------------------
+PROBE = """import runpy, sys
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+try:
+    runpy.run_path(sys.argv[0], run_name='__main__')
+except SystemExit as exit_info:
+    print(exit_info.code, 'torch' in sys.modules)
+"""
+
+
+@pytest.mark.parametrize('script', ['Pretrain.py', 'Retrieval.py', 'VQA.py', 'VE.py', 'NLVR.py', 'Grounding.py',
+                                    'Pretrain_nlvr.py'])
+def test_config_mistakes_are_reported_before_torch_is_imported(script, tmp_path):
+    config = tmp_path / 'config.yaml'
+    config.write_text('batch_szie: 8\n')
+    result = subprocess.run([sys.executable, '-c', PROBE, os.path.join(ROOT, script), '--config', str(config)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ['2', 'False'], result.stdout + result.stderr
+    error = result.stderr.strip()
+    assert error.startswith(f"error: {config}: unknown key 'batch_szie'"), error
+
+
+def test_precheck_paths(demo_config, tmp_path, earlier_run, capsys):
+    import configuration
+    config = write_config(demo_config, tmp_path, train_file=[str(tmp_path / 'none.json')])
+    script = os.path.join(ROOT, 'Pretrain.py')
+    for argv, message in (
+            (['--config', config], f'annotation file not found: {tmp_path / "none.json"}'),
+            (['--config', write_config(demo_config, tmp_path), '--checkpoint', str(tmp_path / 'no.pth')],
+             f'checkpoint not found: {tmp_path / "no.pth"}'),
+            (['--config', write_config(demo_config, tmp_path), '--output_dir', str(earlier_run)],
+             f'{earlier_run} holds checkpoints of an earlier run (checkpoint_00.pth, checkpoint_05.pth): continue it '
+             f'with --resume, start again with --overwrite, or choose another --output_dir')):
+        with pytest.raises(SystemExit) as exit_info:
+            configuration.precheck('__main__', script, argv)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip() == f'error: {message}'
+    configuration.precheck('__main__', script, ['--config', write_config(demo_config, tmp_path)])  # a good one
+    configuration.precheck('Pretrain', script, ['--config', str(tmp_path / 'nowhere.yaml')])  # imported: no check
