@@ -3,7 +3,7 @@
 `create_dataset(name, config)` builds the datasets a task script uses from the original YAML keys
 (`train_file`/`val_file`/`test_file`, `image_root`, `vqa_root`, `vg_root`, `answer_list`,
 `image_res`), plus three optional keys: `skip_bad_images` (default False), `check_images`
-(default True; see `dataset.base.AnnotationDataset`) and `augment` (default True; false trains
+(default: check, except pre-training sets above 100,000 items; see `dataset.base.AnnotationDataset`) and `augment` (default True; false trains
 without random crops, flips and RandomAugment).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .ve_dataset import ve_dataset
 from .vqa_dataset import vqa_dataset
 
 __all__ = ['DataError', 'ImageError', 'create_dataset', 'create_sampler', 'create_loader',
-           'vqa_collate_fn', 'build_transform', 'pretrain_dataset', 're_train_dataset', 're_eval_dataset',
+           'vqa_collate_fn', 'build_transform', 'normalize', 'CaptionCollate', 'ToUint8', 'pretrain_dataset', 're_train_dataset', 're_eval_dataset',
            'vqa_dataset', 've_dataset', 'nlvr_dataset', 'grounding_dataset', 'TASKS']
 
 # CLIP statistics
@@ -33,9 +33,44 @@ AUGMENTS = ['Identity', 'AutoContrast', 'Equalize', 'Brightness', 'Sharpness', '
             'TranslateX', 'TranslateY', 'Rotate']
 
 
-def build_transform(kind: str, image_res: int) -> Callable:
+class ToUint8:
+    """A PIL image or an HxWx3 uint8 array (what RandomAugment returns) as a 3xHxW uint8 tensor:
+    images cross to the device as bytes (a quarter of float32) and `normalize` makes them the
+    float32 values ToTensor + Normalize would have given."""
+
+    def __call__(self, image) -> torch.Tensor:
+        import numpy as np
+        array = np.asarray(image, dtype=np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images [B, 3, H, W] (on any device) -> float32, CLIP-normalised: bit for bit what
+    ToTensor() and Normalize(MEAN, STD) give on the CPU."""
+    mean = torch.tensor(MEAN, device=images.device)[:, None, None]
+    std = torch.tensor(STD, device=images.device)[:, None, None]
+    return images.to(torch.float32).div(255).sub(mean).div(std)
+
+
+class CaptionCollate:
+    """Collate (image, caption) items into (images, tokenised captions) inside the DataLoader
+    workers: the tokenizer's BatchEncoding of tensors (padding to the longest, at most
+    `max_length` tokens), ready for `.to(device, non_blocking=True)`."""
+
+    def __init__(self, tokenizer, max_length: int = 25) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, items: Sequence[tuple]) -> tuple:
+        images, captions = zip(*items)
+        text = self.tokenizer(list(captions), padding='longest', truncation=True, max_length=self.max_length,
+                              return_tensors='pt')
+        return torch.stack(images, dim=0), text
+
+
+def build_transform(kind: str, image_res: int, uint8: bool = False) -> Callable:
     """The image transform `kind` of SPEC 5.2: 'pretrain', 'train' (fine-tuning), 'test' or
-    'grounding_train'. All PIL-based, bicubic, with CLIP normalisation."""
+    'grounding_train'. All PIL-based, bicubic, with CLIP normalisation (with `uint8`: ending in a
+    uint8 tensor instead, for `normalize` on the device)."""
     from torchvision import transforms  # imported here: torchvision takes seconds to import
     from torchvision.transforms import InterpolationMode
 
@@ -54,7 +89,7 @@ def build_transform(kind: str, image_res: int) -> Callable:
         steps = [square]
     else:
         raise ValueError(f"unknown transform {kind!r}; expected 'pretrain', 'train', 'test' or 'grounding_train'")
-    return transforms.Compose(steps + [transforms.ToTensor(), normalize])
+    return transforms.Compose(steps + ([ToUint8()] if uint8 else [transforms.ToTensor(), normalize]))
 
 
 @dataclass(frozen=True)
@@ -102,20 +137,22 @@ TASKS: dict[str, tuple[Split, ...]] = {
 }
 
 
-def create_dataset(dataset: str, config: dict) -> AnnotationDataset | tuple[AnnotationDataset, ...]:
+def create_dataset(dataset: str, config: dict, uint8: bool = False) -> AnnotationDataset | tuple[AnnotationDataset, ...]:
     """The datasets of task `dataset`: 'pretrain' -> one dataset; 're', 've', 'nlvr' -> (train, val,
-    test); 'vqa', 'grounding' -> (train, test)."""
+    test); 'vqa', 'grounding' -> (train, test). With `uint8` the images come as uint8 tensors
+    (see `normalize`)."""
     if dataset not in TASKS:
         raise ValueError(f'unknown dataset {dataset!r}; expected one of {", ".join(TASKS)}')
     if 'image_res' not in config:
         raise DataError("config has no 'image_res'")
+    check = config.get('check_images')  # unset: the dataset class decides (see AnnotationDataset)
     options = {'skip_bad_images': bool(config.get('skip_bad_images', False)),
-               'check_images': bool(config.get('check_images', True))}
+               'check_images': None if check is None else bool(check)}
     # `augment: false` trains on the test transform (the demo world, whose captions hinge on colours
     # and left/right, which colour augmentations and flips would falsify)
     augment = config.get('augment', True)
     built = tuple(split.build(config, transform=build_transform(split.transform if augment else 'test',
-                                                                config['image_res']), **options)
+                                                                config['image_res'], uint8=uint8), **options)
                   for split in TASKS[dataset])
     return built[0] if dataset == 'pretrain' else built
 
