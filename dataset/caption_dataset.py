@@ -21,6 +21,8 @@ class CaptionTable:
     of about 17 GB of dicts, and forked loader workers share it.
     """
 
+    first: np.ndarray | None = None  # None: one caption per item
+
     def __init__(self, images: Sequence[str] = (), captions: Sequence = ()) -> None:
         folders: dict[str, int] = {}
         split = [path.rpartition('/') for path in images]
@@ -29,14 +31,15 @@ class CaptionTable:
         self.folders = list(folders)
         self.names = StringColumn([name for _, _, name in split])
         del split
+        self.is_list = np.fromiter((type(c) is list for c in captions), dtype=bool, count=len(captions))
+        if not self.is_list.any():  # one caption per item (web data): caption i is item i's
+            self.captions = StringColumn(captions)
+            return
         counts = np.fromiter((len(c) if type(c) is list else 1 for c in captions), dtype=np.int64,
                              count=len(captions))
-        self.is_list = np.fromiter((type(c) is list for c in captions), dtype=bool, count=len(captions))
         self.first = np.zeros(len(captions) + 1, dtype=np.int64)
         np.cumsum(counts, out=self.first[1:])
-        flat = [c for c in captions if type(c) is str] if not self.is_list.any() else \
-            [s for c in captions for s in (c if type(c) is list else (c,))]
-        self.captions = StringColumn(flat)
+        self.captions = StringColumn([s for c in captions for s in (c if type(c) is list else (c,))])
 
     @classmethod
     def concat(cls, tables: Sequence['CaptionTable']) -> 'CaptionTable':
@@ -53,8 +56,10 @@ class CaptionTable:
         out.names = StringColumn.concat([t.names for t in tables])
         out.captions = StringColumn.concat([t.captions for t in tables])
         out.is_list = np.concatenate([t.is_list for t in tables]) if tables else out.is_list
-        starts = np.cumsum([0] + [len(t.captions) for t in tables[:-1]])
-        out.first = np.concatenate([out.first[:1]] + [t.first[1:] + s for t, s in zip(tables, starts)])
+        if any(t.first is not None for t in tables):
+            starts = np.cumsum([0] + [len(t.captions) for t in tables[:-1]])
+            out.first = np.concatenate([np.zeros(1, dtype=np.int64)] + [
+                (t.first[1:] if t.first is not None else np.arange(1, len(t) + 1)) + s for t, s in zip(tables, starts)])
         return out
 
     def __len__(self) -> int:
@@ -64,6 +69,8 @@ class CaptionTable:
         return self.folders[self.folder_of[index]] + self.names[index]
 
     def caption(self, index: int) -> str | list[str]:
+        if self.first is None:
+            return self.captions[index]
         first, end = self.first[index], self.first[index + 1]
         if not self.is_list[index]:
             return self.captions[first]
@@ -80,8 +87,8 @@ class CaptionTable:
 
     @property
     def nbytes(self) -> int:
-        return (self.folder_of.nbytes + self.names.nbytes + self.captions.nbytes + self.first.nbytes
-                + self.is_list.nbytes + sum(len(f) for f in self.folders))
+        return (self.folder_of.nbytes + self.names.nbytes + self.captions.nbytes + self.is_list.nbytes
+                + (self.first.nbytes if self.first is not None else 0) + sum(len(f) for f in self.folders))
 
 
 def _all_of(values: list, kind: type) -> bool:
@@ -115,12 +122,15 @@ class pretrain_dataset(AnnotationDataset):
             self.first_problem(items)
             raise
         if not validated:
+            path = self.ann_files[len(self._starts) - 1]
             caption_types = set(map(type, captions))
-            if not caption_types <= {str, list} or (list in caption_types and not all(
-                    c and _all_of(c, str) for c in captions if type(c) is list)):
+            if not caption_types <= {str, list}:
                 self.first_problem(items)
+            if list in caption_types and not all(c and _all_of(c, str) for c in captions if type(c) is list):
+                self.first_problem(items)  # an empty list
+                i = next(i for i, c in enumerate(captions) if type(c) is list and not _all_of(c, str))
+                raise DataError(f"{path}: item {i} has a 'caption' list with an element that is not a string")
             if not _all_of(images, str):
-                path = self.ann_files[len(self._starts) - 1]
                 i = next(i for i, p in enumerate(images) if type(p) is not str)
                 raise DataError(f"{path}: item {i} has 'image' of type {type(images[i]).__name__} (expected a string)")
         self._tables.append(CaptionTable(images, captions))

@@ -9,9 +9,11 @@ brace-expanded pattern or a list of them (`data/cc3m/{00000..00331}.tar`; anythi
 
 How one epoch is split (`ShardStream`): the shard list is shuffled with the run's seed and the
 epoch (the same order on every process), then dealt out to the G = processes x loader workers
-streams, stream g taking shards g, g + G, ...; with fewer shards than streams, every stream reads
-every shard and keeps every G-th sample instead. Either way each sample belongs to one stream, so
-the processes together see it once per epoch. Each stream shuffles its samples in a buffer of
+streams, stream g taking shards g, g + G, ...; the (number of shards mod G) shards left over are
+read by every stream, each keeping every G-th of their samples. Either way each sample belongs to
+one stream, so the processes together see it once per epoch (exactly once when the shards hold
+about equally many samples, as img2dataset and ShardWriter write them: each stream's share is then
+what its quota of batches needs). Each stream shuffles its samples in a buffer of
 `shuffle_buffer` samples (undecoded bytes), then decodes them. The epoch has `samples_per_epoch`
 samples (default: all of them, counted once per shard and cached) and every process takes the same
 number of steps, samples_per_epoch // (processes x batch_size); a stream that runs out of samples
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -189,27 +192,33 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     # ---- the raw stream of one of the G streams -------------------------------------------------
     def _shard_samples(self, urls: Sequence[str], keep: Callable[[int], bool], counter: list) -> Iterator[dict]:
+        errors: list[BaseException] = []
+
         def handler(error: BaseException) -> bool:
-            counter[0] += 1
-            logger.warning('skipped the rest of a shard: %s', _one_line(error))
-            return True  # webdataset goes on with the next shard
+            errors.append(error)
+            return True  # webdataset stops reading the shard and goes on
         index = 0
-        for sample in wds.tarfile_samples([{'url': url} for url in urls], handler=handler):
-            if keep(index):
-                yield sample
-            index += 1
+        for url in urls:
+            for sample in wds.tarfile_samples([{'url': url}], handler=handler):
+                if keep(index):
+                    yield sample
+                index += 1
+            if errors:  # one shard may report its error at several levels: counted once
+                counter[0] += 1
+                logger.warning('skipped the rest of shard %s: %s', url, _one_line(errors[0]))
+                errors.clear()
 
     def _raw(self, g: int, G: int, pass_: int, counter: list) -> Iterator[Any]:
         order = list(self.urls)
         random.Random(_seed(self.seed, self.epoch, pass_, 'shards')).shuffle(order)
-        if len(order) >= G:
-            mine, keep = order[g::G], (lambda i: True)
-            size_of = dict(zip(self.urls, self.sizes or [0] * len(self.urls)))
-            expected = sum(size_of[url] for url in mine)
-        else:
-            mine, keep = order, (lambda i: i % G == g)
-            expected = sum(self.sizes or []) // G
-        shards = self._shard_samples(mine, keep, counter) if mine else iter(())
+        # whole shards dealt out in turn; the len % G left over are read by every stream, each
+        # keeping every G-th of their samples (so the streams get about equal shares)
+        whole = len(order) // G * G
+        mine, rest = order[:whole][g::G], order[whole:]
+        size_of = dict(zip(self.urls, self.sizes or [0] * len(self.urls)))
+        expected = sum(size_of[url] for url in mine) + sum(size_of[url] for url in rest) // G
+        shards = itertools.chain(self._shard_samples(mine, lambda i: True, counter) if mine else (),
+                                 self._shard_samples(rest, lambda i: i % G == g, counter) if rest else ())
         indices: list[int] = []
         if self.json_dataset is not None and len(self.json_dataset):
             perm = np.random.default_rng(_seed(self.seed, self.epoch, pass_, 'json')).permutation(len(self.json_dataset))
