@@ -1,8 +1,12 @@
 """Image-caption datasets: pre-training and image-text retrieval (SPEC 5.4)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import shutil
+import sys
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -85,10 +89,41 @@ class CaptionTable:
     def __iter__(self) -> Iterator[dict]:
         return (self[i] for i in range(len(self)))
 
+    ARRAYS = ('folder_of', 'is_list', 'first', 'names.data', 'names.offsets', 'captions.data', 'captions.offsets')
+
+    def save(self, folder: str) -> None:
+        """Write the table as .npy files (and folders.json) into `folder`."""
+        os.makedirs(folder, exist_ok=True)
+        for name in self.ARRAYS:
+            obj, _, attr = name.rpartition('.')
+            value = getattr(getattr(self, obj) if obj else self, attr)
+            if value is not None:
+                np.save(os.path.join(folder, name + '.npy'), value)
+        with open(os.path.join(folder, 'folders.json'), 'w') as f:
+            json.dump(self.folders, f)
+
+    @classmethod
+    def load(cls, folder: str) -> 'CaptionTable':
+        """A table saved by `save`, memory-mapped: every process of the machine shares its pages."""
+        out = cls()
+        for name in cls.ARRAYS:
+            path = os.path.join(folder, name + '.npy')
+            if os.path.isfile(path):
+                obj, _, attr = name.rpartition('.')
+                setattr(getattr(out, obj) if obj else out, attr, np.load(path, mmap_mode='r'))
+        with open(os.path.join(folder, 'folders.json')) as f:
+            out.folders = json.load(f)
+        return out
+
     @property
     def nbytes(self) -> int:
         return (self.folder_of.nbytes + self.names.nbytes + self.captions.nbytes + self.is_list.nbytes
                 + (self.first.nbytes if self.first is not None else 0) + sum(len(f) for f in self.folders))
+
+
+def _rss_mib() -> float:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
 
 
 def _all_of(values: list, kind: type) -> bool:
@@ -106,12 +141,72 @@ class pretrain_dataset(AnnotationDataset):
     """
     keys = ('image', 'caption')
     check_images_above = 100_000
+    cache_above = 1 << 20  # annotation files above 1 MiB are converted once and cached (see _load_file)
 
     def __init__(self, ann_file: str | Sequence[str], transform: Callable | None, max_words: int = 30,
-                 **options: bool) -> None:
+                 cache_dir: str | None = None, **options: bool) -> None:
         self.max_words = max_words
+        self.cache_dir = cache_dir or os.environ.get('ALBEF_CACHE') or os.path.join(
+            os.path.expanduser('~'), '.cache', 'albef')
         self._tables: list[CaptionTable] = []
         super().__init__(ann_file, transform, **options)
+
+    def _load_file(self, file_index: int, path: str) -> None:
+        """A big annotation file is parsed once, in a forked child process, into a CaptionTable
+        saved under `cache_dir` (keyed by the file's path, size and modification time); every
+        later start, and every other process of the machine, memory-maps it (no JSON parsing, and
+        the pages are shared). The parent never holds the parsed dicts, so its memory stays the
+        table's. Errors are the same one-line DataErrors."""
+        if not self.strict or not os.path.isfile(path) or os.path.getsize(path) <= self.cache_above \
+                or not hasattr(os, 'fork'):
+            return super()._load_file(file_index, path)
+        stat = os.stat(path)
+        key = hashlib.sha256(f'v1\0{os.path.realpath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}'.encode()).hexdigest()
+        folder = os.path.join(self.cache_dir, 'annotations', key[:24])
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        import fcntl
+        with open(folder + '.lock', 'w') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one process converts; the others wait, then map it
+            if not os.path.isfile(os.path.join(folder, 'folders.json')):
+                self._convert_in_child(file_index, path, folder)
+        table = CaptionTable.load(folder)
+        self._starts.append(self._count)
+        self._count += len(table)
+        self._tables.append(table)
+
+    def _convert_in_child(self, file_index: int, path: str, folder: str) -> None:
+        read_end, write_end = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: parse, validate, save; report an error through the pipe
+            os.close(read_end)
+            status = 0
+            try:
+                import resource
+                import time
+                start, rss = time.perf_counter(), _rss_mib()
+                self._tables = []
+                super()._load_file(file_index, path)
+                tmp = f'{folder}.tmp{os.getpid()}'
+                self._tables[-1].save(tmp)
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                with open(os.path.join(tmp, 'conversion.json'), 'w') as f:  # for the record
+                    json.dump({'file': path, 'items': len(self._tables[-1]), 'seconds': time.perf_counter() - start,
+                               'peak_memory_growth_mib': peak - rss}, f)
+                os.replace(tmp, folder)
+            except BaseException as error:  # noqa: B902 - everything goes back to the parent
+                os.write(write_end, (str(error) or type(error).__name__).encode())
+                status = 1
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        with os.fdopen(read_end, 'rb') as f:
+            message = f.read().decode(errors='replace')
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            shutil.rmtree(f'{folder}.tmp{pid}', ignore_errors=True)
+            raise DataError(message or f'{path}: converting the annotations failed')
 
     def store_items(self, items: list, validated: bool) -> None:
         # validated in bulk (C-speed type sets); the per-item check runs only to name a bad item
