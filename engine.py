@@ -41,7 +41,7 @@ COMMON_KEYS = {
 }
 AMP_MODES = ('bf16', 'fp16', 'off')
 # the pre-training scripts' data keys: JSON annotations and/or tar shards (dataset.shards)
-PRETRAIN_DATA_KEYS = {'train_file', 'train_shards', 'shuffle_buffer', 'samples_per_epoch'}
+PRETRAIN_DATA_KEYS = {'train_file', 'train_shards', 'shuffle_buffer', 'samples_per_epoch', 'jpeg_draft'}
 OPTIMIZER_KEYS = {'opt', 'lr', 'weight_decay'}
 SCHEDULER_KEYS = {'sched', 'lr', 'epochs', 'min_lr', 'decay_rate', 'warmup_lr', 'warmup_epochs',
                   'cooldown_epochs'}
@@ -397,7 +397,7 @@ def shard_loader(dataset, batch_size, run, config, collate_fn=None):
         sizes = shared[0]
     num_workers = num_workers_of(config)
     transform = build_transform('pretrain' if config.get('augment', True) else 'test', config['image_res'],
-                                uint8=True)
+                                uint8=True, jpeg_draft=bool(config.get('jpeg_draft', False)))
     stream = ShardStream(urls, transform, batch_size=batch_size, num_workers=num_workers, rank=run.rank,
                          world_size=run.world_size, seed=run.args.seed, sizes=sizes,
                          samples_per_epoch=config.get('samples_per_epoch'),

@@ -67,10 +67,42 @@ class CaptionCollate:
         return torch.stack(images, dim=0), text
 
 
-def build_transform(kind: str, image_res: int, uint8: bool = False) -> Callable:
+class DraftRandomResizedCrop:
+    """RandomResizedCrop (bicubic) that lets Pillow decode a JPEG at 1/2, 1/4 or 1/8 size
+    (`Image.draft`, in the DCT: much less decoding work) when the crop, at that size, still has
+    at least `size` pixels each way, so the crop's resolution is not lowered. Give it the image
+    as opened, not yet loaded. The crop is drawn with the same random numbers as
+    RandomResizedCrop; where no reduction applies (other formats, small crops) the pixels are
+    exactly RandomResizedCrop's, where one does they differ slightly (the DCT's downscaling, then
+    bicubic), hence opt-in: config key `jpeg_draft: true`."""
+
+    def __init__(self, size: int, scale: tuple, interpolation) -> None:
+        from torchvision import transforms
+        self.crop = transforms.RandomResizedCrop(size, scale=scale, interpolation=interpolation)
+        self.size = size
+        self.lazy_decode = True
+
+    def __call__(self, img):
+        from PIL import Image
+        width, height = img.size
+        i, j, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+        factor = 1
+        if img.format == 'JPEG' and img.tile:  # opened, not decoded yet
+            factor = next((f for f in (8, 4, 2) if w / f >= self.size and h / f >= self.size), 1)
+            if factor > 1:
+                img.draft('RGB', (-(-width // factor), -(-height // factor)))
+        img = img.convert('RGB')
+        if factor == 1:  # exactly torchvision's resized_crop on a PIL image
+            return img.crop((j, i, j + w, i + h)).resize((self.size, self.size), Image.BICUBIC)
+        rx, ry = img.size[0] / width, img.size[1] / height
+        return img.resize((self.size, self.size), Image.BICUBIC, box=(j * rx, i * ry, (j + w) * rx, (i + h) * ry))
+
+
+def build_transform(kind: str, image_res: int, uint8: bool = False, jpeg_draft: bool = False) -> Callable:
     """The image transform `kind` of SPEC 5.2: 'pretrain', 'train' (fine-tuning), 'test' or
     'grounding_train'. All PIL-based, bicubic, with CLIP normalisation (with `uint8`: ending in a
-    uint8 tensor instead, for `normalize` on the device)."""
+    uint8 tensor instead, for `normalize` on the device; with `jpeg_draft`, 'pretrain' and 'train'
+    crop with DraftRandomResizedCrop and take the image as opened, not loaded)."""
     from torchvision import transforms  # imported here: torchvision takes seconds to import
     from torchvision.transforms import InterpolationMode
 
@@ -80,8 +112,9 @@ def build_transform(kind: str, image_res: int, uint8: bool = False) -> Callable:
     square = transforms.Resize((image_res, image_res), interpolation=bicubic)  # not aspect-preserving
     if kind in ('pretrain', 'train'):
         scale = (0.2, 1.0) if kind == 'pretrain' else (0.5, 1.0)
-        steps = [transforms.RandomResizedCrop(image_res, scale=scale, interpolation=bicubic),
-                 transforms.RandomHorizontalFlip(), augment]
+        crop = (DraftRandomResizedCrop if jpeg_draft else transforms.RandomResizedCrop)(
+            image_res, scale=scale, interpolation=bicubic)
+        steps = [crop, transforms.RandomHorizontalFlip(), augment]
     elif kind == 'grounding_train':
         # Parity: flipping does not swap 'left'/'right' in the referring expression.
         steps = [square, transforms.RandomHorizontalFlip(), augment]
@@ -89,7 +122,9 @@ def build_transform(kind: str, image_res: int, uint8: bool = False) -> Callable:
         steps = [square]
     else:
         raise ValueError(f"unknown transform {kind!r}; expected 'pretrain', 'train', 'test' or 'grounding_train'")
-    return transforms.Compose(steps + ([ToUint8()] if uint8 else [transforms.ToTensor(), normalize]))
+    composed = transforms.Compose(steps + ([ToUint8()] if uint8 else [transforms.ToTensor(), normalize]))
+    composed.lazy_decode = isinstance(steps[0], DraftRandomResizedCrop)
+    return composed
 
 
 @dataclass(frozen=True)
@@ -151,8 +186,10 @@ def create_dataset(dataset: str, config: dict, uint8: bool = False) -> Annotatio
     # `augment: false` trains on the test transform (the demo world, whose captions hinge on colours
     # and left/right, which colour augmentations and flips would falsify)
     augment = config.get('augment', True)
+    draft = bool(config.get('jpeg_draft', False))
     built = tuple(split.build(config, transform=build_transform(split.transform if augment else 'test',
-                                                                config['image_res'], uint8=uint8), **options)
+                                                                config['image_res'], uint8=uint8,
+                                                                jpeg_draft=draft), **options)
                   for split in TASKS[dataset])
     return built[0] if dataset == 'pretrain' else built
 

@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .base import AnnotationDataset, DataError, StringColumn, type_problem
+from .base import AnnotationDataset, DataError, ImageError, StringColumn, _one_line, type_problem
 from .utils import pre_caption
 
 
@@ -119,6 +119,19 @@ class CaptionTable:
     def nbytes(self) -> int:
         return (self.folder_of.nbytes + self.names.nbytes + self.captions.nbytes + self.is_list.nbytes
                 + (self.first.nbytes if self.first is not None else 0) + sum(len(f) for f in self.folders))
+
+
+def lazy_transform(source, where: str, transform: Callable):
+    """`transform` applied to the image at `source` (a path or a file object) as opened, before
+    it is decoded (for DraftRandomResizedCrop); ImageError naming `where` if it is unusable."""
+    from PIL import Image
+    try:
+        with Image.open(source) as img:
+            return transform(img)
+    except FileNotFoundError:
+        raise ImageError(f'image not found: {source} ({where})') from None
+    except Exception as e:
+        raise ImageError(f'cannot read image {source} ({where}): {_one_line(e)}') from None
 
 
 def _rss_mib() -> float:
@@ -245,11 +258,15 @@ class pretrain_dataset(AnnotationDataset):
         return [item['image']]
 
     def get_item(self, index: int) -> tuple:
-        image = self.load_image(self.ann.image(index), index)
+        if getattr(self.transform, 'lazy_decode', False):  # the transform decodes (jpeg_draft)
+            path = self.ann.image(index)
+            image = lazy_transform(path, self.where(index), self.transform)
+        else:
+            image = self.apply_transform(self.load_image(self.ann.image(index), index))
         caption = self.ann.caption(index)
         if isinstance(caption, list):
             caption = random.choice(caption)
-        return self.apply_transform(image), pre_caption(caption, self.max_words)
+        return image, pre_caption(caption, self.max_words)
 
 
 class re_train_dataset(AnnotationDataset):

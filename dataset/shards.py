@@ -276,14 +276,17 @@ class ShardStream(torch.utils.data.IterableDataset):
                 raise DataError(f'{key}: no caption (txt) in the sample')
             captions = [sample['txt'].decode('utf-8', errors='replace')]
         with _Seeded(_seed(self.seed, self.epoch, key)):
+            caption = random.choice(captions) if len(captions) > 1 else captions[0]
             try:
                 with Image.open(io.BytesIO(sample[ext])) as img:
-                    image = img.convert('RGB')
+                    if getattr(self.transform, 'lazy_decode', False):  # it decodes (jpeg_draft)
+                        image = self.transform(img)
+                    else:
+                        image = img.convert('RGB')
+                        if self.transform is not None:
+                            image = self.transform(image)
             except Exception as error:  # PIL raises many types
                 raise DataError(f'cannot decode image {key}.{ext}: {_one_line(error)}') from None
-            caption = random.choice(captions) if len(captions) > 1 else captions[0]
-            if self.transform is not None:
-                image = self.transform(image)
         return key, (image, pre_caption(caption, self.max_words))
 
     def __iter__(self) -> Iterator[tuple]:
