@@ -122,6 +122,41 @@ def test_uint8_images_normalised_on_device_equal_the_float_pipeline(kind):
     assert torch.equal(dataset.normalize(batch), torch.stack(expected))
 
 
+def test_jpeg_draft_decodes_smaller_only_where_the_crop_keeps_its_resolution(tmp_path, monkeypatch):
+    from PIL import JpegImagePlugin
+    from dataset.shards import _Seeded
+    rng = np.random.RandomState(0)
+    paths = {}
+    for name, (w, h) in {'big': (1024, 768), 'small': (300, 200)}.items():
+        small = Image.fromarray((rng.rand(h // 16, w // 16, 3) * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+        paths[name] = str(tmp_path / f'{name}.jpg')
+        small.save(paths[name], quality=90)
+    drafts, reduced = [], 0
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, 'draft',
+                        lambda self, mode, size: drafts.append(size) or real_draft(self, mode, size))
+    draft, plain = dataset.build_transform('train', 64, uint8=True, jpeg_draft=True), \
+        dataset.build_transform('train', 64, uint8=True)
+    for seed in range(6):
+        for name, path in paths.items():
+            drafts.clear()
+            with _Seeded(seed):
+                got = draft(Image.open(path))
+            with _Seeded(seed):
+                expected = plain(Image.open(path).convert('RGB'))
+            if not drafts:  # no reduction: exactly RandomResizedCrop's pixels
+                assert torch.equal(got, expected), (name, seed)
+            else:  # decoded at 1/2 .. 1/8 size: close, not equal
+                width = Image.open(path).size[0]
+                assert drafts[0][0] in (-(-width // 2), -(-width // 4), -(-width // 8)) and got.shape == expected.shape
+                assert (got.float() - expected.float()).abs().mean() < 4
+                reduced += 1
+    assert reduced >= 3
+    from dataset.caption_dataset import lazy_transform  # names the file like the eager path
+    with pytest.raises(ImageError, match=f'image not found: {tmp_path}/gone.jpg \\(item 0 of x.json\\)'):
+        lazy_transform(str(tmp_path / 'gone.jpg'), 'item 0 of x.json', draft)
+
+
 def test_caption_collate_tokenises(tokenizer):
     collate = dataset.CaptionCollate(tokenizer)
     images = [torch.zeros(3, 4, 4, dtype=torch.uint8)] * 2
