@@ -9,8 +9,9 @@ alternating the paths for --rounds rounds and printing medians side by side:
 
   original      one file per sample: PIL open + convert, RandomResizedCrop(256, scale 0.2-1,
                 bicubic), horizontal flip, RandomAugment(2, 7), ToTensor, Normalize (float32)
-  json          ours from JSON annotations: pretrain_dataset, the same transforms ending in a
-                uint8 tensor (normalised later on the device)
+  json          ours from JSON annotations: pretrain_dataset as engine.train_loader serves it
+                (SeededSamples), the same transforms ending in a uint8 tensor (normalised later
+                on the device)
   json+draft    the same with jpeg_draft: true (Pillow decodes at 1/2, 1/4 or 1/8 size where the
                 crop keeps its resolution; changes pixels slightly, so opt-in)
   shards        ours from tar shards: ShardStream (reads the tar sequentially, decodes, same
@@ -88,11 +89,14 @@ def json_pipeline(paths, folder, draft):
     ann = os.path.join(folder, 'pretrain.json')
     with open(ann, 'w') as f:
         json.dump([{'image': p, 'caption': f'a synthetic photo number {i}'} for i, p in enumerate(paths)], f)
-    dataset = pretrain_dataset(ann, build_transform('pretrain', 256, uint8=True, jpeg_draft=draft))
+    import engine
+    # as train_loader serves it: each sample's augmentation seeded from (seed, epoch, index)
+    dataset = engine.SeededSamples(pretrain_dataset(ann, build_transform('pretrain', 256, uint8=True,
+                                                                         jpeg_draft=draft)), seed=0)
 
     def run():
         for i in range(len(dataset)):
-            dataset[i]
+            dataset[(0, i)]
     return run
 
 

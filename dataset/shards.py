@@ -149,7 +149,8 @@ class _Seeded:
         self.states = random.getstate(), np.random.get_state(), torch.get_rng_state()
         random.seed(self.seed)
         np.random.seed(self.seed % 2 ** 32)
-        torch.manual_seed(self.seed % 2 ** 63)
+        torch.default_generator.manual_seed(self.seed % 2 ** 63)  # not torch.manual_seed: it records a
+        # stack trace for the lazy CUDA seeding, a few ms per sample
 
     def __exit__(self, *exc: Any) -> None:
         random.setstate(self.states[0])

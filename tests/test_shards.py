@@ -257,6 +257,27 @@ def test_bad_samples_and_truncated_shards_are_skipped_and_counted(tmp_path, capl
     assert 'cannot decode image' in messages and 's0_2.jpg' in messages and f'skipped the rest of shard {urls[1]}' in messages
 
 
+def test_img2dataset_layout_and_stats(tmp_path):
+    # img2dataset: 00000.tar with KEY.jpg, KEY.txt, KEY.json, and 00000_stats.json beside it
+    path = tmp_path / '00000.tar'
+    buffer = io.BytesIO()
+    Image.new('RGB', (16, 12), (0, 200, 0)).save(buffer, format='JPEG')
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(3):
+            sink.write({'__key__': f'00000{i:04d}', 'jpg': buffer.getvalue(), 'txt': f'A Green Box, number {i}!',
+                        'json': {'url': f'http://example.com/{i}.jpg', 'caption': f'A Green Box, number {i}!',
+                                 'key': f'00000{i:04d}', 'status': 'success', 'width': 16, 'height': 12}})
+    (tmp_path / '00000_stats.json').write_text(json.dumps({'count': 5, 'successes': 3, 'failed_to_download': 2}))
+    assert shard_sizes([str(path)], cache_dir=str(tmp_path / 'cache')) == [3]
+    (tmp_path / '00000_stats.json').unlink()
+    assert shard_sizes([str(path)], cache_dir=str(tmp_path / 'cache2')) == [3]  # counted from the tar
+    stream = ShardStream([f'file:{path}'], dataset.build_transform('test', 8, uint8=True), batch_size=3,
+                         num_workers=1, sizes=[3])
+    items = [item for item, _ in stream]
+    assert sorted(c for _, c in items) == [f'a green box number {i}' for i in range(3)]
+    assert all(image.dtype == torch.uint8 and image.shape == (3, 8, 8) for image, _ in items)
+
+
 def test_unreadable_everything_is_one_clear_error(tmp_path):
     path = tmp_path / 'empty.tar'
     with wds.TarWriter(str(path)) as sink:
