@@ -366,26 +366,31 @@ def two_nodes(config, out, log, *extra):
 
 
 def test_two_nodes_see_each_sample_once_and_resume(demo_config, tmp_path):
-    config = demo_config('Pretrain_shards', **SMALL, save_every_steps=2, schedular={'epochs': 2})
+    # one epoch of 3 steps (60 samples, batch 10 on each node), a checkpoint after step 2
+    config = demo_config('Pretrain_shards', **SMALL, save_every_steps=2, schedular={'epochs': 1})
     out, log = tmp_path / 'out', tmp_path / 'samples'
     outputs = two_nodes(config, out, log)
     assert 'process 1 of 2 on cpu (gloo)' in outputs[1]
     hashes = [line for line in outputs[0].splitlines() if line.startswith('final weights sha256 on each process:')]
     assert len(hashes) == 1 and len(set(hashes[0].split(':')[1].split())) == 1, hashes
-    for epoch in range(2):
-        seen = [line.split('\t')[1].strip() for path in glob.glob(str(log / '*.tsv')) for line in open(path)
-                if line.startswith(f'{epoch}\t')]
-        assert len(seen) == 60 and {k.rsplit(':', 1)[1] for k in seen} == {f'train_{i:05d}' for i in range(60)}
     assert sorted(os.path.basename(p) for p in glob.glob(str(log / '*.tsv'))) == [
         'samples_rank0_worker0.tsv', 'samples_rank1_worker0.tsv']
+    per_rank = [[line.split('\t')[1].strip() for line in open(path)] for path in sorted(glob.glob(str(log / '*.tsv')))]
+    seen = per_rank[0] + per_rank[1]
+    assert len(per_rank[0]) == len(per_rank[1]) == 30 and len(set(seen)) == 60
+    assert {k.rsplit(':', 1)[1] for k in seen} == {f'train_{i:05d}' for i in range(60)}
 
-    # resume from the last mid-epoch checkpoint (epoch 1, step 2 of 3): the same final weights
+    # resume from the mid-epoch checkpoint (step 2 of 3) alone: the same final weights
     resumed = tmp_path / 'resumed'
     resumed.mkdir()
     shutil.copy(out / 'checkpoint_last.pth', resumed / 'checkpoint_last.pth')
     outputs = two_nodes(config, resumed, tmp_path / 'samples_resumed', '--resume')
-    assert 'resumed from' in outputs[0] and 'at epoch 1, step 2' in outputs[0]
-    reference = torch.load(out / 'checkpoint_01.pth', map_location='cpu', weights_only=False)['model']
-    model = torch.load(resumed / 'checkpoint_01.pth', map_location='cpu', weights_only=False)['model']
+    assert 'resumed from' in outputs[0] and 'at epoch 0, step 2' in outputs[0]
+    reference = torch.load(out / 'checkpoint_00.pth', map_location='cpu', weights_only=False)['model']
+    model = torch.load(resumed / 'checkpoint_00.pth', map_location='cpu', weights_only=False)['model']
     assert all(torch.equal(model[k], reference[k]) for k in reference)
+    # the resumed streams delivered only the last step's samples: 10 per node, none seen twice
+    resumed_keys = [line.split('\t')[1].strip() for path in glob.glob(str(tmp_path / 'samples_resumed' / '*.tsv'))
+                    for line in open(path)]
+    assert len(resumed_keys) == 20 and set(resumed_keys) == set(per_rank[0][20:] + per_rank[1][20:])
     # (the epoch's logged loss averages are not compared: every rank resumes with rank 0's meters)
