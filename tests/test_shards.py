@@ -218,6 +218,16 @@ def test_every_sample_once_per_epoch(demo_world, tmp_path, monkeypatch, world_si
     assert all(len(rank) == 60 // world_size for rank in keys)
 
 
+def test_json_items_and_shards_together(demo_world, tmp_path, monkeypatch):
+    urls = demo_shards(demo_world)
+    json_items = pretrain_dataset(os.path.join(demo_world, 'pretrain.json'), None)
+    keys, batches = stream_keys(urls, tmp_path, monkeypatch, world_size=2, num_workers=1, batch_size=10,
+                                json_dataset=json_items)
+    seen = keys[0] + keys[1]
+    assert len(seen) == len(set(seen)) == 120 and len(batches[0]) == len(batches[1]) == 6
+    assert sorted(k for k in seen if k.startswith('json:')) == sorted(f'json:{i}' for i in range(60))
+
+
 def test_resume_mid_epoch_continues_the_same_batches(demo_world, tmp_path, monkeypatch):
     urls = demo_shards(demo_world)
     _, full = stream_keys(urls, tmp_path, monkeypatch, world_size=1, num_workers=2, batch_size=5, epoch=1,
