@@ -10,20 +10,18 @@ import argparse
 
 import engine
 import utils
-from dataset import create_dataset
+from dataset import CaptionCollate, create_dataset, normalize
 from models.model_pretrain import ALBEF
 
-REQUIRED = {'train_file', 'bert_config', 'image_res', 'batch_size', 'embed_dim', 'temp', 'mlm_probability',
+REQUIRED = {'bert_config', 'image_res', 'batch_size', 'embed_dim', 'temp', 'mlm_probability',
             'queue_size', 'momentum', 'alpha'}
-OPTIONAL = {'init_deit', 'deit_checkpoint'}
+OPTIONAL = {'init_deit', 'deit_checkpoint'} | engine.PRETRAIN_DATA_KEYS
 
 
 def train_step(model, batch, alpha, run):
-    image, caption = batch
-    image = utils.to_device(image, run.device)
-    # left on the CPU: the model draws the MLM masks there, then moves the text
-    text = run.tokenizer(caption, padding=engine.text_padding(run), truncation=True, max_length=25,
-                         return_tensors='pt')
+    image, text = batch  # uint8 images; text tokenised by the loader workers (CaptionCollate)
+    image = normalize(utils.to_device(image, run.device))
+    # text left on the CPU: the model draws the MLM masks there, then moves it
     loss_mlm, loss_ita, loss_itm = model(image, text, alpha=alpha)
     return {'loss_mlm': loss_mlm, 'loss_ita': loss_ita, 'loss_itm': loss_itm}
 
@@ -34,8 +32,10 @@ def main(args):
     run.tokenizer = engine.build_tokenizer(config)
 
     print('Creating dataset')
-    dataset = create_dataset('pretrain', config)
-    loader = engine.train_loader(dataset, config['batch_size'], run, config)
+    engine.require_one_of(config, args.config, ('train_file', 'train_shards'))
+    dataset = create_dataset('pretrain', config, uint8=True) if config.get('train_file') else None
+    collate = CaptionCollate(run.tokenizer, padding=engine.text_padding(run))
+    loader = engine.train_loader(dataset, config['batch_size'], run, config, collate_fn=collate)
 
     print('Creating model')
     model = ALBEF(config=config, text_encoder=engine.bert_weights(config), tokenizer=run.tokenizer,

@@ -10,17 +10,16 @@ import argparse
 
 import engine
 import utils
-from dataset import create_dataset
+from dataset import CaptionCollate, create_dataset, normalize
 from models.model_pretrain_nlvr import ALBEF
 
-REQUIRED = {'train_file', 'bert_config', 'image_res', 'batch_size', 'embed_dim'}
-OPTIONAL = {'temp', 'alpha'}
+REQUIRED = {'bert_config', 'image_res', 'batch_size', 'embed_dim'}
+OPTIONAL = {'temp', 'alpha'} | engine.PRETRAIN_DATA_KEYS
 
 
 def train_step(model, batch, alpha, run):
-    image, caption = batch
-    image = utils.to_device(image, run.device)
-    text = run.tokenizer(caption, padding='longest', truncation=True, max_length=25, return_tensors='pt')
+    image, text = batch  # uint8 images; text tokenised by the loader workers (CaptionCollate)
+    image = normalize(utils.to_device(image, run.device))
     return {'loss': model(image, utils.to_device(text, run.device))}
 
 
@@ -30,8 +29,9 @@ def main(args):
     run.tokenizer = engine.build_tokenizer(config)
 
     print('Creating dataset')
-    dataset = create_dataset('pretrain', config)
-    loader = engine.train_loader(dataset, config['batch_size'], run, config)
+    engine.require_one_of(config, args.config, ('train_file', 'train_shards'))
+    dataset = create_dataset('pretrain', config, uint8=True) if config.get('train_file') else None
+    loader = engine.train_loader(dataset, config['batch_size'], run, config, collate_fn=CaptionCollate(run.tokenizer))
 
     print('Creating model')
     model = ALBEF(config=config, text_encoder=engine.bert_weights(config), tokenizer=run.tokenizer)

@@ -33,6 +33,7 @@ from optim import create_optimizer
 from scheduler import create_scheduler
 
 WARMUP_STEP_SIZE = 100  # the warm-up advances the scheduler every 100 iterations of epoch 0
+MAX_WORKERS = 8  # the default num_workers: the CPUs of each process, at most this many
 
 # keys every task config may carry besides its own
 COMMON_KEYS = {
@@ -43,6 +44,8 @@ COMMON_KEYS = {
     'num_threads',
 }
 AMP_MODES = ('bf16', 'fp16', 'off')
+# the pre-training scripts' data keys: JSON annotations and/or tar shards (dataset.shards)
+PRETRAIN_DATA_KEYS = {'train_file', 'train_shards', 'shuffle_buffer', 'samples_per_epoch', 'jpeg_draft'}
 OPTIMIZER_KEYS = {'opt', 'lr', 'weight_decay'}
 SCHEDULER_KEYS = {'sched', 'lr', 'epochs', 'min_lr', 'decay_rate', 'warmup_lr', 'warmup_epochs',
                   'cooldown_epochs'}
@@ -108,6 +111,12 @@ def get_args_parser(config, output_dir):
                        help='intra-op CPU threads of each process (default: the cores this process may use, '
                             'shared among the processes of the node, less one per loader worker)')
     return parser
+
+
+def require_one_of(config, path, keys):
+    """At least one of `keys` is set (e.g. train_file or train_shards)."""
+    if not any(config.get(key) for key in keys):
+        raise ConfigError(f"{path}: needs {' or '.join(repr(k) for k in keys)}")
 
 
 def load_config(path, required, optional=()):
@@ -449,7 +458,9 @@ class SeededSamples(torch.utils.data.Dataset):
         seed = sample_seed(self.seed, epoch, index)
         random.seed(seed)
         np.random.seed(seed % 2 ** 32)
-        torch.manual_seed(seed)
+        # the CPU generator only (what the transforms draw from): torch.manual_seed would also queue
+        # a lazy CUDA seeding, recording a stack trace each time (milliseconds per sample)
+        torch.default_generator.manual_seed(seed)
         skipped = getattr(self.dataset, 'num_skipped', 0)
         try:
             item = self.dataset[index]
@@ -488,13 +499,84 @@ class CountSkipped:
         return self.collate_fn(list(items)), sum(skipped)
 
 
+def default_num_workers():
+    """The CPUs this process may use, shared with the other processes of its node (torchrun's
+    LOCAL_WORLD_SIZE, SLURM's SLURM_NTASKS_PER_NODE), at most MAX_WORKERS and at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    per_node = int(os.environ.get('LOCAL_WORLD_SIZE') or os.environ.get('SLURM_NTASKS_PER_NODE', '1').split('(')[0])
+    return max(1, min(MAX_WORKERS, cpus // max(per_node, 1)))
+
+
+def num_workers_of(config):
+    """The config's `num_workers`, else `default_num_workers()`."""
+    value = config.get('num_workers')
+    if value is None:
+        return default_num_workers()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f'num_workers: expected a whole number >= 0, got {value!r}')
+    return value
+
+
+class StreamLoader:
+    """Training batches from a `dataset.shards.ShardStream`: a DataLoader made afresh each epoch
+    (its workers read the epoch and start position); the stream stands in for the sampler
+    (`loader.sampler.set_epoch(epoch, start)`), as train_one_epoch expects."""
+
+    def __init__(self, stream, **loader_kwargs):
+        self.stream = self.sampler = self.dataset = stream
+        self.batch_size = stream.batch_size
+        self.loader_kwargs = loader_kwargs
+
+    def __len__(self):
+        return self.stream.steps
+
+    def __iter__(self):
+        # its own generator: making the iterator must not draw from the global one (exact resume)
+        return iter(torch.utils.data.DataLoader(self.stream, batch_size=self.batch_size, drop_last=True,
+                                                generator=torch.Generator().manual_seed(self.stream.seed),
+                                                **self.loader_kwargs))
+
+
+def shard_loader(dataset, batch_size, run, config, collate_fn=None):
+    """The `train_shards` loader (with a JSON `dataset`, its items join the shards' samples)."""
+    from dataset import build_transform
+    from dataset.shards import DEFAULT_SHUFFLE_BUFFER, ShardStream, expand, shard_sizes
+    urls = expand(config['train_shards'])
+    sizes = None
+    if run.is_main:
+        sizes = shard_sizes(urls, progress=True)
+    if run.distributed:
+        shared = [sizes]
+        dist.broadcast_object_list(shared, src=0)
+        sizes = shared[0]
+    num_workers = num_workers_of(config)
+    transform = build_transform('pretrain' if config.get('augment', True) else 'test', config['image_res'],
+                                config.get('randaugment_autocontrast', 'original'), uint8=True,
+                                jpeg_draft=bool(config.get('jpeg_draft', False)))
+    stream = ShardStream(urls, transform, batch_size=batch_size, num_workers=num_workers, rank=run.rank,
+                         world_size=run.world_size, seed=run.args.seed, sizes=sizes,
+                         samples_per_epoch=config.get('samples_per_epoch'),
+                         shuffle_buffer=config.get('shuffle_buffer', DEFAULT_SHUFFLE_BUFFER), json_dataset=dataset)
+    print(f'{stream.samples_per_epoch} samples per epoch ({sum(sizes)} in {len(urls)} shards'
+          f'{f", {len(dataset)} from train_file" if dataset is not None else ""}): {stream.steps} steps of '
+          f'{batch_size} x {run.world_size} processes, {num_workers} loader workers each')
+    return StreamLoader(stream, num_workers=num_workers, collate_fn=CountSkipped(collate_fn),
+                        pin_memory=run.device.type == 'cuda', worker_init_fn=_worker_init)
+
+
 def train_loader(dataset, batch_size, run, config, collate_fn=None):
-    """Shuffled, resumable training batches; iterating yields (batch, images skipped)."""
+    """Shuffled, resumable training batches; iterating yields (batch, images skipped). With the
+    config key `train_shards` the batches stream from tar shards (`shard_loader`)."""
+    if config.get('train_shards'):
+        return shard_loader(dataset, batch_size, run, config, collate_fn)
     sampler = ResumableSampler(dataset, run.world_size, run.rank, seed=run.args.seed)
     check_batch_count(len(dataset), batch_size, run, getattr(dataset, 'ann_files', None))
     if run.tokenizer is not None:
         check_vocabulary(dataset, run)
-    num_workers = config.get('num_workers', 4)
+    num_workers = num_workers_of(config)
     return torch.utils.data.DataLoader(
         SeededSamples(dataset, run.args.seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         collate_fn=CountSkipped(collate_fn), drop_last=True, pin_memory=run.device.type == 'cuda',
@@ -540,7 +622,7 @@ def eval_loader(dataset, batch_size, run, config, collate_fn=None, distributed=T
     sampler = None
     if distributed and run.distributed:
         sampler = list(range(run.rank, len(dataset), run.world_size))
-    num_workers = config.get('num_workers', 4)
+    num_workers = num_workers_of(config)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                        collate_fn=collate_fn, shuffle=False, drop_last=False,
                                        pin_memory=run.device.type == 'cuda', worker_init_fn=_worker_init)
@@ -731,7 +813,7 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
     state.step, state.meters = 0, None
     stats = {name: float(f'{meter.global_avg:.{digits}g}') if name == 'lr' else round(meter.global_avg, digits)
              for name, meter in logger.meters.items()}
-    if config.get('skip_bad_images'):
+    if config.get('skip_bad_images') or config.get('train_shards'):  # shards always skip and count
         stats['skipped_images'] = int(utils.all_reduce_sum(torch.tensor(skipped)).item())
     return stats
 
@@ -780,8 +862,26 @@ def fit(model, loader, optimizer, lr_scheduler, run, state, checkpointer, train_
     if evaluate is not None and run.is_main and state.best_epoch is not None:
         with open(run.path('log.txt'), 'a') as f:
             f.write(f'best epoch: {state.best_epoch}\n')
+    check_replicas(model, run)
     SIGNALS.active = False  # what the script does after training stops at a signal as before
     return None
+
+
+def check_replicas(model, run):
+    """With several processes: every process's final weights hash to the same value (they would
+    differ after a data-loading or synchronisation bug); rank 0 prints the hashes."""
+    if not run.distributed:
+        return
+    import hashlib
+    digest = hashlib.sha256()
+    for name, tensor in getattr(model, 'module', model).state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    hashes = [None] * run.world_size
+    dist.all_gather_object(hashes, digest.hexdigest()[:16])
+    print(f'final weights sha256 on each process: {" ".join(hashes)}')
+    if len(set(hashes)) > 1:
+        raise RuntimeError(f'the processes finished with different weights: {hashes}')
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

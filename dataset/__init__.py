@@ -2,11 +2,12 @@
 
 `create_dataset(name, config)` builds the datasets a task script uses from the original YAML keys
 (`train_file`/`val_file`/`test_file`, `image_root`, `vqa_root`, `vg_root`, `answer_list`,
-`image_res`), plus four optional keys: `skip_bad_images` (default False), `check_images`
-(default True; see `dataset.base.AnnotationDataset`), `augment` (default True; false trains
-without random crops, flips and RandomAugment) and `randaugment_autocontrast` ('original', the
-default: RandomAugment's AutoContrast as the original code computes it, which saturates channels
-whose minimum is above 0; 'pil': PIL's per-channel stretch).
+`image_res`), plus these optional keys: `skip_bad_images` (default False), `check_images`
+(default: check, except pre-training sets above 100,000 items; see `dataset.base.AnnotationDataset`),
+`augment` (default True; false trains without random crops, flips and RandomAugment),
+`randaugment_autocontrast` ('original', the default: RandomAugment's AutoContrast as the original
+code computes it, which saturates channels whose minimum is above 0; 'pil': PIL's per-channel
+stretch) and `jpeg_draft` (default False; see `DraftRandomResizedCrop`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from .ve_dataset import ve_dataset
 from .vqa_dataset import vqa_dataset
 
 __all__ = ['DataError', 'ImageError', 'create_dataset', 'create_sampler', 'create_loader',
-           'vqa_collate_fn', 'build_transform', 'pretrain_dataset', 're_train_dataset', 're_eval_dataset',
+           'vqa_collate_fn', 'build_transform', 'normalize', 'CaptionCollate', 'ToUint8', 'pretrain_dataset', 're_train_dataset', 're_eval_dataset',
            'vqa_dataset', 've_dataset', 'nlvr_dataset', 'grounding_dataset', 'TASKS']
 
 # CLIP statistics
@@ -35,9 +36,78 @@ AUGMENTS = ['Identity', 'AutoContrast', 'Equalize', 'Brightness', 'Sharpness', '
             'TranslateX', 'TranslateY', 'Rotate']
 
 
-def build_transform(kind: str, image_res: int, autocontrast: str = 'original') -> Callable:
+class ToUint8:
+    """A PIL image or an HxWx3 uint8 array (what RandomAugment returns) as a 3xHxW uint8 tensor:
+    images cross to the device as bytes (a quarter of float32) and `normalize` makes them the
+    float32 values ToTensor + Normalize would have given."""
+
+    def __call__(self, image) -> torch.Tensor:
+        import numpy as np
+        array = np.asarray(image, dtype=np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images [B, 3, H, W] (on any device) -> float32, CLIP-normalised: bit for bit what
+    ToTensor() and Normalize(MEAN, STD) give on the CPU."""
+    mean = torch.tensor(MEAN, device=images.device)[:, None, None]
+    std = torch.tensor(STD, device=images.device)[:, None, None]
+    return images.to(torch.float32).div(255).sub(mean).div(std)
+
+
+class CaptionCollate:
+    """Collate (image, caption) items into (images, tokenised captions) inside the DataLoader
+    workers: the tokenizer's BatchEncoding of tensors (at most `max_length` tokens, padded to the
+    longest caption, or to `max_length` with padding='max_length' for static shapes under
+    --compile), ready for `.to(device, non_blocking=True)`."""
+
+    def __init__(self, tokenizer, max_length: int = 25, padding: str = 'longest') -> None:
+        self.tokenizer, self.max_length, self.padding = tokenizer, max_length, padding
+
+    def __call__(self, items: Sequence[tuple]) -> tuple:
+        images, captions = zip(*items)
+        text = self.tokenizer(list(captions), padding=self.padding, truncation=True, max_length=self.max_length,
+                              return_tensors='pt')
+        return torch.stack(images, dim=0), text
+
+
+class DraftRandomResizedCrop:
+    """RandomResizedCrop (bicubic) that lets Pillow decode a JPEG at 1/2, 1/4 or 1/8 size
+    (`Image.draft`, in the DCT: much less decoding work) when the crop, at that size, still has
+    at least `size` pixels each way, so the crop's resolution is not lowered. Give it the image
+    as opened, not yet loaded. The crop is drawn with the same random numbers as
+    RandomResizedCrop; where no reduction applies (other formats, small crops) the pixels are
+    exactly RandomResizedCrop's, where one does they differ slightly (the DCT's downscaling, then
+    bicubic), hence opt-in: config key `jpeg_draft: true`."""
+
+    def __init__(self, size: int, scale: tuple, interpolation) -> None:
+        from torchvision import transforms
+        self.crop = transforms.RandomResizedCrop(size, scale=scale, interpolation=interpolation)
+        self.size = size
+        self.lazy_decode = True
+
+    def __call__(self, img):
+        from PIL import Image
+        width, height = img.size
+        i, j, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+        factor = 1
+        if img.format == 'JPEG' and img.tile:  # opened, not decoded yet
+            factor = next((f for f in (8, 4, 2) if w / f >= self.size and h / f >= self.size), 1)
+            if factor > 1:
+                img.draft('RGB', (-(-width // factor), -(-height // factor)))
+        img = img.convert('RGB')
+        if factor == 1:  # exactly torchvision's resized_crop on a PIL image
+            return img.crop((j, i, j + w, i + h)).resize((self.size, self.size), Image.BICUBIC)
+        rx, ry = img.size[0] / width, img.size[1] / height
+        return img.resize((self.size, self.size), Image.BICUBIC, box=(j * rx, i * ry, (j + w) * rx, (i + h) * ry))
+
+
+def build_transform(kind: str, image_res: int, autocontrast: str = 'original', uint8: bool = False,
+                    jpeg_draft: bool = False) -> Callable:
     """The image transform `kind` of SPEC 5.2: 'pretrain', 'train' (fine-tuning), 'test' or
-    'grounding_train'. All PIL-based, bicubic, with CLIP normalisation. `autocontrast` is
+    'grounding_train'. All PIL-based, bicubic, with CLIP normalisation (with `uint8`: ending in a
+    uint8 tensor instead, for `normalize` on the device; with `jpeg_draft`, 'pretrain' and 'train'
+    crop with DraftRandomResizedCrop and take the image as opened, not loaded). `autocontrast` is
     RandomAugment's AutoContrast ('original' or 'pil', see dataset/randaugment.py)."""
     from torchvision import transforms  # imported here: torchvision takes seconds to import
     from torchvision.transforms import InterpolationMode
@@ -48,8 +118,9 @@ def build_transform(kind: str, image_res: int, autocontrast: str = 'original') -
     square = transforms.Resize((image_res, image_res), interpolation=bicubic)  # not aspect-preserving
     if kind in ('pretrain', 'train'):
         scale = (0.2, 1.0) if kind == 'pretrain' else (0.5, 1.0)
-        steps = [transforms.RandomResizedCrop(image_res, scale=scale, interpolation=bicubic),
-                 transforms.RandomHorizontalFlip(), augment]
+        crop = (DraftRandomResizedCrop if jpeg_draft else transforms.RandomResizedCrop)(
+            image_res, scale=scale, interpolation=bicubic)
+        steps = [crop, transforms.RandomHorizontalFlip(), augment]
     elif kind == 'grounding_train':
         # Parity: flipping does not swap 'left'/'right' in the referring expression.
         steps = [square, transforms.RandomHorizontalFlip(), augment]
@@ -57,7 +128,9 @@ def build_transform(kind: str, image_res: int, autocontrast: str = 'original') -
         steps = [square]
     else:
         raise ValueError(f"unknown transform {kind!r}; expected 'pretrain', 'train', 'test' or 'grounding_train'")
-    return transforms.Compose(steps + [transforms.ToTensor(), normalize])
+    composed = transforms.Compose(steps + ([ToUint8()] if uint8 else [transforms.ToTensor(), normalize]))
+    composed.lazy_decode = isinstance(steps[0], DraftRandomResizedCrop)
+    return composed
 
 
 @dataclass(frozen=True)
@@ -105,15 +178,17 @@ TASKS: dict[str, tuple[Split, ...]] = {
 }
 
 
-def create_dataset(dataset: str, config: dict) -> AnnotationDataset | tuple[AnnotationDataset, ...]:
+def create_dataset(dataset: str, config: dict, uint8: bool = False) -> AnnotationDataset | tuple[AnnotationDataset, ...]:
     """The datasets of task `dataset`: 'pretrain' -> one dataset; 're', 've', 'nlvr' -> (train, val,
-    test); 'vqa', 'grounding' -> (train, test)."""
+    test); 'vqa', 'grounding' -> (train, test). With `uint8` the images come as uint8 tensors
+    (see `normalize`)."""
     if dataset not in TASKS:
         raise ValueError(f'unknown dataset {dataset!r}; expected one of {", ".join(TASKS)}')
     if 'image_res' not in config:
         raise DataError("config has no 'image_res'")
+    check = config.get('check_images')  # unset: the dataset class decides (see AnnotationDataset)
     options = {'skip_bad_images': bool(config.get('skip_bad_images', False)),
-               'check_images': bool(config.get('check_images', True))}
+               'check_images': None if check is None else bool(check)}
     # `augment: false` trains on the test transform (the demo world, whose captions hinge on colours
     # and left/right, which colour augmentations and flips would falsify)
     augment = config.get('augment', True)
@@ -121,8 +196,10 @@ def create_dataset(dataset: str, config: dict) -> AnnotationDataset | tuple[Anno
     if autocontrast not in AUTOCONTRAST_MODES:
         raise DataError(f"config randaugment_autocontrast must be one of {', '.join(AUTOCONTRAST_MODES)}, "
                         f'got {autocontrast!r}')
+    draft = bool(config.get('jpeg_draft', False))
     built = tuple(split.build(config, transform=build_transform(split.transform if augment else 'test',
-                                                                config['image_res'], autocontrast), **options)
+                                                                config['image_res'], autocontrast, uint8=uint8,
+                                                                jpeg_draft=draft), **options)
                   for split in TASKS[dataset])
     return built[0] if dataset == 'pretrain' else built
 

@@ -76,6 +76,10 @@ refcoco+/cocos.json            identical to dets.json
 grounding_train.json           [{"image", "text", "ref_id", "image_id"}]
 grounding_val.json, grounding_test.json
                                [{"image", "text", "ref_id"}]
+shards/{000000..000005}.tar    the pre-training items of pretrain.json as tar shards
+                                 (webdataset's ShardWriter, img2dataset layout): per
+                                 sample train_<n>.png, .txt (first caption), .json
+                                 {"captions": [5 captions], "image"}; six shards
 text_encoder/vocab.txt         WordPiece vocabulary covering every text
 text_encoder/tokenizer_config.json
 README.txt, world.json         description and counts
@@ -670,6 +674,8 @@ def generate(out, seed=0, size=64, scale=1.0):
     dump(os.path.join('text_encoder', 'tokenizer_config.json'),
          {'do_lower_case': True, 'tokenizer_class': 'BertTokenizer'})
 
+    n_shards = write_shards(out, data['pretrain.json'])
+
     ref_splits = {}
     for r in refs:
         ref_splits[r['split']] = ref_splits.get(r['split'], 0) + 1
@@ -677,7 +683,8 @@ def generate(out, seed=0, size=64, scale=1.0):
     files.update({'scenes.json': len(all_scenes), 'refcoco+/refs(unc).p': len(refs),
                   'refcoco+/instances.json': {'images': len(instances['images']),
                                               'annotations': len(instances['annotations'])},
-                  'refcoco+/dets.json': len(dets), 'text_encoder/vocab.txt': len(vocab)})
+                  'refcoco+/dets.json': len(dets), 'text_encoder/vocab.txt': len(vocab),
+                  'shards': {'shards': n_shards, 'samples': len(data['pretrain.json'])}})
     manifest = {
         'name': 'ALBEF demo world', 'seed': seed, 'size': size, 'scale': scale,
         'images': {'train': n_train, 'val': n_eval, 'test': n_eval, 'formats': ['png', 'jpg']},
@@ -694,6 +701,25 @@ def generate(out, seed=0, size=64, scale=1.0):
     with open(os.path.join(out, 'README.txt'), 'w') as f:
         f.write(_readme(manifest))
     return manifest
+
+
+SHARDS = 6
+
+
+def write_shards(out, items, n_shards=SHARDS):
+    """The pre-training items as `n_shards` tar shards written by webdataset's own ShardWriter
+    (fixed mtime: the same bytes every time); returns the number of shards."""
+    import webdataset as wds
+    folder = os.path.join(out, 'shards')
+    os.makedirs(folder, exist_ok=True)
+    per_shard = -(-len(items) // n_shards)
+    with wds.ShardWriter(os.path.join(folder, '%06d.tar'), maxcount=per_shard, verbose=0, mtime=0) as sink:
+        for item in items:
+            with open(item['image'], 'rb') as f:
+                png = f.read()
+            sink.write({'__key__': os.path.splitext(os.path.basename(item['image']))[0], 'png': png,
+                        'txt': item['caption'][0], 'json': {'captions': item['caption'], 'image': item['image']}})
+        return sink.shard
 
 
 def _readme(m):
