@@ -106,9 +106,9 @@ def count_samples(url: str) -> int:
 
 
 def shard_sizes(urls: Sequence[str], cache_dir: str | None = None, progress: bool = False) -> list[int]:
-    """The sample count of every shard, cached in `cache_dir` (default ~/.cache/albef) under the
-    URL list and, for local files, their sizes and modification times."""
-    cache_dir = cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'albef')
+    """The sample count of every shard, cached in `cache_dir` (default $ALBEF_CACHE, else
+    ~/.cache/albef) under the URL list and, for local files, their sizes and modification times."""
+    cache_dir = cache_dir or os.environ.get('ALBEF_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'albef')
     signature = hashlib.sha256()
     for url in urls:
         path = _local(url)

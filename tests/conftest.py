@@ -6,10 +6,13 @@ much, and one thread everywhere keeps the trained numbers the same under `-n 2` 
 import json
 import os
 import sys
+import tempfile
 
 import pytest
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # tests never touch the network
+# the annotation-table and shard-count caches of dataset/ go to a folder of this test session
+os.environ.setdefault('ALBEF_CACHE', tempfile.mkdtemp(prefix='albef-cache-'))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # make `import models...` work under plain `pytest` too
