@@ -15,7 +15,7 @@ from models.model_pretrain import ALBEF
 
 REQUIRED = {'bert_config', 'image_res', 'batch_size', 'embed_dim', 'temp', 'mlm_probability',
             'queue_size', 'momentum', 'alpha'}
-OPTIONAL = {'init_deit', 'deit_checkpoint'} | engine.PRETRAIN_DATA_KEYS
+OPTIONAL = {'init_deit', 'deit_checkpoint'} | configuration.PRETRAIN_DATA_KEYS
 
 
 def train_step(model, batch, alpha, run):

@@ -14,7 +14,7 @@ from dataset import CaptionCollate, create_dataset, normalize
 from models.model_pretrain_nlvr import ALBEF
 
 REQUIRED = {'bert_config', 'image_res', 'batch_size', 'embed_dim'}
-OPTIONAL = {'temp', 'alpha'} | engine.PRETRAIN_DATA_KEYS
+OPTIONAL = {'temp', 'alpha'} | configuration.PRETRAIN_DATA_KEYS
 
 
 def train_step(model, batch, alpha, run):

@@ -55,16 +55,30 @@ def check_keys(config, path, required, optional, section=''):
             raise ConfigError(f"{where}missing required key '{key}'")
 
 
+# config keys of the pre-training data (Pretrain.py, Pretrain_nlvr.py): a JSON train_file, tar
+# shards, or both (see dataset/shards.py)
+PRETRAIN_DATA_KEYS = {'train_file', 'train_shards', 'shuffle_buffer', 'samples_per_epoch', 'jpeg_draft'}
+
+
+def _key_set(node):
+    """A set expression of a script's schema: set literals, `configuration.NAME` and their unions."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return _key_set(node.left) | _key_set(node.right)
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == 'configuration':
+        return set(globals()[node.attr])
+    return set(ast.literal_eval(node))
+
+
 def literal_sets(path, names):
-    """The literal set assignments `NAME = {...}` at the top level of a Python file, read without
-    importing it."""
+    """The set assignments `NAME = {...}` (literals, `configuration.NAME` and their unions) at the
+    top level of a Python file, read without importing it."""
     with open(path, encoding='utf-8') as f:
         tree = ast.parse(f.read(), path)
     found = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
                 and node.targets[0].id in names:
-            found[node.targets[0].id] = set(ast.literal_eval(node.value))
+            found[node.targets[0].id] = _key_set(node.value)
     return found
 
 

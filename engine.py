@@ -44,8 +44,6 @@ COMMON_KEYS = {
     'num_threads',
 }
 AMP_MODES = ('bf16', 'fp16', 'off')
-# the pre-training scripts' data keys: JSON annotations and/or tar shards (dataset.shards)
-PRETRAIN_DATA_KEYS = {'train_file', 'train_shards', 'shuffle_buffer', 'samples_per_epoch', 'jpeg_draft'}
 OPTIMIZER_KEYS = {'opt', 'lr', 'weight_decay'}
 SCHEDULER_KEYS = {'sched', 'lr', 'epochs', 'min_lr', 'decay_rate', 'warmup_lr', 'warmup_epochs',
                   'cooldown_epochs'}
