@@ -260,7 +260,7 @@ def load_tokenizer(source):
         return BertTokenizer.from_pretrained(source)
     except Exception as error:
         raise CheckpointError(f"cannot load the tokenizer {source!r} ({type(error).__name__}); pass text_encoder= "
-                              f"a directory with its vocab.txt") from None
+                              f"(--text_encoder) a BERT name or a directory with its vocab.txt") from None
 
 
 def build_model(task, config, tokenizer):
