@@ -79,32 +79,43 @@ def demo_examples(folder):
 
 
 # ---- loading ------------------------------------------------------------------------------------
+def check_paths(args):
+    """The paths given on the command line exist (checked before anything slow is imported)."""
+    for flag in ('checkpoint', 'vqa_checkpoint'):
+        path = getattr(args, flag)
+        if path is not None and not os.path.exists(path):
+            raise BadInput(f'--{flag} {path}: no such file or directory')
+    if args.images is not None and not os.path.isdir(args.images):
+        raise BadInput(f'--images {args.images}: not a directory')
+    if args.answer_list is not None and not os.path.isfile(args.answer_list):
+        raise BadInput(f'--answer_list {args.answer_list}: no such file')
+
+
 def load(path, args, what, **kwargs):
     """models.load, with every failure turned into one line naming the file."""
     from models.api import load as load_model
-    if not os.path.exists(path):
-        raise BadInput(f'{what} {path}: no such file or directory')
     try:
         return load_model(path, device=args.device, text_encoder=args.text_encoder,
                           trust_checkpoint=args.trust_checkpoint, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except Exception as error:  # CheckpointError, TaskError, a file that is no checkpoint, ...: one line
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BadInput(message if path in message else f'{what} {path}: {message}') from None
 
 
 def resolve(args):
     """The DemoModels to serve, and the one line that says what they are."""
+    check_paths(args)
+    world = args.checkpoint is None
+    candidates = demo_checkpoints() if world else []
+    if world and not candidates:
+        raise BadInput(f'no --checkpoint given and no demo checkpoint under {DEMO_OUTPUT}/: '
+                       f'make one with {DEMO_COMMAND}, or pass --checkpoint CKPT')
     from .app import DemoModels, look_model_note, vqa_model_note
     from .index import IMAGE_EXTENSIONS, list_images
 
     models = DemoModels()
-    world = args.checkpoint is None
     notes = []
     if world:
-        candidates = demo_checkpoints()
-        if not candidates:
-            raise BadInput(f'no --checkpoint given and no demo checkpoint under {DEMO_OUTPUT}/: '
-                           f'make one with {DEMO_COMMAND}, or pass --checkpoint CKPT')
         for path in candidates:  # newest first: the first one with ITC and ITM heads, the first VQA one
             if models.model is not None and (models.vqa is not None or args.vqa_checkpoint):
                 break
@@ -134,8 +145,6 @@ def resolve(args):
     extensions = tuple('.' + e.strip().lstrip('.') for e in args.extensions.split(',') if e.strip()) \
         if args.extensions else None
     if args.images:
-        if not os.path.isdir(args.images):
-            raise BadInput(f'--images {args.images}: not a directory')
         models.folder, models.extensions = args.images, extensions or IMAGE_EXTENSIONS
     elif world and os.path.isdir(os.path.join(DEMO_WORLD, 'images')):
         models.folder, models.extensions = os.path.join(DEMO_WORLD, 'images'), extensions or ('.png',)
@@ -149,7 +158,7 @@ def resolve(args):
             models.examples = [[os.path.join(models.folder, n)] for n in list_images(models.folder,
                                                                                     models.extensions)[:4]]
         count = len(list_images(models.folder, models.extensions))
-        notes.append(f'Search: {models.folder} ({count} images)')
+        notes.append(f'Search: {models.folder} ({count} image files)')
     else:
         notes.append(models.folder_note)
     looks = f'Look and Search: {models.checkpoint} ({models.model.task})'
@@ -172,8 +181,12 @@ def main(argv=None):
         allowed = [os.path.abspath(models.folder)] if models.folder else []
         blocked = [os.path.join(a, CACHE_DIR) for a in allowed]
         app.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=args.max_file_size,
-                   allowed_paths=allowed,
-                   blocked_paths=blocked, show_error=True, ssr_mode=False, inbrowser=False)
+                   allowed_paths=allowed, blocked_paths=blocked, show_error=True, ssr_mode=False, inbrowser=False,
+                   quiet=True, prevent_thread_lock=True)
+        where = 'this machine only' if args.host in ('127.0.0.1', 'localhost') else f'every address of {args.host}'
+        print(f'ALBEF demo: open {app.local_url} ({where}'
+              + (f'; public link {app.share_url}' if args.share and app.share_url else '') + ')', flush=True)
+        app.block_thread()
     except BadInput as error:
         print(f'demo: {error}', file=sys.stderr)
         return 2
