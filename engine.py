@@ -36,7 +36,7 @@ COMMON_KEYS = {
     'bert_config', 'image_res', 'vision_width', 'vision_depth', 'vision_num_heads', 'patch_size',
     'text_encoder', 'init_text_encoder', 'num_workers', 'print_freq', 'save_every_steps',
     'skip_bad_images', 'check_images', 'augment', 'optimizer', 'schedular',
-    'amp', 'accum_steps', 'grad_checkpointing', 'compile',
+    'amp', 'accum_steps', 'grad_checkpointing', 'compile', 'trust_checkpoint',
 }
 AMP_MODES = ('bf16', 'fp16', 'off')
 OPTIMIZER_KEYS = {'opt', 'lr', 'weight_decay'}
@@ -70,6 +70,9 @@ def get_args_parser(config, output_dir):
                         help='join the process group when a launcher started several processes')
     parser.add_argument('--resume', action='store_true',
                         help='continue from the newest checkpoint in --output_dir')
+    parser.add_argument('--trust_checkpoint', action='store_true', default=None,
+                        help='fully unpickle a --checkpoint that holds Python objects besides tensors (only '
+                             'for files from a source you trust; also the config key trust_checkpoint)')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
     speed = parser.add_argument_group('speed and memory (each also a config key of the same name)')
     speed.add_argument('--amp', choices=AMP_MODES, default=None,
@@ -551,7 +554,11 @@ class Checkpointer:
         utils.barrier()
 
     def newest(self):
-        """The checkpoint in output_dir that is furthest along, or None."""
+        """(path, checkpoint) of the checkpoint in output_dir that is furthest along, or None.
+
+        Each candidate is opened memory-mapped with the restricted unpickler (`weights_only`):
+        only its small 'resume' entry is read from disk, not the weights of a multi-GB file, and
+        the chosen one's tensors are read when they are used."""
         best, best_position = None, None
         if not os.path.isdir(self.run.output_dir):
             return None
@@ -560,10 +567,12 @@ class Checkpointer:
                 continue
             path = self.run.path(name)
             try:
-                # memory-mapped: only the small 'resume' entry is read from each candidate
-                ckpt = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
+                ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
             except Exception as e:
-                print(f'skipping unreadable {path}: {e}')
+                print(f'skipping unreadable {path}: {short_message(e)}')
+                continue
+            if not isinstance(ckpt, dict):
+                print(f'skipping {path}: not a training checkpoint')
                 continue
             resume = ckpt.get('resume')
             position = (resume['epoch'], resume['step']) if resume else (ckpt.get('epoch', -1) + 1, 0)
@@ -602,7 +611,8 @@ def start_state(args, run, model, optimizer, lr_scheduler, **load_kwargs):
     if args.resume:
         return checkpointer, checkpointer.resume()
     if args.checkpoint:
-        load_checkpoint(model, args.checkpoint, **load_kwargs)
+        trust = bool(getattr(args, 'trust_checkpoint', None) or run.config.get('trust_checkpoint'))
+        load_checkpoint(model, args.checkpoint, trust=trust, **load_kwargs)
     return checkpointer, TrainState()
 
 

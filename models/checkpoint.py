@@ -3,7 +3,9 @@
 One entry point, `load_checkpoint(model, path)`:
 
 1. read the file: a training checkpoint `{'model': state_dict, ...}` or a bare state_dict (the
-   released fine-tuned files, without momentum encoders and queues);
+   released fine-tuned files, without momentum encoders and queues), pickled (read with
+   `torch.load(weights_only=True)`, see `read_checkpoint`) or in safetensors (a `models.export`
+   directory or a `.safetensors` file);
 2. convert a pre-training state_dict to the model's layout, exactly as the original scripts do:
    strip `bert.` (retrieval, grounding, VE), build the answer decoder from the fusion layers (VQA),
    or split every fusion layer into the two image sub-layers (NLVR2 text-assignment pre-training);
@@ -13,8 +15,10 @@ One entry point, `load_checkpoint(model, path)`:
    leave (momentum encoders and queues absent from released files, heads the task adds, modules the
    task drops) are reported; anything else raises `CheckpointError` naming the keys.
 """
+import argparse
 import os
-import warnings
+import pickle
+import zipfile
 from dataclasses import dataclass, field
 
 import torch
@@ -60,32 +64,118 @@ def summarise(keys, limit=8):
 
 
 # ---- reading ------------------------------------------------------------------------------------
-def read_state_dict(checkpoint):
-    """A state_dict from a path, a loaded checkpoint object, or a state_dict."""
+SAFETENSORS_FILE = 'model.safetensors'  # the weights of a `python -m models.export` directory
+
+# Classes a released checkpoint may hold besides tensors and plain containers: harmless attribute
+# bags (an argparse Namespace of the run's arguments). They are allowed into the restricted
+# (weights_only) unpickler only while reading a file whose keys are those of a training checkpoint.
+RELEASED_GLOBALS = {'argparse.Namespace': argparse.Namespace}
+TRAINING_CHECKPOINT_KEYS = {'model', 'optimizer', 'lr_scheduler', 'config', 'epoch'}
+
+_SIGNATURES = {b'\x89PNG': 'a PNG image', b'\xff\xd8\xff': 'a JPEG image', b'GIF8': 'a GIF image',
+               b'%PDF': 'a PDF file', b'PK\x03\x04': 'a zip archive without a pickled object'}
+
+
+def read_checkpoint(path, trust=False):
+    """The object saved in a checkpoint file: a `torch.save` file or a safetensors file/directory.
+
+    Pickled files are read with `torch.load(weights_only=True)` (tensors, numbers, strings and
+    plain containers only: nothing in the file can run code). A file that needs more is loaded
+    only when it is recognised as a released ALBEF training checkpoint whose only other objects
+    are harmless ones (`RELEASED_GLOBALS`, still read by the restricted unpickler), or when
+    `trust` is set (`--trust_checkpoint` / config key `trust_checkpoint`), which unpickles it fully.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, SAFETENSORS_FILE)):
+            raise CheckpointError(f'{path}: a directory without {SAFETENSORS_FILE} (expected an export of '
+                                  f'python -m models.export)')
+        path = os.path.join(path, SAFETENSORS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    if path.endswith('.safetensors'):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f'{path} is not a readable safetensors file ({error})') from None
+    _check_is_torch_file(path)
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as error:
+        if 'weights_only' not in str(error):
+            raise CheckpointError(f'{path} is not a PyTorch checkpoint ({short_error(error)})') from None
+        needs = _unsafe_globals(path)
+    except Exception as error:  # a truncated zip, a torn write, ...
+        raise CheckpointError(f'{path} is not a PyTorch checkpoint ({short_error(error)})') from None
+    if trust:
+        print(f'{path}: fully unpickled, as --trust_checkpoint asks (it holds {", ".join(needs) or "Python objects"})')
+        return torch.load(path, map_location='cpu', weights_only=False)
+    released = _read_released(path, needs)
+    if released is not None:
+        return released
+    raise CheckpointError(
+        f'{path} holds Python objects besides tensors ({", ".join(needs) or "unknown"}), and unpickling them '
+        f'can run code: pass --trust_checkpoint (config key trust_checkpoint: true) if you trust its source')
+
+
+def short_error(error):
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _check_is_torch_file(path):
+    """CheckpointError unless the file is a torch.save zip archive or a legacy pickle."""
+    with open(path, 'rb') as f:
+        head = f.read(8)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith('data.pkl') for name in archive.namelist()):
+                return
+    elif head[:1] == b'\x80':  # a pickle protocol header (torch's legacy format)
+        return
+    kind = next((what for magic, what in _SIGNATURES.items() if head.startswith(magic)), None)
+    if kind is None:
+        kind = 'empty' if not head else 'neither a torch.save archive nor a pickle'
+    raise CheckpointError(f'{path} is not a PyTorch checkpoint ({kind})')
+
+
+def _unsafe_globals(path):
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # a legacy (non-zip) file
+        return []
+
+
+def _read_released(path, needs):
+    """A released training checkpoint ({'model', 'optimizer', ..., 'config'}) whose only extra
+    objects are in RELEASED_GLOBALS, read by the restricted unpickler; else None."""
+    if not needs or not set(needs) <= set(RELEASED_GLOBALS):
+        return None
+    with torch.serialization.safe_globals([RELEASED_GLOBALS[name] for name in needs]):
+        try:
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception:
+            return None
+    if not (isinstance(checkpoint, dict) and 'model' in checkpoint and set(checkpoint) <= TRAINING_CHECKPOINT_KEYS
+            and isinstance(checkpoint['model'], dict) and 'visual_encoder.pos_embed' in checkpoint['model']):
+        return None
+    print(f'{path}: a released ALBEF checkpoint (recognised by its keys); its {", ".join(needs)} '
+          f'read with the restricted unpickler')
+    return checkpoint
+
+
+def read_state_dict(checkpoint, trust=False):
+    """A state_dict from a path (see `read_checkpoint`), a loaded checkpoint object, or a state_dict."""
     source = checkpoint
     if isinstance(checkpoint, (str, os.PathLike)):
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
-        try:
-            checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=True)
-        except Exception:
-            checkpoint = _load_trusted(checkpoint)
+        checkpoint = read_checkpoint(checkpoint, trust)
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get('model'), dict):
         checkpoint = checkpoint['model']
     if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):
         raise CheckpointError(f'{source}: expected a state_dict or a {{"model": state_dict}} checkpoint')
     return dict(checkpoint)
-
-
-def _load_trusted(path):
-    """Full unpickling, for training checkpoints that pickle Python objects (the original's config)."""
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as error:
-        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})') from None
-    warnings.warn(f'{path} holds Python objects besides tensors and was fully unpickled; '
-                  f'load only checkpoints you trust')
-    return checkpoint
 
 
 # ---- conversions (pure functions on state_dicts) ------------------------------------------------
@@ -163,16 +253,17 @@ def strip_for_release(state_dict):
 
 
 # ---- loading ------------------------------------------------------------------------------------
-def load_checkpoint(model, checkpoint, allow_new_heads=True, sync_momentum=True):
+def load_checkpoint(model, checkpoint, allow_new_heads=True, sync_momentum=True, trust=False):
     """Load an original or our own checkpoint into `model` (any ALBEF variant); returns a LoadReport.
 
     allow_new_heads: the task heads of `model.new_heads` may be absent (fine-tuning from a
         pre-training checkpoint); pass False when evaluating a fine-tuned checkpoint.
     sync_momentum: when the file has no momentum weights at all (released fine-tuned files), copy
         the loaded online weights into the momentum encoders. (NLVR's faithful mode passes False.)
+    trust: fully unpickle a file that holds Python objects besides tensors (see `read_checkpoint`).
     """
     source = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else 'state_dict'
-    state_dict = read_state_dict(checkpoint)
+    state_dict = read_state_dict(checkpoint, trust)
 
     conversion = getattr(model, 'checkpoint_conversion', None)
     if conversion and is_pretrain_layout(state_dict):

@@ -221,7 +221,8 @@ def test_unreadable_and_absent_files(tokenizer, tmp_path):
     model = build(model_ve, tokenizer)
     garbage = tmp_path / 'garbage.pth'
     garbage.write_bytes(b'not a checkpoint at all')
-    with pytest.raises(CheckpointError, match='not a readable PyTorch checkpoint'):
+    with pytest.raises(CheckpointError, match=r'garbage\.pth is not a PyTorch checkpoint \(neither a torch\.save '
+                                              r'archive nor a pickle\)$'):
         load_checkpoint(model, str(garbage))
     with pytest.raises(FileNotFoundError, match='checkpoint not found: .*nowhere.pth'):
         load_checkpoint(model, str(tmp_path / 'nowhere.pth'))

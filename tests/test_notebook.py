@@ -1,5 +1,8 @@
-"""visualize.ipynb runs top to bottom, unedited, on a demo checkpoint and draws one panel per word."""
-import json
+"""visualize.ipynb, unedited and with no settings, right after the README's demo command: it finds
+the newest demo checkpoint under output/demo/, draws the default photograph with one panel per
+word, and writes nothing."""
+import base64
+import io
 import os
 
 import nbclient
@@ -9,35 +12,42 @@ import pytest
 from conftest import ROOT
 
 
-def test_notebook_draws_one_panel_per_word(pretrained_demo, tmp_path, monkeypatch):
+def test_notebook_runs_as_documented(pretrained_demo, tmp_path, monkeypatch):
     from PIL import Image
-    from ruamel.yaml import YAML
-    from conftest import _relocate
-
-    world = pretrained_demo['world']
-    with open(os.path.join(ROOT, 'configs', 'demo', 'Grounding.yaml')) as f:
-        config = {k: _relocate(v, world) for k, v in YAML(typ='safe').load(f).items()}
-    config['bert_config'] = os.path.join(ROOT, config['bert_config'])
-    config_path = tmp_path / 'Grounding.yaml'
-    with open(config_path, 'w') as f:
-        YAML(typ='safe').dump(config, f)
-    with open(os.path.join(world, 'grounding_val.json')) as f:
-        item = json.load(f)[1]
-    figure = tmp_path / 'figure.png'
-    monkeypatch.setenv('ALBEF_CHECKPOINT', pretrained_demo['checkpoint'])  # a pre-training checkpoint: converted on load
-    monkeypatch.setenv('ALBEF_CONFIG', str(config_path))
-    monkeypatch.setenv('ALBEF_IMAGE', os.path.join(world, 'images', item['image']))
-    monkeypatch.setenv('ALBEF_CAPTION', item['text'])
-    monkeypatch.setenv('ALBEF_FIGURE', str(figure))
+    # a working directory laid out as the repository after the demo command: the demo checkpoint
+    # under output/demo/, and a newer VQA checkpoint, which has no ITM head and is passed over
+    (tmp_path / 'examples').symlink_to(os.path.join(ROOT, 'examples'))
+    demo = tmp_path / 'output' / 'demo'
+    (demo / 'pretrain').mkdir(parents=True)
+    (demo / 'pretrain' / 'checkpoint_29.pth').symlink_to(pretrained_demo['checkpoint'])
+    (demo / 'vqa').mkdir()
+    _vqa_checkpoint(pretrained_demo, demo / 'vqa' / 'checkpoint_00.pth')
+    before = sorted(str(p) for p in tmp_path.rglob('*'))
+    for name in [k for k in os.environ if k.startswith('ALBEF_')]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv('PYTHONPATH', ROOT)
 
     notebook = nbformat.read(os.path.join(ROOT, 'visualize.ipynb'), as_version=4)
     nbclient.NotebookClient(notebook, timeout=300, kernel_name='python3',
-                            resources={'metadata': {'path': ROOT}}).execute()
+                            resources={'metadata': {'path': str(tmp_path)}}).execute()
 
-    words = item['text'].split()                                # the demo vocabulary has whole words only
-    with open(tmp_path / 'figure.json') as f:
-        assert json.load(f) == {'panels': len(words) + 1, 'words': words}   # the image, then one per word
-    width, height = Image.open(figure).size
-    assert height / width == pytest.approx(len(words) + 1, rel=0.1)       # square panels stacked vertically
     printed = ''.join(output.get('text', '') for cell in notebook.cells for output in cell.get('outputs', []))
-    assert f"{len(words)} words, 4x4 patches: {item['text']}" in printed
+    assert 'checkpoint: output/demo/pretrain/checkpoint_29.pth (pretrain, 64 px)' in printed
+    words = 'a white circle on a red circle'.split()  # the default caption, all in the demo vocabulary
+    assert f"{len(words)} words, ITM match probability 0." in printed and printed.count(': ' + ' '.join(words)) == 1
+    figures = [output['data']['image/png'] for cell in notebook.cells for output in cell.get('outputs', [])
+               if 'image/png' in output.get('data', {})]
+    assert len(figures) == 1
+    width, height = Image.open(io.BytesIO(base64.b64decode(figures[0]))).size
+    photo = Image.open(os.path.join(ROOT, 'examples', 'coffee.jpg'))
+    # the photograph, then one panel per word, stacked vertically at the photograph's aspect ratio
+    assert height / width == pytest.approx((len(words) + 1) * photo.height / photo.width, rel=0.1)
+    assert sorted(str(p) for p in tmp_path.rglob('*')) == before   # nothing written
+
+
+def _vqa_checkpoint(pretrained_demo, path):
+    """A VQA model's checkpoint converted from the demo pre-training one (no training needed)."""
+    import torch
+    from models.checkpoint import pretrain_to_vqa, read_state_dict, strip_for_release
+    state_dict = strip_for_release(pretrain_to_vqa(read_state_dict(pretrained_demo['checkpoint'])))
+    torch.save({'model': state_dict, 'config': pretrained_demo['config']}, path)
