@@ -50,6 +50,10 @@ def look_model_note(loaded, checkpoint):
 
 
 def vqa_model_note(loaded, checkpoint):
+    """Why `loaded` cannot serve Ask ('' when it can)."""
+    if loaded.task == 'vqa' and not getattr(loaded, 'answer_list', None):
+        return (f'{checkpoint} names no list of candidate answers: pass the answer_list.json it was trained with '
+                f'with --answer_list')
     if loaded.task == 'vqa':
         return ''
     return (f"{checkpoint} is a '{loaded.task}' checkpoint; answering questions needs a VQA checkpoint "
@@ -204,6 +208,17 @@ checkpoint's answer list by its first word piece, keeps the best, scores those w
 gives their probabilities among the k kept."""
 
 
+def block_choices(loaded):
+    """The fusion layers that Grad-CAM can read, and the default: 8 of 6-10 for ALBEF. The last fusion
+    layer is left out: there only the [CLS] row reaches the ITM head, so every word's map is zero."""
+    if loaded is None:
+        return [8], 8
+    layers = gradcam.fusion_layers(loaded.model)
+    layers = layers[:-1] if len(layers) > 1 else layers
+    default = min(max(gradcam.default_block_num(loaded.model, 'itm'), layers[0]), layers[-1])
+    return layers, default
+
+
 def build_app(models):
     """The gr.Blocks app serving `models` (a DemoModels)."""
     handlers = Handlers(models)
@@ -218,11 +233,7 @@ def build_app(models):
                                             elem_id='look-image')
                     look_caption = gr.Textbox(label='caption', placeholder='e.g. a red circle on the left',
                                               elem_id='look-caption')
-                    if look_model is not None:
-                        layers = gradcam.fusion_layers(look_model.model)
-                        default = gradcam.default_block_num(look_model.model, 'itm')
-                    else:
-                        layers, default = [8], 8
+                    layers, default = block_choices(look_model)
                     look_block = gr.Dropdown(layers, value=default, label='Grad-CAM block (a fusion layer)',
                                              elem_id='look-block')
                     look_button = gr.Button('Look', variant='primary', elem_id='look-run')
