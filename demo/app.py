@@ -171,8 +171,8 @@ class Handlers:
             raise _error(str(error)) from None
         gallery, rows = [], []
         for rank, (i, itm_score) in enumerate(ranked, 1):
-            score = f'ITC {float(itc[i]):.3f}' + ('' if itm_score is None else f' · ITM {itm_score:.3f}')
-            gallery.append((index.path(i), f'{rank}. {index.names[i]}  {score}'))
+            score = f'ITC {float(itc[i]):.3f}' if itm_score is None else f'ITM {itm_score:.3f}'
+            gallery.append((index.path(i), f'#{rank} {score}'))  # the file names and all scores: the table
             rows.append([rank, index.names[i], round(float(itc[i]), 6),
                          None if itm_score is None else round(itm_score, 6)])
         return gallery, rows, index.summary()

@@ -72,7 +72,12 @@ def demo_examples(folder):
         with open(os.path.join(world, 'retrieval_test.json')) as f:
             look = [[os.path.join(folder, item['image']), item['caption'][0]] for item in json.load(f)[:4]]
         with open(os.path.join(world, 'vqa_test.json')) as f:
-            ask = [[os.path.join(folder, item['image']), item['question']] for item in json.load(f)[:4]]
+            first = {}  # one question for each of the first four images
+            for item in json.load(f):
+                first.setdefault(item['image'], item['question'])
+                if len(first) == 4:
+                    break
+            ask = [[os.path.join(folder, image), question] for image, question in first.items()]
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         pass
     return [e for e in look if os.path.isfile(e[0])], [e for e in ask if os.path.isfile(e[0])]

@@ -162,7 +162,7 @@ def test_search_ranks_by_itc_and_reranks_by_itm(client, direct, folder):
     assert [row[1] for row in table['data']] == [names[i] for i in expected]
     assert [row[2] for row in table['data']] == pytest.approx([float(itc[i]) for i in expected], abs=1e-5)
     assert [row[0] for row in table['data']] == [1, 2, 3, 4, 5]
-    assert len(gallery) == 5 and gallery[0]['caption'].startswith(f'1. {names[expected[0]]}  ITC ')
+    assert [g['caption'] for g in gallery] == [f'#{r} ITC {float(itc[i]):.3f}' for r, i in enumerate(expected, 1)]
     assert status.startswith(f'12 images in {folder}; skipped 1 unreadable file (broken.png); ')
 
     _, table, status = client.predict(CAPTION, 3, True, 8, api_name='/search')
@@ -263,7 +263,8 @@ def test_without_arguments_it_serves_the_demo_world(checkpoints, demo_world, tmp
     models, line = cli.resolve(cli.get_parser().parse_args([]))
     assert line == ('Look and Search: output/demo/retrieval/checkpoint_best.pth (retrieval); '
                     'Ask: output/demo/vqa/checkpoint_best.pth (vqa); Search: data/demo/images (80 image files)')
-    assert models.examples[0][1] and models.vqa_examples[0][1].endswith('?')
+    assert len(models.examples) == 4 and models.examples[0][1]
+    assert len({image for image, _ in models.vqa_examples}) == 4 and models.vqa_examples[0][1].endswith('?')
 
     shutil.rmtree(tmp_path / 'output' / 'demo' / 'vqa')
     models, line = cli.resolve(cli.get_parser().parse_args([]))
