@@ -124,7 +124,7 @@ class Handlers:
             itm = float(m.itm(image, caption)[0])
             itc = float(m.similarity(image, caption)[0, 0])
             cam = m.gradcam(image, caption, block_num=int(block_num))
-        except (TaskError, ValueError, OSError) as error:  # e.g. a folder image removed since the index
+        except (TaskError, ValueError, OSError) as error:  # a task mismatch, a text or image it cannot use
             raise _error(str(error)) from None
         rgb = np.asarray(_display(image), dtype=np.float32) / 255
         panels = [(_uint8(rgb), 'image')]
@@ -167,7 +167,7 @@ class Handlers:
                 ranked = sorted(zip(shortlist, itm), key=lambda pair: -pair[1])[:k]
             else:
                 ranked = [(i, None) for i in itc.topk(k).indices.tolist()]
-        except (TaskError, ValueError, OSError) as error:  # e.g. a folder image removed since the index
+        except (TaskError, ValueError, OSError) as error:  # a task mismatch, a text or image it cannot use
             raise _error(str(error)) from None
         gallery, rows = [], []
         for rank, (i, itm_score) in enumerate(ranked, 1):
@@ -185,7 +185,7 @@ class Handlers:
         image, question = _rgb(image), _caption(question, 'question')
         try:
             answers = self.models.vqa.answer(image, question, k=int(k))[0]
-        except (TaskError, ValueError, OSError) as error:  # e.g. a folder image removed since the index
+        except (TaskError, ValueError, OSError) as error:  # a task mismatch, a text or image it cannot use
             raise _error(str(error)) from None
         return {answer: float(p) for answer, p in answers}
 
