@@ -355,3 +355,17 @@ def test_look_in_headless_chromium(server, direct, folder, tmp_path):
             page.get_by_text('the caption is empty: type a caption first').first.wait_for(timeout=30_000)
         finally:
             browser.close()
+
+
+def test_grad_cam_block_defaults_to_8_for_albef_size_models(demo_world, tmp_path):
+    """ALBEF's BERT: 12 layers fused from 6; the selector offers 6-10 (layer 11's word maps are zero)."""
+    from types import SimpleNamespace
+
+    from demo.app import block_choices
+    from models.tokenization_bert import BertTokenizer
+    tokenizer = BertTokenizer.from_pretrained(os.path.join(demo_world, 'text_encoder'))
+    with open(TINY_BERT_CONFIG) as f:
+        bert = {**json.load(f), 'vocab_size': len(tokenizer), 'num_hidden_layers': 12, 'fusion_layer': 6}
+    (tmp_path / 'bert.json').write_text(json.dumps(bert))
+    model = build_model('retrieval', tokenizer, {**TINY_CONFIG, 'bert_config': str(tmp_path / 'bert.json')})
+    assert block_choices(SimpleNamespace(model=model)) == ([6, 7, 8, 9, 10], 8)
