@@ -14,8 +14,9 @@ the checkpoint's stored config. Where the file has none (the released files), th
 off the weights (ViT width, depth, patch size and resolution from `visual_encoder.pos_embed` and
 the patch projection; BERT widths, vocabulary and fusion layer from the text encoder) and the rest
 are the released models' (ViT-B/16 and BERT-base heads of width 64, `configs/config_bert.json`,
-the `bert-base-uncased` tokenizer). Images are PIL images or paths, resized to `image_res` by the
-evaluation transform; texts are cleaned as in training (`pre_caption`, `pre_question`).
+the `bert-base-uncased` tokenizer). Images are PIL images, paths or uint8 arrays, resized to
+`image_res` by the evaluation transform; texts are cleaned as in training (`pre_caption`,
+`pre_question`).
 
 A pre-training checkpoint is loaded into the retrieval model (without its MLM head, as zero-shot
 retrieval does). Momentum encoders and feature queues only serve training and are not built.
@@ -176,7 +177,8 @@ def bert_config(state_dict, task, stored=None):
                   intermediate_size=state_dict[f'{prefix}encoder.layer.0.intermediate.dense.weight'].shape[0])
     if fusion:
         config['fusion_layer'] = fusion[0]
-        config['encoder_width'] = state_dict[f'{prefix}encoder.layer.{fusion[0]}.crossattention.self.key.weight'].shape[1]
+        key = state_dict[f'{prefix}encoder.layer.{fusion[0]}.crossattention.self.key.weight']
+        config['encoder_width'] = key.shape[1]
         # the image-pair models split every fusion layer in two (models/model_nlvr.py)
         pairs = task in ('nlvr', 'pretrain_nlvr')
         config['num_hidden_layers'] = fusion[0] + (len(layers) - fusion[0]) // (2 if pairs else 1)
@@ -320,16 +322,18 @@ def _repeat(items, n):
 
 
 def to_pil(image):
-    """A PIL RGB image from a PIL image or a path."""
+    """A PIL RGB image from a PIL image, a path or an (H, W[, 3]) uint8 array (what Gradio passes)."""
     from PIL import Image
     if isinstance(image, Image.Image):
         return image.convert('RGB')
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image).convert('RGB')
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
             raise FileNotFoundError(f'image not found: {image}')
         with Image.open(image) as f:
             return f.convert('RGB')
-    raise TypeError(f'expected a PIL image or a path, got {type(image).__name__}')
+    raise TypeError(f'expected a PIL image, a path or a uint8 array, got {type(image).__name__}')
 
 
 class LoadedModel:

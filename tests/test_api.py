@@ -98,6 +98,25 @@ def test_export_then_load_gives_the_checkpoints_scores(demo, monkeypatch, capsys
     torch.testing.assert_close(itc, embeds @ from_export.embed_texts(CAPTIONS).T)
 
 
+def test_scripts_start_from_an_export(demo, capsys):
+    """--checkpoint DIR: load_checkpoint reads the export's safetensors (fine-tuning starts from it)."""
+    from models.checkpoint import load_checkpoint
+    from models.model_retrieval import ALBEF
+    from models.tokenization_bert import BertTokenizer
+    checkpoint = save_task_checkpoint(demo, 'retrieval')
+    out = demo['base'] / 'export_for_training'
+    export_main([checkpoint, '--out', str(out)])
+    config = {**demo['config'], 'bert_config': os.path.join(ROOT, demo['config']['bert_config'])}
+    model = ALBEF(tokenizer=BertTokenizer.from_pretrained(str(out)), config=config)
+    report = load_checkpoint(model, str(out))
+    assert report.momentum_from_online
+    full = torch.load(checkpoint, weights_only=True)['model']
+    own = model.state_dict()
+    assert all(torch.equal(own[k], full[k]) for k in full if not k.split('.')[0].endswith('_m') and 'queue' not in k)
+    assert torch.equal(own['text_encoder_m.encoder.layer.4.output.dense.weight'],
+                       full['text_encoder.encoder.layer.4.output.dense.weight'])
+
+
 def test_pretrain_checkpoint_loads_as_itself_and_exported(demo, capsys):
     checkpoint = save_task_checkpoint(demo, 'pretrain')
     out = demo['base'] / 'export_pretrain'
@@ -261,7 +280,8 @@ def test_objects_need_trust(demo, capsys):
                                 f'them can run code: pass --trust_checkpoint (config key trust_checkpoint: true) if '
                                 f'you trust its source')
     m = models.load(str(path), device='cpu', trust_checkpoint=True)
-    assert f'{path}: fully unpickled, as --trust_checkpoint asks (it holds fractions.Fraction)' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f'{path}: fully unpickled, as --trust_checkpoint asks (it holds fractions.Fraction)' in printed
     assert m.task == 'retrieval'
 
 
