@@ -98,10 +98,14 @@ def check_paths(args):
 
 def load(path, args, what, **kwargs):
     """models.load, with every failure turned into one line naming the file."""
+    import contextlib
+    import io
+
     from models.api import load as load_model
     try:
-        return load_model(path, device=args.device, text_encoder=args.text_encoder,
-                          trust_checkpoint=args.trust_checkpoint, **kwargs)
+        with contextlib.redirect_stdout(io.StringIO()):  # the key report of loading: the one line says it
+            return load_model(path, device=args.device, text_encoder=args.text_encoder,
+                              trust_checkpoint=args.trust_checkpoint, **kwargs)
     except Exception as error:  # CheckpointError, TaskError, a file that is no checkpoint, ...: one line
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BadInput(message if path in message else f'{what} {path}: {message}') from None

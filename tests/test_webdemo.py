@@ -79,7 +79,7 @@ def server(checkpoints, folder, tmp_path_factory):
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f'http://127.0.0.1:{port}/'
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 600
         while True:
             if process.poll() is not None:
                 pytest.fail(f'the demo exited with {process.returncode}:\n{log.read_text()[-3000:]}')
@@ -88,7 +88,7 @@ def server(checkpoints, folder, tmp_path_factory):
                     assert response.status == 200
                 break
             if time.time() > deadline:
-                pytest.fail(f'the demo did not answer on {url} within 120 s:\n{log.read_text()[-3000:]}')
+                pytest.fail(f'the demo did not answer on {url} within 600 s:\n{log.read_text()[-3000:]}')
             time.sleep(0.5)
         yield {'url': url, 'log': log, 'process': process}
     finally:
@@ -118,9 +118,9 @@ def _app_error(call):
 # ---- the server ----------------------------------------------------------------------------------
 def test_serves_on_localhost_and_says_what_it_loaded(server, checkpoints, folder):
     lines = server['log'].read_text().splitlines()
-    assert (f'ALBEF demo: Look and Search: {checkpoints["retrieval"]} (retrieval); Ask: {checkpoints["vqa"]} (vqa); '
-            f'Search: {folder} (13 image files)') in lines
-    assert f'ALBEF demo: open {server["url"]} (this machine only)' in lines
+    assert lines[:2] == [f'ALBEF demo: Look and Search: {checkpoints["retrieval"]} (retrieval); '
+                         f'Ask: {checkpoints["vqa"]} (vqa); Search: {folder} (13 image files)',
+                         f'ALBEF demo: open {server["url"]} (this machine only)']
 
 
 def test_upload_size_is_limited(server):
@@ -228,7 +228,7 @@ def test_checkpoints_of_another_task_say_what_they_need(checkpoints, folder):
 def _run_demo(*args, cwd=ROOT):
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
     return subprocess.run([sys.executable, '-m', 'demo', *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=600)  # generous: a loaded 2-core machine takes a minute to import torch
 
 
 def test_command_line_bad_input_exits_2_with_one_line(tmp_path, checkpoints):
