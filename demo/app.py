@@ -52,8 +52,8 @@ def look_model_note(loaded, checkpoint):
 def vqa_model_note(loaded, checkpoint):
     """Why `loaded` cannot serve Ask ('' when it can)."""
     if loaded.task == 'vqa' and not getattr(loaded, 'answer_list', None):
-        return (f'{checkpoint} names no list of candidate answers: pass the answer_list.json it was trained with '
-                f'with --answer_list')
+        return (f'{checkpoint} names no list of candidate answers: pass --answer_list answer_list.json (the '
+                f'answers it was trained to rank)')
     if loaded.task == 'vqa':
         return ''
     return (f"{checkpoint} is a '{loaded.task}' checkpoint; answering questions needs a VQA checkpoint "
@@ -89,7 +89,8 @@ def _rgb(image):
 
 def _caption(text, what='caption'):
     if text is None or not text.strip():
-        raise _error(f'the {what} is empty: type ' + ('what to search for' if what == 'text' else f'a {what}') + ' first')
+        wanted = 'what to search for' if what == 'text' else f'a {what}'
+        raise _error(f'the {what} is empty: type {wanted} first')
     cleaned = pre_question(text) if what == 'question' else pre_caption(text, 30)
     if not cleaned.strip():
         raise _error(f'the {what} {text!r} has no words left after lowercasing and removing punctuation')
