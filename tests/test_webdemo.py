@@ -225,6 +225,19 @@ def test_checkpoints_of_another_task_say_what_they_need(checkpoints, folder):
         assert error.value.message == note
 
 
+def test_a_vqa_checkpoint_without_answer_list_asks_for_one(checkpoints, tmp_path):
+    from demo import cli
+    saved = torch.load(checkpoints['vqa'], weights_only=True)
+    del saved['config']['answer_list']
+    bare = str(tmp_path / 'vqa_bare.pth')
+    torch.save(saved, bare)
+    args = cli.get_parser().parse_args(['--checkpoint', checkpoints['retrieval'], '--vqa_checkpoint', bare])
+    models, line = cli.resolve(args)
+    assert models.vqa_note == (f'{bare} names no list of candidate answers: pass --answer_list answer_list.json '
+                               f'(the answers it was trained to rank)')
+    assert line.split('; ')[1] == models.vqa_note
+
+
 def _run_demo(*args, cwd=ROOT):
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
     return subprocess.run([sys.executable, '-m', 'demo', *args], cwd=cwd, env=env, capture_output=True, text=True,
