@@ -192,7 +192,8 @@ def main(argv=None):
         app.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=args.max_file_size,
                    allowed_paths=allowed, blocked_paths=blocked, show_error=True, ssr_mode=False, inbrowser=False,
                    quiet=True, prevent_thread_lock=True)
-        where = 'this machine only' if args.host in ('127.0.0.1', 'localhost') else f'every address of {args.host}'
+        where = ('this machine only' if args.host in ('127.0.0.1', 'localhost', '::1')
+                 else f'bound to {args.host}: other machines can reach it')
         print(f'ALBEF demo: open {app.local_url} ({where}'
               + (f'; public link {app.share_url}' if args.share and app.share_url else '') + ')', flush=True)
         app.block_thread()
