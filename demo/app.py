@@ -245,8 +245,8 @@ def build_app(models):
                     with gr.Row():
                         look_itm = gr.Number(label='ITM match probability', elem_id='look-itm', interactive=False)
                         look_itc = gr.Number(label='ITC similarity', elem_id='look-itc', interactive=False)
-                    look_panels = gr.Gallery(label='Grad-CAM per word', columns=4, object_fit='contain',
-                                             height='auto', elem_id='look-panels')
+                    look_panels = gr.Gallery(label='Grad-CAM per word', columns=5, object_fit='contain',
+                                             elem_id='look-panels')
             look_inputs = [look_image, look_caption, look_block]
             look_outputs = [look_itm, look_itc, look_panels]
             look_button.click(handlers.look, look_inputs, look_outputs, api_name='look',
@@ -266,7 +266,7 @@ def build_app(models):
                 search_candidates = gr.Slider(1, 128, value=16, step=1, label='ITC candidates that ITM re-ranks')
                 search_button = gr.Button('Search', variant='primary', elem_id='search-run')
             search_status = gr.Markdown(elem_id='search-status')
-            search_gallery = gr.Gallery(label='best matches', columns=6, object_fit='contain', height='auto',
+            search_gallery = gr.Gallery(label='best matches', columns=6, object_fit='contain',
                                         elem_id='search-gallery')
             search_table = gr.Dataframe(headers=['rank', 'image', 'ITC', 'ITM'], label='scores', interactive=False,
                                         elem_id='search-table')

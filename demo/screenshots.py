@@ -57,6 +57,9 @@ def capture(url, out, image, caption, search, question, width=1000, executable=N
 
 
 def _shot(page, out, name, width):
+    page.wait_for_load_state('networkidle')
+    page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)",
+                           timeout=60_000)
     page.wait_for_timeout(800)  # let the results settle (fade-ins, progress bars)
     path = os.path.join(out, f'demo_{name}.png')
     page.screenshot(path=path, full_page=True)
