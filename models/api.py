@@ -260,7 +260,7 @@ def load_tokenizer(source):
         return BertTokenizer.from_pretrained(source)
     except Exception as error:
         raise CheckpointError(f"cannot load the tokenizer {source!r} ({type(error).__name__}); pass text_encoder= "
-                              f"a directory with its vocab.txt") from None
+                              f"(--text_encoder) a BERT name or a directory with its vocab.txt") from None
 
 
 def build_model(task, config, tokenizer):
@@ -304,7 +304,7 @@ def load(checkpoint, task=None, device=None, *, text_encoder=None, answer_list=N
     resolved = resolve(checkpoint, task, text_encoder, answer_list, trust_checkpoint, config)
     tokenizer = load_tokenizer(resolved.tokenizer_source)
     model = build_model(resolved.task, resolved.config, tokenizer)
-    load_checkpoint(model, strip_for_release(resolved.state_dict), allow_new_heads=False)
+    load_checkpoint(model, strip_for_release(resolved.state_dict), allow_new_heads=False, source=resolved.source)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     return LoadedModel(model.to(device).eval(), resolved.task, resolved.config, tokenizer, device,
                        resolved.answer_list)

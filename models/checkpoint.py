@@ -253,7 +253,7 @@ def strip_for_release(state_dict):
 
 
 # ---- loading ------------------------------------------------------------------------------------
-def load_checkpoint(model, checkpoint, allow_new_heads=True, sync_momentum=True, trust=False):
+def load_checkpoint(model, checkpoint, allow_new_heads=True, sync_momentum=True, trust=False, source=None):
     """Load an original or our own checkpoint into `model` (any ALBEF variant); returns a LoadReport.
 
     allow_new_heads: the task heads of `model.new_heads` may be absent (fine-tuning from a
@@ -261,8 +261,9 @@ def load_checkpoint(model, checkpoint, allow_new_heads=True, sync_momentum=True,
     sync_momentum: when the file has no momentum weights at all (released fine-tuned files), copy
         the loaded online weights into the momentum encoders. (NLVR's faithful mode passes False.)
     trust: fully unpickle a file that holds Python objects besides tensors (see `read_checkpoint`).
+    source: the name of a state_dict passed as such, for the report and the errors.
     """
-    source = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else 'state_dict'
+    source = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else source or 'state_dict'
     state_dict = read_state_dict(checkpoint, trust)
 
     conversion = getattr(model, 'checkpoint_conversion', None)

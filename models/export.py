@@ -30,7 +30,8 @@ def export(checkpoint, out, task=None, text_encoder=None, answer_list=None, trus
     resolved = resolve(checkpoint, task, text_encoder, answer_list, trust_checkpoint)
     tokenizer = load_tokenizer(resolved.tokenizer_source)
     state_dict = strip_for_release(resolved.state_dict)
-    load_checkpoint(build_model(resolved.task, resolved.config, tokenizer), state_dict, allow_new_heads=False)
+    load_checkpoint(build_model(resolved.task, resolved.config, tokenizer), state_dict, allow_new_heads=False,
+                    source=resolved.source)
     if os.path.exists(out) and not os.path.isdir(out):
         raise CheckpointError(f'--out {out}: exists and is not a directory')
     # one tensor per key: safetensors stores no shared storage (tied embeddings, NLVR's shared
@@ -52,10 +53,14 @@ def export(checkpoint, out, task=None, text_encoder=None, answer_list=None, trus
         json.dump(config, f, indent=2)
         f.write('\n')
     written += [name for name in tokenizer.hf.save_pretrained(out) if os.path.isfile(name)]
-    if not os.path.isfile(os.path.join(out, 'vocab.txt')):  # a fast tokenizer may save tokenizer.json only
+    # a fast tokenizer may save only tokenizer.json; vocab.txt is what BERT tools look for
+    if not any(os.path.basename(name) == 'vocab.txt' for name in written):
         with open(path('vocab.txt'), 'w', encoding='utf-8') as f:
             vocab = tokenizer.hf.get_vocab()
             f.writelines(token + '\n' for token, _ in sorted(vocab.items(), key=lambda item: item[1]))
+    stale = os.path.join(out, ANSWER_LIST_FILE)  # from an earlier export into the same directory
+    if os.path.isfile(stale) and not (resolved.task == 'vqa' and resolved.answer_list):
+        os.remove(stale)
     if resolved.task == 'vqa' and resolved.answer_list:
         with open(path(ANSWER_LIST_FILE), 'w') as f:
             json.dump(resolved.answer_list, f)

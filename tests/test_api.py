@@ -329,3 +329,13 @@ def test_scripts_checkpoint_flags(demo_config, demo, tmp_path, capsys):
     trusting = demo_config('Pretrain', batch_size=8, queue_size=32, num_workers=0, trust_checkpoint=True)
     code, lines = run_pretrain(['--config', trusting, '--checkpoint', path], tmp_path, capsys)
     assert code == 2 and lines[0].startswith(f'error: {path} does not fit models.model_pretrain.ALBEF'), lines
+
+
+def test_a_task_the_checkpoint_does_not_fit(demo):
+    ve = save_task_checkpoint(demo, 've')
+    with pytest.raises(CheckpointError, match=rf'^{ve} does not fit models\.model_retrieval\.ALBEF \(no conversion\): '
+                                              r'.*missing: .*itm_head\.weight'):
+        models.load(ve, task='retrieval', device='cpu')
+    with pytest.raises(ValueError, match="task must be one of pretrain, retrieval, vqa, ve, nlvr, pretrain_nlvr, "
+                                         "got 'grounding'"):
+        models.load(ve, task='grounding')
