@@ -60,21 +60,25 @@ def vqa_model_note(loaded, checkpoint):
             f"(vqa.pth): pass one with --vqa_checkpoint")
 
 
-class ImageInput(gr.Image):
-    """gr.Image that answers an upload Pillow cannot read with one clear line, not Pillow's exception."""
+def image_input(**kwargs):
+    """gr.Image that answers an upload Pillow cannot read with one clear line, not Pillow's exception.
 
-    def get_block_name(self):
-        return 'image'  # the front end of gr.Image
+    (The instance's preprocess is wrapped rather than gr.Image subclassed: Gradio writes a .pyi stub
+    next to the source of every Component subclass.)"""
+    component = gr.Image(**kwargs)
+    plain = component.preprocess
 
-    def preprocess(self, payload):
+    def preprocess(payload):
         try:
-            return super().preprocess(payload)
+            return plain(payload)
         except gr.Error:
             raise
         except Exception:
             name = getattr(payload, 'orig_name', None) or os.path.basename(getattr(payload, 'path', '') or '')
-            raise gr.Error(f'{name or "the upload"} is not an image that Pillow can read: upload a JPEG, PNG, '
-                           f'WebP, ... file', print_exception=False) from None
+            raise _error(f'{name or "the upload"} is not an image that Pillow can read: upload a JPEG, PNG, '
+                         f'WebP, ... file') from None
+    component.preprocess = preprocess
+    return component
 
 
 def _error(message):
@@ -230,8 +234,8 @@ def build_app(models):
             gr.Markdown(LOOK_TEXT + (f'\n\n> {models.model_note}' if models.model_note else ''))
             with gr.Row():
                 with gr.Column(scale=1):
-                    look_image = ImageInput(type='pil', label='image', sources=['upload', 'clipboard'], height=260,
-                                            elem_id='look-image')
+                    look_image = image_input(type='pil', label='image', sources=['upload', 'clipboard'], height=260,
+                                             elem_id='look-image')
                     look_caption = gr.Textbox(label='caption', placeholder='e.g. a red circle on the left',
                                               elem_id='look-caption')
                     layers, default = block_choices(look_model)
@@ -284,8 +288,8 @@ def build_app(models):
             gr.Markdown(ASK_TEXT + (f'\n\n> {models.vqa_note}' if models.vqa_note else ''))
             with gr.Row():
                 with gr.Column(scale=1):
-                    ask_image = ImageInput(type='pil', label='image', sources=['upload', 'clipboard'], height=260,
-                                           elem_id='ask-image')
+                    ask_image = image_input(type='pil', label='image', sources=['upload', 'clipboard'], height=260,
+                                            elem_id='ask-image')
                     ask_question = gr.Textbox(label='question', placeholder='e.g. what color is the circle?',
                                               elem_id='ask-question')
                     ask_k = gr.Slider(1, 10, value=5, step=1, label='answers (k)')
