@@ -483,18 +483,21 @@ def test_config_mistakes_are_reported_before_torch_is_imported(script, tmp_path)
 
 def test_precheck_paths(demo_config, tmp_path, earlier_run, capsys):
     import configuration
-    config = write_config(demo_config, tmp_path, train_file=[str(tmp_path / 'none.json')])
     script = os.path.join(ROOT, 'Pretrain.py')
-    for argv, message in (
-            (['--config', config], f'annotation file not found: {tmp_path / "none.json"}'),
-            (['--config', write_config(demo_config, tmp_path), '--checkpoint', str(tmp_path / 'no.pth')],
-             f'checkpoint not found: {tmp_path / "no.pth"}'),
-            (['--config', write_config(demo_config, tmp_path), '--output_dir', str(earlier_run)],
-             f'{earlier_run} holds checkpoints of an earlier run (checkpoint_00.pth, checkpoint_05.pth): continue it '
-             f'with --resume, start again with --overwrite, or choose another --output_dir')):
+
+    def refused(argv):
         with pytest.raises(SystemExit) as exit_info:
             configuration.precheck('__main__', script, argv)
         assert exit_info.value.code == 2
-        assert capsys.readouterr().err.strip() == f'error: {message}'
-    configuration.precheck('__main__', script, ['--config', write_config(demo_config, tmp_path)])  # a good one
+        return capsys.readouterr().err.strip()
+
+    config = write_config(demo_config, tmp_path, train_file=[str(tmp_path / 'none.json')])
+    assert refused(['--config', config]) == f'error: annotation file not found: {tmp_path / "none.json"}'
+    config = write_config(demo_config, tmp_path)  # a good config from here on
+    assert refused(['--config', config, '--checkpoint', str(tmp_path / 'no.pth')]) == \
+        f'error: checkpoint not found: {tmp_path / "no.pth"}'
+    assert refused(['--config', config, '--output_dir', str(earlier_run)]) == (
+        f'error: {earlier_run} holds checkpoints of an earlier run (checkpoint_00.pth, checkpoint_05.pth): continue '
+        f'it with --resume, start again with --overwrite, or choose another --output_dir')
+    configuration.precheck('__main__', script, ['--config', config, '--output_dir', str(earlier_run), '--resume'])
     configuration.precheck('Pretrain', script, ['--config', str(tmp_path / 'nowhere.yaml')])  # imported: no check
