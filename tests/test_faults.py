@@ -396,12 +396,24 @@ def assert_same_end(out, reference):
     assert open(out / 'log.txt').read() == open(reference / 'log.txt').read()
 
 
-def test_signals_in_one_process(demo_config, tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def default_threads(monkeypatch):
+    """The scripts run in this process choose their thread count as without OMP_NUM_THREADS."""
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    threads = torch.get_num_threads()
+    yield engine.default_threads(num_workers=0)
+    torch.set_num_threads(threads)
+
+
+def test_signals_in_one_process(demo_config, tmp_path, capsys, monkeypatch, default_threads):
     # in this process, the signal sent by the third training step to the process itself: it
-    # finishes that step, writes checkpoint_last.pth and stops; --resume ends as the uninterrupted run
+    # finishes that step, writes checkpoint_last.pth and stops; --resume ends as the uninterrupted
+    # run, at the default thread count (every core here: the CPU kernels are deterministic at any
+    # number of threads)
     config = demo_config('Pretrain', **SIGNAL_RUN, batch_size=8)
     reference = tmp_path / 'reference'
     assert run_pretrain(['--config', config, '--output_dir', reference]) == 0
+    assert torch.get_num_threads() == default_threads
     train_step = Pretrain.train_step
     for signum, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         steps, out = [], tmp_path / signum.name
