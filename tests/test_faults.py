@@ -7,12 +7,10 @@ import argparse
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -23,7 +21,7 @@ import engine
 import Pretrain
 from conftest import ROOT
 from dataset import check
-from dataset.base import DataError, ImageError, load_rgb
+from dataset.base import ImageError, load_rgb
 from test_bad_input import fail, write_config
 
 
@@ -131,7 +129,8 @@ def test_unk_rate_warns_once_with_examples(demo_config, demo_world, tmp_path, ca
     example = "'a golden retriever catches a frisbee'"
     assert capsys.readouterr().err.splitlines() == [  # 26.7%
         # 'a golden retriever catches a frisbee': 6 pieces, 4 of them [UNK]; 'a red circle': 3 known pieces
-        f'warning: {16 / (4 * 6 + 12 * 3):.1%} of the word pieces of 16 sampled training texts are [UNK] in the vocabulary {vocab} '
+        f'warning: {16 / (4 * 6 + 12 * 3):.1%} of the word pieces of 16 sampled training texts are [UNK] in the '
+        f'vocabulary {vocab} '
         f'(above 5%; e.g. {example}; {example}; {example}): use a text_encoder whose vocabulary covers these texts',
         f'error: --resume: no checkpoint to resume from in {empty}']
 
