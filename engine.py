@@ -148,7 +148,10 @@ class Run:
         for name in self.replaces:  # announced at start-up by check_output_dir
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path(name))
-        with open(self.path('config.yaml'), 'w') as f:
+        name = 'config.yaml'
+        if getattr(self.args, 'evaluate', False) and os.path.exists(self.path(name)):
+            name = 'config_evaluate.yaml'  # beside the training run's, which stays as it was
+        with open(self.path(name), 'w') as f:
             YAML(typ='safe').dump(self.config, f)
         self._config_written = True
 

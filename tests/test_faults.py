@@ -81,6 +81,9 @@ def test_evaluate_and_resume_may_use_an_output_dir_with_checkpoints(earlier_run)
     for flags in ({'evaluate': True, 'resume': False}, {'evaluate': False, 'resume': True}):
         assert engine.check_output_dir(argparse.Namespace(output_dir=str(earlier_run), **flags)) == []
     assert snapshot(earlier_run) == before
+    run = engine.Run(args=argparse.Namespace(evaluate=True), config={'evaluated': 'here'}, output_dir=str(earlier_run))
+    run.write_config()  # the evaluation's config goes beside the training run's
+    assert snapshot(earlier_run) == {**before, 'config_evaluate.yaml': b'{evaluated: here}\n'}
 
 
 # ---- 2. tokenizer and model that do not fit --------------------------------------------------------
