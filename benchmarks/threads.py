@@ -5,8 +5,8 @@ with a concurrent CPU load (one busy process per core), side by side.
     python benchmarks/threads.py --steps 20 --workers 0
 
 The default choice (no --num_threads, no OMP_NUM_THREADS) is the cores in this process's
-affinity mask, shared among the processes of the node, less one per loader worker
-(engine.default_threads); a setting that comes to the same count is not run twice. Each setting
+affinity mask, shared among the processes of the node, less one per loader worker, capped by the
+node's idle cores (engine.default_threads; measured before the busy processes start); a setting that comes to the same count is not run twice. Each setting
 runs Pretrain.py in its own process on a small demo world (made once in a temporary directory)
 and reads the seconds per step from its epoch summary (`Total time: ... (X s / it)`, which
 includes the first, slower step). Printed: one row per setting, the idle and the loaded time per

@@ -304,11 +304,15 @@ def test_keep_checkpoints_must_be_positive(demo_config, tmp_path, capsys):
 
 # ---- 9. threads ---------------------------------------------------------------------------------------
 def test_default_threads_share_the_cores():
-    assert engine.default_threads(num_workers=2, cores=16, local_processes=1) == 14
-    assert engine.default_threads(num_workers=2, cores=16, local_processes=4) == 2
-    assert engine.default_threads(num_workers=4, cores=2, local_processes=1) == 1
-    assert engine.default_threads(num_workers=0, cores=len(os.sched_getaffinity(0)), local_processes=1) == \
-        len(os.sched_getaffinity(0))
+    cpus = os.cpu_count()
+    assert engine.default_threads(num_workers=2, cores=16, local_processes=1, load=cpus - 16) == 14
+    assert engine.default_threads(num_workers=2, cores=16, local_processes=4, load=cpus - 16) == 2
+    assert engine.default_threads(num_workers=4, cores=2, local_processes=1, load=0) == 1
+    # a busy machine: only the idle cores (cores less the load average) are shared out
+    assert engine.default_threads(num_workers=0, cores=cpus, local_processes=1, load=cpus - 1) == 1
+    assert engine.default_threads(num_workers=0, cores=cpus, local_processes=1, load=cpus + 12) == 1
+    assert engine.default_threads(num_workers=0, cores=len(os.sched_getaffinity(0)), local_processes=1, load=0) \
+        == min(len(os.sched_getaffinity(0)), cpus)
 
 
 # ---- 6. interrupts and pre-emption ------------------------------------------------------------------
@@ -402,6 +406,7 @@ def assert_same_end(out, reference):
 def default_threads(monkeypatch):
     """The scripts run in this process choose their thread count as without OMP_NUM_THREADS."""
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(os, 'getloadavg', lambda: (0.0, 0.0, 0.0))  # an idle machine: every core
     threads = torch.get_num_threads()
     yield engine.default_threads(num_workers=0)
     torch.set_num_threads(threads)
