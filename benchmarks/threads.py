@@ -6,7 +6,8 @@ with a concurrent CPU load (one busy process per core), side by side.
 
 The default choice (no --num_threads, no OMP_NUM_THREADS) is the cores in this process's
 affinity mask, shared among the processes of the node, less one per loader worker, capped by the
-node's idle cores (engine.default_threads; measured before the busy processes start); a setting that comes to the same count is not run twice. Each setting
+node's idle cores (engine.default_threads; the row's count is the choice before the load starts,
+each run makes its own, fewer under the load); a setting that comes to the same count is not run twice. Each setting
 runs Pretrain.py in its own process on a small demo world (made once in a temporary directory)
 and reads the seconds per step from its epoch summary (`Total time: ... (X s / it)`, which
 includes the first, slower step). Printed: one row per setting, the idle and the loaded time per
