@@ -182,7 +182,10 @@ class Run:
         for name in self.replaces:  # announced at start-up by check_output_dir
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path(name))
-        with open(self.path('config.yaml'), 'w') as f:
+        name = 'config.yaml'
+        if getattr(self.args, 'evaluate', False) and os.path.exists(self.path(name)):
+            name = 'config_evaluate.yaml'  # beside the training run's, which stays as it was
+        with open(self.path(name), 'w') as f:
             YAML(typ='safe').dump(self.config, f)
         self._config_written = True
 
@@ -234,15 +237,22 @@ def check_output_dir(args):
     return replaced
 
 
-def default_threads(num_workers, cores=None, local_processes=None):
+def default_threads(num_workers, cores=None, local_processes=None, load=None):
     """Intra-op threads for one process: the cores this process may run on (its affinity mask),
-    shared among the processes started on the node, less one core per data-loader worker."""
+    shared among the processes started on the node, less one core per data-loader worker, and no
+    more than the node's idle cores allow (its cores less the 1-minute load average, shared among
+    the local processes): on a busy machine, more threads than free cores make every step many
+    times slower (benchmarks/threads.py)."""
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
     if local_processes is None:
         local_processes = int(os.environ.get('LOCAL_WORLD_SIZE') or os.environ.get('SLURM_NTASKS_PER_NODE', '1')
                               .split('(')[0] or 1)
-    return max(1, cores // max(local_processes, 1) - num_workers)
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0
+    local_processes = max(local_processes, 1)
+    idle = (os.cpu_count() or cores) - round(load)
+    return max(1, min(cores // local_processes - num_workers, idle // local_processes))
 
 
 def set_threads(args, config, device):

@@ -5,11 +5,13 @@ with a concurrent CPU load (one busy process per core), side by side.
     python benchmarks/threads.py --steps 20 --workers 0
 
 The default choice (no --num_threads, no OMP_NUM_THREADS) is the cores in this process's
-affinity mask, shared among the processes of the node, less one per loader worker
-(engine.default_threads). Each setting runs Pretrain.py in its own process on a small demo world
-(made once in a temporary directory) and reads the seconds per step from its epoch summary
-(`Total time: ... (X s / it)`, which includes the first, slower step). Printed: one row per
-setting, the idle and the loaded time per step, and how much slower the load made it.
+affinity mask, shared among the processes of the node, less one per loader worker, capped by the
+node's idle cores (engine.default_threads; the row's count is the choice before the load starts,
+each run makes its own, fewer under the load); a setting that comes to the same count is not run twice. Each setting
+runs Pretrain.py in its own process on a small demo world (made once in a temporary directory)
+and reads the seconds per step from its epoch summary (`Total time: ... (X s / it)`, which
+includes the first, slower step). Printed: one row per setting, the idle and the loaded time per
+step, and how much slower the load made it.
 """
 import argparse
 import multiprocessing
@@ -69,10 +71,12 @@ def main():
     import engine
     cores = len(os.sched_getaffinity(0))
     chosen = engine.default_threads(args.workers)
-    settings = [(f'default choice ({chosen})', None), (f'every core ({cores})', cores), ('one thread', 1)]
+    settings = [(f'default choice ({chosen})', None)]
+    settings += [(name, n) for name, n in ((f'every core ({cores})', cores), ('one thread', 1)) if n != chosen]
+    print(f'demo pre-training, {args.steps} steps, {args.workers} loader workers, {cores} cores in the affinity mask')
+    print(f"{'intra-op threads':<24}{'idle s/step':>12}{'loaded s/step':>15}{'slow-down':>11}", flush=True)
     with tempfile.TemporaryDirectory() as directory:
         config = make_config(directory, args.steps, args.workers)
-        rows = []
         for name, threads in settings:
             idle = seconds_per_step(config, os.path.join(directory, 'out'), threads)
             load = [multiprocessing.Process(target=busy, daemon=True) for _ in range(cores)]
@@ -83,11 +87,7 @@ def main():
             finally:
                 for process in load:
                     process.terminate()
-            rows.append((name, idle, loaded))
-    print(f'demo pre-training, {args.steps} steps, {args.workers} loader workers, {cores} cores in the affinity mask')
-    print(f"{'intra-op threads':<24}{'idle s/step':>12}{'loaded s/step':>15}{'slow-down':>11}")
-    for name, idle, loaded in rows:
-        print(f'{name:<24}{idle:>12.3f}{loaded:>15.3f}{loaded / idle:>10.1f}x')
+            print(f'{name:<24}{idle:>12.3f}{loaded:>15.3f}{loaded / idle:>10.1f}x', flush=True)
 
 
 if __name__ == '__main__':

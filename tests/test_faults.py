@@ -7,12 +7,10 @@ import argparse
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -23,7 +21,7 @@ import engine
 import Pretrain
 from conftest import ROOT
 from dataset import check
-from dataset.base import DataError, ImageError, load_rgb
+from dataset.base import ImageError, load_rgb
 from test_bad_input import fail, write_config
 
 
@@ -83,6 +81,9 @@ def test_evaluate_and_resume_may_use_an_output_dir_with_checkpoints(earlier_run)
     for flags in ({'evaluate': True, 'resume': False}, {'evaluate': False, 'resume': True}):
         assert engine.check_output_dir(argparse.Namespace(output_dir=str(earlier_run), **flags)) == []
     assert snapshot(earlier_run) == before
+    run = engine.Run(args=argparse.Namespace(evaluate=True), config={'evaluated': 'here'}, output_dir=str(earlier_run))
+    run.write_config()  # the evaluation's config goes beside the training run's
+    assert snapshot(earlier_run) == {**before, 'config_evaluate.yaml': b'{evaluated: here}\n'}
 
 
 # ---- 2. tokenizer and model that do not fit --------------------------------------------------------
@@ -131,7 +132,8 @@ def test_unk_rate_warns_once_with_examples(demo_config, demo_world, tmp_path, ca
     example = "'a golden retriever catches a frisbee'"
     assert capsys.readouterr().err.splitlines() == [  # 26.7%
         # 'a golden retriever catches a frisbee': 6 pieces, 4 of them [UNK]; 'a red circle': 3 known pieces
-        f'warning: {16 / (4 * 6 + 12 * 3):.1%} of the word pieces of 16 sampled training texts are [UNK] in the vocabulary {vocab} '
+        f'warning: {16 / (4 * 6 + 12 * 3):.1%} of the word pieces of 16 sampled training texts are [UNK] in the '
+        f'vocabulary {vocab} '
         f'(above 5%; e.g. {example}; {example}; {example}): use a text_encoder whose vocabulary covers these texts',
         f'error: --resume: no checkpoint to resume from in {empty}']
 
@@ -302,11 +304,15 @@ def test_keep_checkpoints_must_be_positive(demo_config, tmp_path, capsys):
 
 # ---- 9. threads ---------------------------------------------------------------------------------------
 def test_default_threads_share_the_cores():
-    assert engine.default_threads(num_workers=2, cores=16, local_processes=1) == 14
-    assert engine.default_threads(num_workers=2, cores=16, local_processes=4) == 2
-    assert engine.default_threads(num_workers=4, cores=2, local_processes=1) == 1
-    assert engine.default_threads(num_workers=0, cores=len(os.sched_getaffinity(0)), local_processes=1) == \
-        len(os.sched_getaffinity(0))
+    cpus = os.cpu_count()
+    assert engine.default_threads(num_workers=2, cores=16, local_processes=1, load=cpus - 16) == 14
+    assert engine.default_threads(num_workers=2, cores=16, local_processes=4, load=cpus - 16) == 2
+    assert engine.default_threads(num_workers=4, cores=2, local_processes=1, load=0) == 1
+    # a busy machine: only the idle cores (cores less the load average) are shared out
+    assert engine.default_threads(num_workers=0, cores=cpus, local_processes=1, load=cpus - 1) == 1
+    assert engine.default_threads(num_workers=0, cores=cpus, local_processes=1, load=cpus + 12) == 1
+    assert engine.default_threads(num_workers=0, cores=len(os.sched_getaffinity(0)), local_processes=1, load=0) \
+        == min(len(os.sched_getaffinity(0)), cpus)
 
 
 # ---- 6. interrupts and pre-emption ------------------------------------------------------------------
@@ -396,12 +402,25 @@ def assert_same_end(out, reference):
     assert open(out / 'log.txt').read() == open(reference / 'log.txt').read()
 
 
-def test_signals_in_one_process(demo_config, tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def default_threads(monkeypatch):
+    """The scripts run in this process choose their thread count as without OMP_NUM_THREADS."""
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(os, 'getloadavg', lambda: (0.0, 0.0, 0.0))  # an idle machine: every core
+    threads = torch.get_num_threads()
+    yield engine.default_threads(num_workers=0)
+    torch.set_num_threads(threads)
+
+
+def test_signals_in_one_process(demo_config, tmp_path, capsys, monkeypatch, default_threads):
     # in this process, the signal sent by the third training step to the process itself: it
-    # finishes that step, writes checkpoint_last.pth and stops; --resume ends as the uninterrupted run
+    # finishes that step, writes checkpoint_last.pth and stops; --resume ends as the uninterrupted
+    # run, at the default thread count (every core here: the CPU kernels are deterministic at any
+    # number of threads)
     config = demo_config('Pretrain', **SIGNAL_RUN, batch_size=8)
     reference = tmp_path / 'reference'
     assert run_pretrain(['--config', config, '--output_dir', reference]) == 0
+    assert torch.get_num_threads() == default_threads
     train_step = Pretrain.train_step
     for signum, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         steps, out = [], tmp_path / signum.name
@@ -483,18 +502,21 @@ def test_config_mistakes_are_reported_before_torch_is_imported(script, tmp_path)
 
 def test_precheck_paths(demo_config, tmp_path, earlier_run, capsys):
     import configuration
-    config = write_config(demo_config, tmp_path, train_file=[str(tmp_path / 'none.json')])
     script = os.path.join(ROOT, 'Pretrain.py')
-    for argv, message in (
-            (['--config', config], f'annotation file not found: {tmp_path / "none.json"}'),
-            (['--config', write_config(demo_config, tmp_path), '--checkpoint', str(tmp_path / 'no.pth')],
-             f'checkpoint not found: {tmp_path / "no.pth"}'),
-            (['--config', write_config(demo_config, tmp_path), '--output_dir', str(earlier_run)],
-             f'{earlier_run} holds checkpoints of an earlier run (checkpoint_00.pth, checkpoint_05.pth): continue it '
-             f'with --resume, start again with --overwrite, or choose another --output_dir')):
+
+    def refused(argv):
         with pytest.raises(SystemExit) as exit_info:
             configuration.precheck('__main__', script, argv)
         assert exit_info.value.code == 2
-        assert capsys.readouterr().err.strip() == f'error: {message}'
-    configuration.precheck('__main__', script, ['--config', write_config(demo_config, tmp_path)])  # a good one
+        return capsys.readouterr().err.strip()
+
+    config = write_config(demo_config, tmp_path, train_file=[str(tmp_path / 'none.json')])
+    assert refused(['--config', config]) == f'error: annotation file not found: {tmp_path / "none.json"}'
+    config = write_config(demo_config, tmp_path)  # a good config from here on
+    assert refused(['--config', config, '--checkpoint', str(tmp_path / 'no.pth')]) == \
+        f'error: checkpoint not found: {tmp_path / "no.pth"}'
+    assert refused(['--config', config, '--output_dir', str(earlier_run)]) == (
+        f'error: {earlier_run} holds checkpoints of an earlier run (checkpoint_00.pth, checkpoint_05.pth): continue '
+        f'it with --resume, start again with --overwrite, or choose another --output_dir')
+    configuration.precheck('__main__', script, ['--config', config, '--output_dir', str(earlier_run), '--resume'])
     configuration.precheck('Pretrain', script, ['--config', str(tmp_path / 'nowhere.yaml')])  # imported: no check
