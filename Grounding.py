@@ -1,4 +1,5 @@
-"""Weakly-supervised visual grounding on RefCOCO+ (SPEC 8.8): fine-tuning with the retrieval
+"""Weakly-supervised visual grounding on RefCOCO+ (docs/DESIGN.md, "Grounding (Grounding.py) and Grad-CAM"):
+fine-tuning with the retrieval
 objectives (ITC + ITM, no boxes), then each referring expression's Grad-CAM map picks one of the
 detection proposals, scored by IoU >= 0.5 with the ground truth on val, testA and testB.
 

@@ -1,4 +1,5 @@
-"""NLVR2 (SPEC 8.7): is the sentence true of the pair of images? Fine-tuning with momentum
+"""NLVR2 (docs/DESIGN.md, "NLVR2 (NLVR.py)"): is the sentence true of the pair of images?
+Fine-tuning with momentum
 distillation from a text-assignment checkpoint of Pretrain_nlvr.py; accuracy on val and test after
 every epoch.
 

@@ -1,4 +1,5 @@
-"""ALBEF pre-training: ITC + ITM + MLM with momentum distillation (SPEC 8.2).
+"""ALBEF pre-training: ITC + ITM + MLM with momentum distillation
+(docs/DESIGN.md, "Pre-training (Pretrain.py)").
 
     python Pretrain.py --config configs/Pretrain.yaml --output_dir output/Pretrain
     torchrun --nproc_per_node=8 Pretrain.py --config configs/Pretrain.yaml --output_dir output/Pretrain

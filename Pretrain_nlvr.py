@@ -1,4 +1,5 @@
-"""Text-assignment pre-training for NLVR2 (SPEC 8.3): from a pre-training checkpoint, learn to tell
+"""Text-assignment pre-training for NLVR2 (docs/DESIGN.md, "Text-assignment step (Pretrain_nlvr.py)"):
+from a pre-training checkpoint, learn to tell
 which image of a pair (or neither) a text describes. Its checkpoint starts NLVR.py.
 
     python Pretrain_nlvr.py --config configs/NLVR_pretrain.yaml --checkpoint ALBEF.pth --output_dir out

@@ -1,4 +1,5 @@
-"""Image-text retrieval on MSCOCO / Flickr30K (SPEC 8.4): fine-tuning with ITC + ITM, and
+"""Image-text retrieval on MSCOCO / Flickr30K (docs/DESIGN.md, "Retrieval (Retrieval.py)"):
+fine-tuning with ITC + ITM, and
 evaluation by ITC candidates re-ranked with ITM.
 
     python Retrieval.py --config configs/Retrieval_flickr.yaml --checkpoint ALBEF.pth --output_dir out

@@ -1,4 +1,5 @@
-"""Visual entailment on SNLI-VE (SPEC 8.6): does the image entail, contradict or leave neutral the
+"""Visual entailment on SNLI-VE (docs/DESIGN.md, "Visual entailment (VE.py)"):
+does the image entail, contradict or leave neutral the
 sentence? Fine-tuning with momentum distillation; accuracy on val and test after every epoch.
 
     python VE.py --config configs/VE.yaml --checkpoint ALBEF.pth --output_dir output/VE

@@ -1,4 +1,5 @@
-"""Visual question answering on VQA v2 (SPEC 8.5): fine-tune the answer decoder with momentum
+"""Visual question answering on VQA v2 (docs/DESIGN.md, "VQA (VQA.py)"):
+fine-tune the answer decoder with momentum
 distillation, then answer every test question by ranking the candidates of `answer_list`.
 
     python VQA.py --config configs/VQA.yaml --checkpoint ALBEF.pth --output_dir output/VQA

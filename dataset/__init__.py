@@ -1,4 +1,4 @@
-"""Datasets, image transforms, samplers and loaders of the six tasks (SPEC 5).
+"""Datasets, image transforms, samplers and loaders of the six tasks (docs/DESIGN.md, "Data").
 
 `create_dataset(name, config)` builds the datasets a task script uses from the original YAML keys
 (`train_file`/`val_file`/`test_file`, `image_root`, `vqa_root`, `vg_root`, `answer_list`,
@@ -104,7 +104,8 @@ class DraftRandomResizedCrop:
 
 def build_transform(kind: str, image_res: int, autocontrast: str = 'original', uint8: bool = False,
                     jpeg_draft: bool = False) -> Callable:
-    """The image transform `kind` of SPEC 5.2: 'pretrain', 'train' (fine-tuning), 'test' or
+    """The image transform `kind` (docs/DESIGN.md, "Image transforms"):
+    'pretrain', 'train' (fine-tuning), 'test' or
     'grounding_train'. All PIL-based, bicubic, with CLIP normalisation (with `uint8`: ending in a
     uint8 tensor instead, for `normalize` on the device; with `jpeg_draft`, 'pretrain' and 'train'
     crop with DraftRandomResizedCrop and take the image as opened, not loaded). `autocontrast` is

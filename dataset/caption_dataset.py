@@ -1,4 +1,5 @@
-"""Image-caption datasets: pre-training and image-text retrieval (SPEC 5.4)."""
+"""Image-caption datasets: pre-training and image-text retrieval
+(docs/DESIGN.md, "Datasets and annotation formats")."""
 from __future__ import annotations
 
 import hashlib

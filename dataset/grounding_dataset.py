@@ -1,4 +1,5 @@
-"""RefCOCO+ referring expressions for weakly-supervised grounding (SPEC 5.4)."""
+"""RefCOCO+ referring expressions for weakly-supervised grounding
+(docs/DESIGN.md, "Datasets and annotation formats")."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""NLVR2 dataset: two images and one sentence per item (SPEC 5.4)."""
+"""NLVR2 dataset: two images and one sentence per item (docs/DESIGN.md, "Datasets and annotation formats")."""
 from __future__ import annotations
 
 import os

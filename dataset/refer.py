@@ -1,4 +1,5 @@
-"""RefCOCO+ annotations and the weakly-supervised grounding metric (SPEC 5.6).
+"""RefCOCO+ annotations and the weakly-supervised grounding metric
+(docs/DESIGN.md, "Grounding evaluation and IoU").
 
 `REFER(data_root, 'refcoco+', 'unc')` reads `data_root/refcoco+/refs(unc).p` and `instances.json`
 into the four maps Grounding.py needs (the original's refTools class has many more). The refs

@@ -4,7 +4,8 @@
 
 writes, deterministically from ``--seed`` (same bytes for the same seed, size,
 scale and ``--out`` string), images and annotation files in the ORIGINAL ALBEF
-JSON formats (SPEC 5.4 and 5.6), so the unchanged dataset classes, scripts and
+JSON formats (docs/DESIGN.md, "Datasets and annotation formats"), so the unchanged
+dataset classes, scripts and
 a tiny model can learn something real on a CPU in minutes.
 
 The world
@@ -33,7 +34,7 @@ tasks reuse the pools (train pool for training files, val for val/dev, test
 for test), so every file of a split refers to the same images.
 
 Note: the original training transforms flip images horizontally, which makes
-"left"/"right" in a caption wrong half of the time (SPEC section 11, item 17);
+"left"/"right" in a caption wrong half of the time (docs/DESIGN.md, "Image transforms");
 "top"/"bottom" and the other attributes are flip-invariant.
 
 Files (inside ``--out``; ``<out>`` is the string given on the command line)

@@ -1,4 +1,4 @@
-"""Text preprocessing and evaluation helpers (SPEC 5.1 and 5.6).
+"""Text preprocessing and evaluation helpers (docs/DESIGN.md, "Text preprocessing", "Evaluation").
 
 `pre_caption`/`pre_question` reproduce the original's cleaning exactly, quirks included, because the
 tokenised text (and so every score) depends on them. `save_result`/`collect_result` merge per-rank
@@ -40,7 +40,8 @@ def pre_caption(caption: str, max_words: int = 50) -> str:
 
 
 def pre_question(question: str, max_ques_words: int = 50) -> str:
-    """Like `pre_caption` without '<person>', whitespace collapsing or left strip (SPEC 5.1)."""
+    """Like `pre_caption` without '<person>', whitespace collapsing or left strip
+    (docs/DESIGN.md, "Text preprocessing")."""
     question = _DELETED.sub('', question.lower()).replace('-', ' ').replace('/', ' ')
     question = question.rstrip(' ')  # Parity: spaces only, so "x \n" keeps its trailing space
     return _truncate(question, max_ques_words)
@@ -117,7 +118,8 @@ def collect_result(result: list | dict, result_dir: str, filename: str, is_json:
 # ---- grounding -------------------------------------------------------------------------------
 
 def computeIoU(box1: Sequence[float], box2: Sequence[float]) -> float:
-    """IoU of two [x, y, w, h] boxes with inclusive pixel bounds (SPEC 5.6).
+    """IoU of two [x, y, w, h] boxes with inclusive pixel bounds
+    (docs/DESIGN.md, "Grounding evaluation and IoU").
 
     Parity: the intersection counts only when x1 < x2 and y1 < y2 strictly, so boxes sharing a
     single pixel column or row do not overlap.

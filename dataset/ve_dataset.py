@@ -1,4 +1,4 @@
-"""SNLI-VE visual entailment dataset (SPEC 5.4)."""
+"""SNLI-VE visual entailment dataset (docs/DESIGN.md, "Datasets and annotation formats")."""
 from __future__ import annotations
 
 import os

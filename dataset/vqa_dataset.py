@@ -1,4 +1,4 @@
-"""VQA v2 (+ Visual Genome QA) dataset (SPEC 5.4)."""
+"""VQA v2 (+ Visual Genome QA) dataset (docs/DESIGN.md, "Datasets and annotation formats")."""
 from __future__ import annotations
 
 import os

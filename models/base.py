@@ -1,4 +1,5 @@
-"""What the six ALBEF variants share (SPEC 4.1): encoder builders, momentum pairs, queues and the
+"""What the six ALBEF variants share (docs/DESIGN.md, "Momentum encoders and feature queues"):
+encoder builders, momentum pairs, queues and the
 contrastive + matching objectives of pre-training and retrieval.
 
 The base registers nothing of its own: every submodule and buffer is assigned onto the model under

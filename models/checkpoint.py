@@ -1,4 +1,5 @@
-"""Reading original ALBEF checkpoints into any of the six variants (SPEC 4.8 and 8.2-8.8).
+"""Reading original ALBEF checkpoints into any of the six variants
+(docs/DESIGN.md, "Checkpoint layouts and conversions").
 
 One entry point, `load_checkpoint(model, path)`:
 
@@ -196,7 +197,8 @@ def strip_bert(state_dict):
 
 
 def pretrain_to_vqa(state_dict):
-    """VQA (SPEC 8.5): the encoder gets every BERT layer without `bert.`; the decoder gets the
+    """VQA (docs/DESIGN.md, "Checkpoint layouts and conversions"):
+    the encoder gets every BERT layer without `bert.`; the decoder gets the
     embeddings, fusion layers 6-11 as decoder layers 0-5 and the MLM head."""
     out = dict(state_dict)
     fusion_layer = _fusion_layer(state_dict)
@@ -215,7 +217,8 @@ def pretrain_to_vqa(state_dict):
 
 
 def pretrain_to_ta(state_dict):
-    """NLVR2 text-assignment (SPEC 8.3): strip `bert.`; fusion layer n goes to both image
+    """NLVR2 text-assignment (docs/DESIGN.md, "Checkpoint layouts and conversions"):
+    strip `bert.`; fusion layer n goes to both image
     sub-layers 2(n-6)+6 and 2(n-6)+7 of the 18-layer encoder."""
     out = dict(state_dict)
     fusion_layer = _fusion_layer(state_dict)

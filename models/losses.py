@@ -1,4 +1,5 @@
-"""ALBEF's objectives as functions of tensors (SPEC 1.2, 3.4, 3.5, 4.2-4.7).
+"""ALBEF's objectives as functions of tensors (docs/DESIGN.md, "Pre-training objectives",
+"Masked-LM head", "Answer decoder", "Downstream models").
 
 Each distillation loss mixes the hard-label loss with the cross-entropy against the momentum
 model's soft predictions, weighted by `alpha`; at alpha = 0 each reduces to its plain form.

@@ -1,4 +1,5 @@
-"""NLVR2: is the sentence true of the image pair? (SPEC 4.7). Label 1 means "True".
+"""NLVR2: is the sentence true of the image pair? (docs/DESIGN.md, "NLVR2 model and image pairs").
+Label 1 means "True".
 
 The 18-layer BERT splits each fusion layer into two: layers 6, 8, ..., 16 attend to image 0 and
 layers 7, 9, ..., 17 to image 1, and each pair of sub-layers shares its cross-attention key and

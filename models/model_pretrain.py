@@ -1,4 +1,5 @@
-"""Pre-training: ITC and ITM (momentum distillation, hard negatives) and MLM (SPEC 4.2)."""
+"""Pre-training: ITC and ITM (momentum distillation, hard negatives) and MLM
+(docs/DESIGN.md, "Pre-training objectives")."""
 import torch
 import torch.nn.functional as F
 from torch import nn

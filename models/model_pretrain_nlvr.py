@@ -1,4 +1,5 @@
-"""Text-assignment (TA) pre-training for NLVR2 (SPEC 4.6): given a text and an image pair, say
+"""Text-assignment (TA) pre-training for NLVR2 (docs/DESIGN.md, "Text-assignment pre-training model"):
+given a text and an image pair, say
 whether the text matches image 0 (label 0), image 1 (label 1) or neither (label 2)."""
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,5 @@
-"""Image-text retrieval (also Grounding): ITC with image-identity positives and ITM (SPEC 4.3)."""
+"""Image-text retrieval (also Grounding): ITC with image-identity positives and ITM
+(docs/DESIGN.md, "Retrieval model")."""
 import torch
 from torch import nn
 

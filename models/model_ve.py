@@ -1,4 +1,4 @@
-"""SNLI-VE: three-way classification of an image and a sentence (SPEC 4.5).
+"""SNLI-VE: three-way classification of an image and a sentence (docs/DESIGN.md, "Visual entailment model").
 Labels: entailment 2, neutral 1, contradiction 0."""
 from .base import ClassifierALBEF
 

@@ -1,5 +1,6 @@
 """VQA as answer generation: a 6-layer BERT decoder, initialised from the fusion layers, scores the
-candidate answers conditioned on the multimodal question states (SPEC 4.4)."""
+candidate answers conditioned on the multimodal question states
+(docs/DESIGN.md, "VQA model and answer ranking")."""
 import torch
 import torch.nn.functional as F
 

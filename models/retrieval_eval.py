@@ -1,4 +1,5 @@
-"""Image-text retrieval evaluation (SPEC 8.4): ITC similarities for every pair, then the ITM
+"""Image-text retrieval evaluation (docs/DESIGN.md, "Retrieval evaluation"):
+ITC similarities for every pair, then the ITM
 positive logit for the top `k_test` candidates of each query, in both directions, and the recall
 metrics of `itm_eval`.
 

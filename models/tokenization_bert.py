@@ -2,7 +2,7 @@
 
 The one behavioural difference from stock BERT: a single text is encoded as
 ``[CLS] tokens`` with NO trailing ``[SEP]`` (deliberate in ALBEF, see
-SPEC 3.1). Consequently the special-token budget is 1, so ``truncation=True,
+docs/DESIGN.md, "Tokenizer"). Consequently the special-token budget is 1, so ``truncation=True,
 max_length=M`` keeps at most ``M - 1`` word pieces plus [CLS].
 
 Everything else is stock uncased BERT: basic tokenisation (clean text, CJK

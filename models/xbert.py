@@ -1,4 +1,4 @@
-"""BERT with ALBEF's fusion layers (SPEC section 3).
+"""BERT with ALBEF's fusion layers (docs/DESIGN.md, "Text and fusion encoder (BERT with cross-attention)").
 
 One stack of `num_hidden_layers` layers serves as text encoder, multimodal (fusion) encoder, or
 both, chosen per call with `mode`:
@@ -143,7 +143,8 @@ def grouped_attention(query, key, value, attention_mask, index):
 class BertSelfAttention(nn.Module):
     """Multi-head attention. Cross-attention reads keys and values (width `encoder_width`) from the
     image tokens. With `save_attention` set on a cross-attention module, the post-softmax map and
-    its gradient are kept for Grad-CAM (SPEC 3.3)."""
+    its gradient are kept for Grad-CAM
+    (docs/DESIGN.md, "Grad-CAM capture in the cross-attention")."""
 
     def __init__(self, config, is_cross_attention=False):
         super().__init__()

@@ -1,4 +1,4 @@
-"""AdamW with the original parameter grouping (SPEC 6.1).
+"""AdamW with the original parameter grouping (docs/DESIGN.md, "Optimizer").
 
 Parameters with one dimension or a name ending in '.bias' get no weight decay; everything else,
 including the 0-d `temp`, `pos_embed` and `cls_token`, does. Frozen parameters (the momentum

@@ -1,4 +1,5 @@
-"""Learning-rate schedule: timm's cosine scheduler, configured as the original (SPEC 6.2).
+"""Learning-rate schedule: timm's cosine scheduler, configured as the original
+(docs/DESIGN.md, "Learning-rate schedule").
 
 The scripts drive it per "epoch" number t: during epoch 0 they call step(i // 100) after every
 100th iteration (a linear warm-up over the first warmup_epochs x 100 iterations), and from then on

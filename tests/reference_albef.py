@@ -1,11 +1,12 @@
-"""An independent, functional reference of what the ORIGINAL ALBEF computes (SPEC sections 2-4).
+"""An independent, functional reference of what the ORIGINAL ALBEF computes
+(docs/DESIGN.md, "Image encoder (ViT)" to "Downstream models").
 
 Every function takes a state_dict (a plain dict of tensors, keys exactly as in the models'
 `state_dict()`) plus inputs, and recomputes the result with explicit tensor operations written
-from the SPEC text, not from our modules:
+from the description in docs/DESIGN.md, not from our modules:
 
 * attention is matmul -> (+ additive mask) -> softmax -> matmul, with the self-attention mask
-  (1 - m) * -10000 (SPEC 3.3, `get_extended_attention_mask`) and the encoder mask
+  (1 - m) * -10000 (`get_extended_attention_mask`; docs/DESIGN.md, "Attention masks") and the encoder mask
   (1 - m) * -1e9 (fp32 `invert_attention_mask` of transformers 4.8.1);
 * LayerNorm is F.layer_norm with the given eps (BERT 1e-12, ViT 1e-6), GELU is the exact erf form;
 * Linear layers are `x @ W.T + b`, the ViT patch embedding is an unfold + matmul;
@@ -26,8 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-SELF_ATTENTION_MASK_VALUE = -10000.0   # SPEC 3.3: additive (1 - m) * -10000 on masked keys
-ENCODER_MASK_VALUE = -1e9              # SPEC 3.3: invert_attention_mask in fp32 (transformers 4.8.1)
+SELF_ATTENTION_MASK_VALUE = -10000.0   # get_extended_attention_mask: additive (1 - m) * -10000
+ENCODER_MASK_VALUE = -1e9              # invert_attention_mask in fp32 (transformers 4.8.1)
 VIT_EPS = 1e-6
 PAD_ID, CLS_ID, MASK_ID = 0, 101, 103
 
@@ -107,7 +108,7 @@ def _num_indexed(sd, prefix):
 
 
 # ------------------------------------------------------------------------------------------
-# ViT (SPEC 2.1)
+# ViT (docs/DESIGN.md, "Image encoder (ViT)")
 # ------------------------------------------------------------------------------------------
 def vit_forward(sd, prefix, image, hp, return_attn=False):
     """Patch embed, prepend cls, add pos_embed, pre-norm blocks, final norm. -> (B, N, D)."""
@@ -137,7 +138,7 @@ def vit_forward(sd, prefix, image, hp, return_attn=False):
 
 
 # ------------------------------------------------------------------------------------------
-# BERT with fusion layers (SPEC 3.3 - 3.5)
+# BERT with fusion layers (docs/DESIGN.md, "Text and fusion encoder (BERT with cross-attention)")
 # ------------------------------------------------------------------------------------------
 def self_attention_mask(attention_mask, is_decoder=False):
     """2-D (B, L) -> (B, 1, 1, L) [or (B, 1, L, L) with the causal mask multiplied in];
@@ -184,7 +185,7 @@ def bert_layer(sd, prefix, n, hidden, self_mask, enc_states, enc_masks, hp, fusi
         c = L + 'crossattention.'
         assert c + 'self.query.weight' in sd, f'layer {n} should have cross-attention'
         assert enc_states is not None, 'a cross-attention layer needs encoder states'
-        if isinstance(enc_states, (list, tuple)):      # NLVR: alternate between the images (SPEC 4.7)
+        if isinstance(enc_states, (list, tuple)):      # NLVR: alternate between the images
             i = (n - fusion_layer) % len(enc_states)
             states, mask = enc_states[i], enc_masks[i]
         else:
@@ -246,7 +247,7 @@ def mlm_logits(sd, prefix, hp, input_ids, attention_mask, **kw):
 
 
 def mlm_loss(logits, labels, soft_labels=None, alpha=0.0):
-    """SPEC 3.4: mean CE over labels != -100, mixed with the mean distillation CE over them."""
+    """Masked-LM loss: mean CE over labels != -100, mixed with the mean distillation CE over them."""
     valid = labels != -100
     logp = torch.log_softmax(logits, dim=-1)
     nll = -logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
@@ -258,7 +259,7 @@ def mlm_loss(logits, labels, soft_labels=None, alpha=0.0):
 
 
 def lm_sequence_loss(logits, labels, soft_labels=None, alpha=0.0):
-    """SPEC 3.5 with reduction='none': per sequence, the summed NLL of logits[:, :-1] against
+    """Answer-decoder loss with reduction='none': per sequence, the summed NLL of logits[:, :-1] against
     labels[:, 1:] (ignoring -100), mixed with the summed distillation CE over the same tokens."""
     shifted = logits[:, :-1]
     targets = labels[:, 1:]
@@ -273,7 +274,7 @@ def lm_sequence_loss(logits, labels, soft_labels=None, alpha=0.0):
 
 
 # ------------------------------------------------------------------------------------------
-# shared machinery (SPEC 4.1)
+# shared machinery (docs/DESIGN.md, "Momentum encoders and feature queues")
 # ------------------------------------------------------------------------------------------
 def momentum_update(sd, names, m):
     """theta_m <- theta_m * m + theta * (1 - m) for every floating tensor of the named modules."""
@@ -310,7 +311,8 @@ def draw_rows(weights, num_samples=1):
 
 
 # ------------------------------------------------------------------------------------------
-# ITC + ITM, shared by pre-training (SPEC 4.2) and retrieval (SPEC 4.3)
+# ITC + ITM, shared by pre-training and retrieval
+# (docs/DESIGN.md, "Pre-training objectives", "Retrieval model")
 # ------------------------------------------------------------------------------------------
 def unimodal_features(sd, suffix, bert_prefix, hp, image, ids, mask):
     """(image_embeds, image_feat, text_embeds, text_feat) of the online (suffix '') or momentum
@@ -397,7 +399,8 @@ def contrastive_forward(sd, hp, bert_prefix, image, ids, mask, alpha, momentum, 
 
 
 def mask_tokens(input_ids, mlm_probability, vocab_size):
-    """SPEC 4.2 step 7 (all draws on the CPU generator, in this order): bernoulli(p) picks
+    """MLM masking (docs/DESIGN.md, "MLM with momentum distillation"); all draws on the CPU
+    generator, in this order: bernoulli(p) picks
     positions ([PAD]/[CLS] excluded), bernoulli(0.8) -> [MASK], bernoulli(0.5) of the rest -> a
     random id from randint(vocab) drawn over the whole shape. Returns (masked ids, labels)."""
     ids = input_ids.clone()
@@ -415,7 +418,8 @@ def mask_tokens(input_ids, mlm_probability, vocab_size):
 
 
 def pretrain_forward(sd, hp, image, ids, mask, alpha, momentum=0.995, queue_size=65536, mlm_probability=0.15):
-    """models/model_pretrain.py forward (SPEC 4.2). Returns ((loss_mlm, loss_ita, loss_itm), new_state, info)."""
+    """models/model_pretrain.py forward (docs/DESIGN.md, "Pre-training objectives").
+    Returns ((loss_mlm, loss_ita, loss_itm), new_state, info)."""
     sd = dict(sd)
     sd['temp'] = sd['temp'].clamp(0.001, 0.5)
     loss_ita, loss_itm, sd, info = contrastive_forward(
@@ -432,7 +436,8 @@ def pretrain_forward(sd, hp, image, ids, mask, alpha, momentum=0.995, queue_size
 
 
 def retrieval_forward(sd, hp, image, ids, mask, alpha, idx, momentum=0.995, queue_size=65536, distill=True):
-    """models/model_retrieval.py forward (SPEC 4.3): no temp clamp, image-identity positives,
+    """models/model_retrieval.py forward (docs/DESIGN.md, "Retrieval model"):
+    no temp clamp, image-identity positives,
     +1e-4 before the sampling softmax. Returns ((loss_ita, loss_itm), new_state, info)."""
     loss_ita, loss_itm, sd, info = contrastive_forward(
         dict(sd), hp, 'text_encoder{s}.', image, ids, mask, alpha, momentum, queue_size,
@@ -441,7 +446,7 @@ def retrieval_forward(sd, hp, image, ids, mask, alpha, idx, momentum=0.995, queu
 
 
 # ------------------------------------------------------------------------------------------
-# VQA (SPEC 4.4)
+# VQA (docs/DESIGN.md, "VQA model and answer ranking")
 # ------------------------------------------------------------------------------------------
 def vqa_question_states(sd, hp, suffix, image, q_ids, q_mask):
     image_embeds = vit_forward(sd, f'visual_encoder{suffix}.', image, hp)
@@ -497,7 +502,7 @@ def vqa_rank_answer(sd, hp, image, q_ids, q_mask, a_ids, a_mask, k):
 
 
 # ------------------------------------------------------------------------------------------
-# VE and NLVR2 (SPEC 4.5, 4.7)
+# VE and NLVR2 (docs/DESIGN.md, "Visual entailment model", "NLVR2 model and image pairs")
 # ------------------------------------------------------------------------------------------
 def classifier_logits(sd, hp, suffix, image, ids, mask, pair=False):
     """cls_head(Linear, ReLU, Linear) on the multi_modal [CLS]. With `pair`, `image` is
@@ -528,7 +533,7 @@ def classifier_train_forward(sd, hp, image, ids, mask, targets, alpha, pair=Fals
 
 
 # ------------------------------------------------------------------------------------------
-# text-assignment pre-training (SPEC 4.6)
+# text-assignment pre-training (docs/DESIGN.md, "Text-assignment pre-training model")
 # ------------------------------------------------------------------------------------------
 def ta_forward(sd, hp, image, ids, mask):
     """Per text b: u = rand(1); u > 1/3 -> one image j ~ w[b] and a second rand decides the order

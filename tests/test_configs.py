@@ -1,4 +1,4 @@
-"""configs/*.yaml and configs/config_bert.json match SPEC section 9."""
+"""configs/*.yaml and configs/config_bert.json match the original's values (docs/DESIGN.md, "Configs")."""
 import os
 
 import pytest

@@ -1,4 +1,5 @@
-"""dataset/: text preprocessing, dataset classes, errors, loaders and evaluation helpers (SPEC 5).
+"""dataset/: text preprocessing, dataset classes, errors, loaders and evaluation helpers
+(docs/DESIGN.md, "Data").
 
 All data is written to tmp_path: tiny PIL images and JSON annotation files.
 """

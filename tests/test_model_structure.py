@@ -1,4 +1,5 @@
-"""Full-size models match the original ALBEF state_dict layout (SPEC 4.8, 3.7, 4.7).
+"""Full-size models match the original ALBEF state_dict layout (docs/DESIGN.md,
+"Checkpoint layouts and conversions", "BERT state_dict layout", "NLVR2 model and image pairs").
 
 Every variant is built at full size on the meta device (no memory, no init) from its real task YAML
 and compared with the original's keys (tests/fixtures/state_dict_keys): the same keys, shapes and dtypes, and the

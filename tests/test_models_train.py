@@ -1,5 +1,6 @@
 """Tiny models of every variant: one training step gives finite losses and reaches every trainable
-parameter; momentum parameters stay frozen; evaluation is deterministic (SPEC 4.1-4.7)."""
+parameter; momentum parameters stay frozen; evaluation is deterministic
+(docs/DESIGN.md, "Momentum encoders and feature queues", "Downstream models")."""
 import pytest
 import torch
 
@@ -9,15 +10,15 @@ CAPTIONS = ['a red circle next to a very small blue square', 'a blue square on t
             'two small triangles and one big round circle']
 ANSWERS = ['yes[SEP]', 'no[SEP]', 'red[SEP]', 'two[SEP]', 'blue square[SEP]']
 
-# Parameters that, per the SPEC, legitimately receive no gradient in a training step (name prefix: reason).
+# Parameters that, as in the original, legitimately receive no gradient in a training step (name prefix: reason).
 # No other exemption is needed: every mode-selected BERT layer is reached (text layers by ITC, fusion layers
 # by ITM/MLM, all layers in VQA/VE/NLVR), the tied MLM/LM heads by MLM or the answer loss, `temp` by ITC in
 # pre-training and retrieval, and every exempt-free gradient must also be non-zero somewhere.
 NO_GRAD = {
     'pretrain_nlvr': {
-        'vision_proj.': 'SPEC 4.6: used only under no_grad, to sample the negative images',
-        'text_proj.': 'SPEC 4.6: loaded from ALBEF.pth but unused by the TA loss',
-        'temp': 'SPEC 4.6: unused (the sampling uses the constant 0.07)',
+        'vision_proj.': 'used only under no_grad, to sample the negative images',
+        'text_proj.': 'loaded from ALBEF.pth but unused by the TA loss',
+        'temp': 'unused (the sampling uses the constant 0.07)',
     },
 }
 
@@ -78,7 +79,7 @@ def test_training_step(make_model, tokenizer, variant):
         is_exempt = any(name == p or (p.endswith('.') and name.startswith(p)) for p in exempt)
         if is_exempt:
             if param.grad is not None:
-                problems.append(f'{name}: has a gradient, but the SPEC says it gets none')
+                problems.append(f'{name}: has a gradient, but NO_GRAD says it gets none')
         elif param.grad is None:
             problems.append(f'{name}: no gradient')
         elif not torch.isfinite(param.grad).all():
@@ -92,7 +93,7 @@ def test_training_step(make_model, tokenizer, variant):
 def test_training_without_distillation(make_model, tokenizer, variant):
     model = make_model(variant, distill=False).train()
     has_momentum = bool(_momentum_names(model))
-    assert has_momentum == (variant == 'retrieval')  # retrieval keeps them to fill the queues (SPEC 4.3)
+    assert has_momentum == (variant == 'retrieval')  # retrieval keeps them to fill the queues
     torch.manual_seed(1)
     losses = _train_loss(model, variant, tokenizer)
     assert all(torch.isfinite(loss) for loss in losses.values())

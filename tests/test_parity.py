@@ -1,5 +1,6 @@
 """Numerical parity of the six ALBEF variants with an independent functional reference of the
-original's computations (tests/reference_albef.py, written from SPEC sections 2-4).
+original's computations (tests/reference_albef.py, written from the description
+in docs/DESIGN.md).
 
 For identical weights and inputs the encoder outputs (every mode), ITC features, ITM and MLM
 logits, VQA ranking, VE/NLVR logits, training losses and the state after a training forward
@@ -9,7 +10,7 @@ logits, VQA ranking, VE/NLVR logits, training losses and the state after a train
   included, and the momentum copies independently of the online weights), so that no term can
   hide behind a zero bias, a unit LayerNorm or an EMA of two identical tensors.
 * Training forwards use a copy of the tiny BERT config with both dropout probabilities 0, so the
-  only random draws are the samplings the SPEC describes; the same `torch.manual_seed` before our
+  only random draws are the samplings of the original model; the same `torch.manual_seed` before our
   forward and before the reference forward must then give the same negatives, masks and pairs.
 * Evaluation outputs are compared with the stock tiny config (dropout 0.1) in eval mode, and with
   the dropout-free config in train mode.
@@ -202,7 +203,8 @@ def test_bert_modes_and_mlm_logits(configs, tokenizer, text, config_name, train)
 
 def test_xbert_save_attention_path(configs, tokenizer, text):
     """save_attention on a cross-attention layer: explicit attention, same output, the post-softmax
-    map (B, H, L, N) and its gradient (SPEC 3.3)."""
+    map (B, H, L, N) and its gradient
+    (docs/DESIGN.md, "Grad-CAM capture in the cross-attention")."""
     model, state = build(model_retrieval, configs['dropout'], tokenizer)
     model.eval()
     encoder = model.text_encoder

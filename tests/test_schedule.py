@@ -1,4 +1,5 @@
-"""Learning rates and parameter groups: the reference values of SPEC 6.1-6.3."""
+"""Learning rates and parameter groups: the original's reference values
+(docs/DESIGN.md, "Optimizer", "Learning-rate schedule")."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""ALBEF tokenizer behaviour (SPEC 3.1, Appendix A item 1)."""
+"""ALBEF tokenizer behaviour (docs/DESIGN.md, "Tokenizer")."""
 import os
 import pickle
 import shutil

@@ -1,4 +1,5 @@
-"""Known-answer unit tests of the model building blocks (SPEC 2.3, 3.3-3.6, 4.1, 4.2, 4.4, 4.7; Appendix A).
+"""Known-answer unit tests of the model building blocks (docs/DESIGN.md, the
+sections named above each group below, and "How the tests pin this behaviour").
 
 Expected values are computed by hand or by an independent re-implementation written here, never
 by calling the code under test a second time.
@@ -29,7 +30,7 @@ def tiny_bert_config(**overrides):
 
 
 # ---------------------------------------------------------------------------------------------------
-# interpolate_pos_embed (SPEC 2.3)
+# interpolate_pos_embed (docs/DESIGN.md, "Position-embedding interpolation")
 # ---------------------------------------------------------------------------------------------------
 def _cubic_weights(t, a=-0.75):
     """Keys' cubic convolution weights of the 4 neighbours (offsets -1, 0, 1, 2) at fraction t."""
@@ -89,7 +90,7 @@ def test_interpolate_pos_embed_same_size_is_identity():
 
 
 # ---------------------------------------------------------------------------------------------------
-# attention masks (SPEC 3.3)
+# attention masks (docs/DESIGN.md, "Attention masks")
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope='module')
 def tiny_bert():
@@ -161,7 +162,8 @@ def test_decoder_is_causal():
 
 
 # ---------------------------------------------------------------------------------------------------
-# losses (SPEC 1.2, 3.4, 3.5, 4.2, 4.5)
+# losses (docs/DESIGN.md, "Pre-training objectives", "Masked-LM head", "Answer decoder",
+# "Visual entailment model")
 # ---------------------------------------------------------------------------------------------------
 def test_soft_cross_entropy_known_value():
     logits = torch.tensor([[1., 2., 3.], [0., 0., 0.]])
@@ -278,7 +280,7 @@ def test_hard_negative_weights_and_sampling():
 
 
 # ---------------------------------------------------------------------------------------------------
-# VQA rank_answer (SPEC 4.4)
+# VQA rank_answer (docs/DESIGN.md, "VQA model and answer ranking")
 # ---------------------------------------------------------------------------------------------------
 def test_tile_is_interleaved():
     assert tile(torch.tensor([[1], [2]]), 0, 3).flatten().tolist() == [1, 1, 1, 2, 2, 2]
@@ -320,7 +322,7 @@ def test_rank_answer_against_direct_computation(make_model, tokenizer):
                 seq = ids[a:a + 1, :lengths[a]]  # the answer alone, without padding
                 logits = decoder(seq, encoder_hidden_states=states, encoder_attention_mask=atts).logits[0]
                 logp = torch.log_softmax(logits[:-1], -1).gather(1, seq[0, 1:, None]).sum()
-                twice.append(torch.log(p_first[a]) + logp)  # the first token counted twice (SPEC 11.10)
+                twice.append(torch.log(p_first[a]) + logp)  # the first token counted twice (docs/DESIGN.md, "Quirks we keep")
                 once.append(logp)
         log_probs = torch.log_softmax(torch.stack(twice), 0)
         order = log_probs.argsort(descending=True).tolist()
@@ -334,7 +336,7 @@ def test_rank_answer_against_direct_computation(make_model, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------
-# momentum encoders and queues (SPEC 4.1)
+# momentum encoders and queues (docs/DESIGN.md, "Momentum encoders and feature queues")
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('variant', ['retrieval', 'pretrain', 'vqa', 've', 'nlvr'])
 def test_copy_params_and_momentum_update(make_model, variant):
@@ -400,7 +402,7 @@ def test_queue_rejects_a_batch_that_does_not_divide_it(make_model):
 
 
 # ---------------------------------------------------------------------------------------------------
-# NLVR2 shared cross-attention (SPEC 4.7)
+# NLVR2 shared cross-attention (docs/DESIGN.md, "NLVR2 model and image pairs")
 # ---------------------------------------------------------------------------------------------------
 def _count(module):
     return sum(p.numel() for p in module.parameters())
@@ -440,7 +442,7 @@ def test_share_cross_attention_full_size_count():
 
 
 # ---------------------------------------------------------------------------------------------------
-# pre-training mask() (SPEC 4.2 step 7)
+# pre-training mask() (docs/DESIGN.md, "MLM with momentum distillation")
 # ---------------------------------------------------------------------------------------------------
 def _reference_mask(ids, vocab_size, probability_matrix=None, masked=None):
     """The original's masking, written out: bernoulli(p), protect [PAD]/[CLS], bernoulli(.8) -> [MASK],
@@ -510,7 +512,7 @@ def test_mask_with_given_indices_is_deterministic(pretrain_model):
     assert torch.equal(outputs[0][0], expected_ids) and torch.equal(outputs[0][1], expected_labels)
     labels = outputs[0][1]
     assert (labels[(ids == 0) | (ids == 101)] == -100).all()
-    assert labels[0, 5] == 102  # [SEP] is not protected (SPEC 11.12)
+    assert labels[0, 5] == 102  # [SEP] is not protected (docs/DESIGN.md, "MLM with momentum distillation")
     assert torch.equal(labels[(ids != 0) & (ids != 101)], ids[(ids != 0) & (ids != 101)])
 
 
@@ -521,7 +523,7 @@ def test_mask_without_targets_returns_ids(pretrain_model):
 
 
 # ---------------------------------------------------------------------------------------------------
-# BERT weight loading and parity with transformers (SPEC 3.6)
+# BERT weight loading and parity with transformers (docs/DESIGN.md, "BERT weights and initialisation")
 # ---------------------------------------------------------------------------------------------------
 CROSS_SUFFIXES = [f'crossattention.{m}.{p}' for m in ('self.query', 'self.key', 'self.value', 'output.dense',
                                                         'output.LayerNorm') for p in ('weight', 'bias')]
