@@ -236,7 +236,7 @@ class pretrain_dataset(AnnotationDataset):
             if not caption_types <= {str, list}:
                 self.first_problem(items)
             if list in caption_types and not all(c and _all_of(c, str) for c in captions if type(c) is list):
-                self.first_problem(items)  # an empty list
+                self.first_problem(items)  # names the item: an empty list, or an element that is not a string
                 i = next(i for i, c in enumerate(captions) if type(c) is list and not _all_of(c, str))
                 raise DataError(f"{path}: item {i} has a 'caption' list with an element that is not a string")
             if not _all_of(images, str):

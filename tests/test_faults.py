@@ -72,7 +72,7 @@ def test_overwrite_says_what_it_replaces_and_starts_again(demo_config, tmp_path,
     assert run_pretrain(['--config', config, '--output_dir', earlier_run, '--overwrite']) == 0
     assert (f'--overwrite: this run replaces checkpoint_00.pth, checkpoint_05.pth, log.txt, config.yaml in '
             f'{earlier_run} (removed when it writes its first file)') in capsys.readouterr().out
-    assert sorted(os.listdir(earlier_run)) == ['checkpoint_00.pth', 'config.yaml', 'log.txt']
+    assert sorted(os.listdir(earlier_run)) == ['checkpoint_00.pth', 'config.yaml', 'log.txt', 'tensorboard']
     assert [json.loads(line)['epoch'] for line in open(earlier_run / 'log.txt')] == [0]  # this run's only
 
 
@@ -263,7 +263,7 @@ def test_full_disk_keeps_the_last_good_checkpoint(demo_config, tmp_path, capsys,
     assert capsys.readouterr().err.splitlines() == [
         f'error: no space left on device writing {out / "checkpoint_01.pth"}; the last good checkpoint is '
         f'{out / "checkpoint_00.pth"}']
-    assert sorted(os.listdir(out)) == ['checkpoint_00.pth', 'config.yaml', 'log.txt']  # no .tmp file left
+    assert sorted(os.listdir(out)) == ['checkpoint_00.pth', 'config.yaml', 'log.txt', 'tensorboard']  # no .tmp file left
     assert [json.loads(line)['epoch'] for line in open(out / 'log.txt')] == [0]  # epoch 1 is not logged
 
 

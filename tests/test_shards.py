@@ -71,7 +71,7 @@ def test_pretrain_dataset_lean_storage_keeps_errors(tmp_path):
     path.write_text(json.dumps([{'image': 'a.png', 'caption': 'x'}, {'image': 'b.png', 'caption': ['y', 3]}]))
     with pytest.raises(DataError) as info:
         pretrain_dataset(str(path), None, check_images=False)
-    assert str(info.value) == f"{path}: item 1 has a 'caption' list with an element that is not a string"
+    assert str(info.value) == f"{path}: item 1 has a number at position 1 of its 'caption' list (expected strings)"
     path.write_text(json.dumps([{'image': 'a.png', 'caption': 'x'}, {'image': None, 'caption': 'y'}]))
     with pytest.raises(DataError, match=r"item 1 has 'image' of type NoneType \(expected a string\)"):
         pretrain_dataset(str(path), None, check_images=False)
