@@ -436,7 +436,8 @@ def test_signals_in_one_process(demo_config, tmp_path, capsys, monkeypatch, defa
         assert run_pretrain(['--config', config, '--output_dir', out]) == status
         assert capsys.readouterr().err.splitlines() == [
             'interrupted at epoch 0, step 3; checkpoint_last.pth written; continue with --resume']
-        assert steps == [0, 1, 2] and sorted(os.listdir(out)) == ['checkpoint_last.pth', 'config.yaml']
+        assert steps == [0, 1, 2]
+        assert sorted(os.listdir(out)) == ['checkpoint_last.pth', 'config.yaml', 'tensorboard']
         monkeypatch.setattr(Pretrain, 'train_step', train_step)
         assert run_pretrain(['--config', config, '--output_dir', out, '--resume']) == 0
         assert f'resumed from {out / "checkpoint_last.pth"} at epoch 0, step 3' in capsys.readouterr().out
@@ -466,7 +467,7 @@ def test_signals_in_two_processes(demo_config, tmp_path):
         assert lines[0] == f'interrupted at epoch 0, step {step}; checkpoint_last.pth written; continue with --resume'
         assert code != 0  # torchrun's own status (it reports the workers' 130 / 143 as a failure)
         assert f'exitcode  : {status}' in err or 'got signal' in err, err[-3000:]
-        assert sorted(os.listdir(out)) == ['checkpoint_last.pth', 'config.yaml']
+        assert sorted(os.listdir(out)) == ['checkpoint_last.pth', 'config.yaml', 'tensorboard']
         resume = torch.load(out / 'checkpoint_last.pth', map_location='cpu', weights_only=False)['resume']
         assert (resume['epoch'], resume['step'], len(resume['rng'])) == (0, step, nproc)
 

@@ -162,9 +162,16 @@ def captions(step):
     return [CAPTIONS[(step + i) % len(CAPTIONS)] for i in range(4)]
 
 
+def uint8_images(n, seed):
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
 def test_pretraining_steps_read_nothing_back(make_model, tokenizer):
     import Pretrain
-    batches = [(images(4, s), captions(s)) for s in range(4)]
+    from dataset import CaptionCollate
+    # as the loader delivers them: uint8 images, captions tokenised by the workers' collate
+    collate = CaptionCollate(tokenizer)
+    batches = [collate(list(zip(uint8_images(4, s), captions(s)))) for s in range(4)]
     assert_no_host_reads(run_steps(make_model('pretrain'), tokenizer, batches, Pretrain.train_step))
 
 
