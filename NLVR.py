@@ -17,17 +17,15 @@ Parity:
 import configuration
 configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
 
-import argparse
-
 import torch
 
 import engine
 import utils
-from dataset import create_dataset
 from models.model_nlvr import ALBEF
 
 REQUIRED = {'train_file', 'val_file', 'test_file', 'image_root', 'bert_config', 'image_res', 'batch_size', 'alpha',
             'distill', 'warm_up'}
+# eval_ema: a key of the original NLVR.yaml that nothing reads, accepted so that config loads
 OPTIONAL = {'eval_ema', 'nlvr_momentum_from_checkpoint'}
 
 
@@ -38,42 +36,29 @@ def unpack(batch):
 
 
 def train_step(model, batch, alpha, run):
-    image, text, targets = unpack(batch)
-    image, targets = utils.to_device((image, targets), run.device)
-    text_input = utils.to_device(run.tokenizer(text, padding='longest', return_tensors='pt'), run.device)
-    return {'loss': model(image, text_input, targets=targets, train=True, alpha=alpha)}
+    image, text, targets = utils.to_device(unpack(batch), run.device)
+    return {'loss': model(image, run.tokenize(text), targets=targets, train=True, alpha=alpha)}
 
 
 def main(args):
-    config = engine.load_config(args.config, REQUIRED, OPTIONAL)
-    run = engine.setup(args, config)
-    run.tokenizer = engine.build_tokenizer(config)
+    run = engine.setup(args, REQUIRED, OPTIONAL)
+    config = run.config
 
     print('Creating NLVR2 datasets')
-    train_dataset, val_dataset, test_dataset = create_dataset('nlvr', config)
-    train_loader = engine.train_loader(train_dataset, config['batch_size'], run, config)
-    val_loader, test_loader = (engine.eval_loader(d, config['batch_size'], run, config, distributed=True)
-                               for d in (val_dataset, test_dataset))
+    train_loader, val_loader, test_loader = run.task_loaders('nlvr', config['batch_size'], config['batch_size'])
 
     print('Creating model')
     model = ALBEF(config=config, text_encoder=engine.bert_weights(config), tokenizer=run.tokenizer)
-    model = model.to(run.device)
-    optimizer, lr_scheduler = engine.build_optimization(config, model)
-    checkpointer, state = engine.start_state(
-        args, run, model, optimizer, lr_scheduler, allow_new_heads=not args.evaluate,
-        sync_momentum=config.get('nlvr_momentum_from_checkpoint', False))
-    model, model_without_ddp = engine.wrap_model(model, run)
-
+    training = engine.prepare(run, model, sync_momentum=config.get('nlvr_momentum_from_checkpoint', False))
     evaluate = engine.split_evaluator({'val': val_loader, 'test': test_loader},
-                                      lambda loader: engine.evaluate_accuracy(model_without_ddp, loader, run, unpack))
-    engine.fit(model, train_loader, optimizer, lr_scheduler, run, state, checkpointer, train_step, evaluate,
-               best_key='val_acc', evaluate_only=args.evaluate, alpha_ramp=config['warm_up'], digits=4)
+                                      lambda loader: engine.evaluate_accuracy(training.module, loader, run, unpack))
+    engine.fit(run, training, train_loader, train_step, evaluate, best_key='val_acc', evaluate_only=args.evaluate,
+               alpha_ramp=config['warm_up'], digits=4)
+
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     parents=[engine.get_args_parser('./configs/NLVR.yaml', 'output/NLVR')])
-    parser.add_argument('--evaluate', action='store_true', help='evaluate the checkpoint, no training (new)')
-    return parser
+    return engine.task_parser(__doc__, './configs/NLVR.yaml', 'output/NLVR',
+                              evaluate='evaluate the checkpoint, no training (new)')
 
 
 if __name__ == '__main__':

@@ -7,8 +7,6 @@
 import configuration
 configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
 
-import argparse
-
 import engine
 import utils
 from dataset import CaptionCollate, create_dataset, normalize
@@ -28,30 +26,24 @@ def train_step(model, batch, alpha, run):
 
 
 def main(args):
-    config = engine.load_config(args.config, REQUIRED, OPTIONAL)
-    run = engine.setup(args, config)
-    run.tokenizer = engine.build_tokenizer(config)
+    run = engine.setup(args, REQUIRED, OPTIONAL)
+    config = run.config
 
     print('Creating dataset')
     engine.require_one_of(config, args.config, ('train_file', 'train_shards'))
-    dataset = create_dataset('pretrain', config, uint8=True) if config.get('train_file') else None
-    collate = CaptionCollate(run.tokenizer, padding=engine.text_padding(run))
-    loader = engine.train_loader(dataset, config['batch_size'], run, config, collate_fn=collate)
+    images_and_captions = create_dataset('pretrain', config, uint8=True) if config.get('train_file') else None
+    loader = run.train_loader(images_and_captions, config['batch_size'],
+                              collate_fn=CaptionCollate(run.tokenizer, padding=engine.text_padding(run)))
 
     print('Creating model')
-    model = ALBEF(config=config, text_encoder=engine.bert_weights(config), tokenizer=run.tokenizer,
-                  init_deit=config.get('init_deit', True) and not args.checkpoint and not args.resume)
-    model = model.to(run.device)
-    optimizer, lr_scheduler = engine.build_optimization(config, model)
-    checkpointer, state = engine.start_state(args, run, model, optimizer, lr_scheduler)
-    model, model_without_ddp = engine.wrap_model(model, run)
+    init_deit = config.get('init_deit', True) and not args.checkpoint and not args.resume
+    training = engine.prepare(run, ALBEF(config=config, text_encoder=engine.bert_weights(config),
+                                         tokenizer=run.tokenizer, init_deit=init_deit))
+    engine.fit(run, training, loader, train_step)
 
-    engine.fit(model, loader, optimizer, lr_scheduler, run, state, checkpointer, train_step)
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     parents=[engine.get_args_parser('./configs/Pretrain.yaml', 'Pretrain/')])
-    return parser
+    return engine.task_parser(__doc__, './configs/Pretrain.yaml', 'output/Pretrain')
 
 
 if __name__ == '__main__':

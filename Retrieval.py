@@ -8,14 +8,11 @@ evaluation by ITC candidates re-ranked with ITM.
 import configuration
 configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
 
-import argparse
-
 import torch
 from tqdm import tqdm
 
 import engine
 import utils
-from dataset import create_dataset
 from models.model_retrieval import ALBEF
 from models.retrieval_eval import chance_metrics, image_features, itm_eval, retrieval_scores, text_features
 
@@ -29,9 +26,7 @@ def train_step(model, batch, alpha, run):
     image, caption, idx = batch
     image, idx = utils.to_device((image, idx), run.device)
     # max_length without truncation truncates nothing, as in the original
-    text = utils.to_device(run.tokenizer(caption, padding='longest', max_length=30, return_tensors='pt'),
-                           run.device)
-    loss_ita, loss_itm = model(image, text, alpha=alpha, idx=idx)
+    loss_ita, loss_itm = model(image, run.tokenize(caption, max_length=30), alpha=alpha, idx=idx)
     return {'loss_itm': loss_itm, 'loss_ita': loss_ita}
 
 
@@ -75,36 +70,26 @@ def evaluate_split(model, loader, run):
 
 
 def main(args):
-    config = engine.load_config(args.config, REQUIRED, OPTIONAL)
-    run = engine.setup(args, config)
-    run.tokenizer = engine.build_tokenizer(config)
+    run = engine.setup(args, REQUIRED, OPTIONAL)
+    config = run.config
 
     print('Creating retrieval dataset')
-    train_dataset, val_dataset, test_dataset = create_dataset('re', config)
-    train_loader = engine.train_loader(train_dataset, config['batch_size_train'], run, config)
-    # each rank encodes every world-th image (see evaluation)
-    val_loader, test_loader = (engine.eval_loader(d, config['batch_size_test'], run, config, distributed=True)
-                               for d in (val_dataset, test_dataset))
+    # each rank encodes every world-th image of val and test (see evaluation)
+    train_loader, val_loader, test_loader = run.task_loaders('re', config['batch_size_train'],
+                                                             config['batch_size_test'])
 
     print('Creating model')
-    model = ALBEF(config=config, text_encoder=engine.bert_weights(config), tokenizer=run.tokenizer)
-    model = model.to(run.device)
-    optimizer, lr_scheduler = engine.build_optimization(config, model)
-    checkpointer, state = engine.start_state(args, run, model, optimizer, lr_scheduler,
-                                             allow_new_heads=not args.evaluate)
-    model, model_without_ddp = engine.wrap_model(model, run)
-
+    training = engine.prepare(run, ALBEF(config=config, text_encoder=engine.bert_weights(config),
+                                         tokenizer=run.tokenizer))
     evaluate = engine.split_evaluator({'val': val_loader, 'test': test_loader},
-                                      lambda loader: evaluate_split(model_without_ddp, loader, run))
-    engine.fit(model, train_loader, optimizer, lr_scheduler, run, state, checkpointer, train_step, evaluate,
-               best_key='val_r_mean', evaluate_only=args.evaluate, alpha_ramp=config['warm_up'])
+                                      lambda loader: evaluate_split(training.module, loader, run))
+    engine.fit(run, training, train_loader, train_step, evaluate, best_key='val_r_mean',
+               evaluate_only=args.evaluate, alpha_ramp=config['warm_up'])
+
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     parents=[engine.get_args_parser('./configs/Retrieval_flickr.yaml',
-                                                                     'output/Retrieval_flickr')])
-    parser.add_argument('--evaluate', action='store_true', help='evaluate the checkpoint, no training')
-    return parser
+    return engine.task_parser(__doc__, './configs/Retrieval_flickr.yaml', 'output/Retrieval_flickr',
+                              evaluate='evaluate the checkpoint, no training')
 
 
 if __name__ == '__main__':

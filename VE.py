@@ -8,11 +8,8 @@ sentence? Fine-tuning with momentum distillation; accuracy on val and test after
 import configuration
 configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
 
-import argparse
-
 import engine
 import utils
-from dataset import create_dataset
 from models.model_ve import ALBEF
 
 REQUIRED = {'train_file', 'val_file', 'test_file', 'image_root', 'bert_config', 'image_res', 'batch_size_train',
@@ -25,41 +22,30 @@ def unpack(batch):
 
 
 def train_step(model, batch, alpha, run):
-    image, text, targets = unpack(batch)
-    image, targets = utils.to_device((image, targets), run.device)
-    text_input = utils.to_device(run.tokenizer(text, padding='longest', return_tensors='pt'), run.device)
-    return {'loss': model(image, text_input, targets=targets, train=True, alpha=alpha)}
+    image, text, targets = utils.to_device(unpack(batch), run.device)
+    return {'loss': model(image, run.tokenize(text), targets=targets, train=True, alpha=alpha)}
 
 
 def main(args):
-    config = engine.load_config(args.config, REQUIRED)
-    run = engine.setup(args, config)
-    run.tokenizer = engine.build_tokenizer(config)
+    run = engine.setup(args, REQUIRED)
+    config = run.config
 
     print('Creating SNLI-VE datasets')
-    train_dataset, val_dataset, test_dataset = create_dataset('ve', config)
-    train_loader = engine.train_loader(train_dataset, config['batch_size_train'], run, config)
-    val_loader, test_loader = (engine.eval_loader(d, config['batch_size_test'], run, config, distributed=True)
-                               for d in (val_dataset, test_dataset))
+    train_loader, val_loader, test_loader = run.task_loaders('ve', config['batch_size_train'],
+                                                             config['batch_size_test'])
 
     print('Creating model')
-    model = ALBEF(config=config, text_encoder=engine.bert_weights(config), tokenizer=run.tokenizer)
-    model = model.to(run.device)
-    optimizer, lr_scheduler = engine.build_optimization(config, model)
-    checkpointer, state = engine.start_state(args, run, model, optimizer, lr_scheduler,
-                                             allow_new_heads=not args.evaluate)
-    model, model_without_ddp = engine.wrap_model(model, run)
-
+    training = engine.prepare(run, ALBEF(config=config, text_encoder=engine.bert_weights(config),
+                                         tokenizer=run.tokenizer))
     evaluate = engine.split_evaluator({'val': val_loader, 'test': test_loader},
-                                      lambda loader: engine.evaluate_accuracy(model_without_ddp, loader, run, unpack))
-    engine.fit(model, train_loader, optimizer, lr_scheduler, run, state, checkpointer, train_step, evaluate,
-               best_key='val_acc', evaluate_only=args.evaluate, alpha_ramp=config['warm_up'], digits=4)
+                                      lambda loader: engine.evaluate_accuracy(training.module, loader, run, unpack))
+    engine.fit(run, training, train_loader, train_step, evaluate, best_key='val_acc', evaluate_only=args.evaluate,
+               alpha_ramp=config['warm_up'], digits=4)
+
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     parents=[engine.get_args_parser('./configs/VE.yaml', 'output/VE')])
-    parser.add_argument('--evaluate', action='store_true', help='evaluate the checkpoint, no training')
-    return parser
+    return engine.task_parser(__doc__, './configs/VE.yaml', 'output/VE',
+                              evaluate='evaluate the checkpoint, no training')
 
 
 if __name__ == '__main__':

@@ -17,7 +17,6 @@ probabilities go to vqa_result_epoch<N>_top<K>.json as well.
 import configuration
 configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
 
-import argparse
 import json
 import os
 
@@ -25,7 +24,7 @@ import torch
 
 import engine
 import utils
-from dataset import create_dataset, vqa_collate_fn
+from dataset import vqa_collate_fn
 from dataset.utils import collect_result
 from dataset.vqa_eval import NORMALIZATIONS, has_ground_truth, vqa_accuracy
 from models.model_vqa import ALBEF
@@ -38,10 +37,8 @@ OPTIONAL = {'topk_answers', 'vqa_normalization'}
 def train_step(model, batch, alpha, run):
     image, question, answer, weights, n = batch
     image, weights = utils.to_device((image, weights), run.device)
-    question_input = utils.to_device(run.tokenizer(question, padding=engine.text_padding(run), truncation=True, max_length=25,
-                                                   return_tensors='pt'), run.device)
-    answer_input = utils.to_device(run.tokenizer(answer, padding='longest', return_tensors='pt'), run.device)
-    return {'loss': model(image, question_input, answer_input, train=True, alpha=alpha, k=n, weights=weights)}
+    question_input = run.tokenize(question, padding=engine.text_padding(run), truncation=True, max_length=25)
+    return {'loss': model(image, question_input, run.tokenize(answer), train=True, alpha=alpha, k=n, weights=weights)}
 
 
 @torch.no_grad()
@@ -90,37 +87,28 @@ def write_results(run, results, epoch, topk):
 
 
 def main(args):
-    config = engine.load_config(args.config, REQUIRED, OPTIONAL)
+    run = engine.setup(args, REQUIRED, OPTIONAL)
+    config = run.config
     normalization = config.get('vqa_normalization', 'official')
     if normalization not in NORMALIZATIONS:
         raise engine.ConfigError(f"{args.config}: vqa_normalization must be one of {', '.join(NORMALIZATIONS)}, "
                                  f'got {normalization!r}')
-    run = engine.setup(args, config)
-    run.tokenizer = engine.build_tokenizer(config)
 
     print('Creating VQA datasets')
-    train_dataset, test_dataset = create_dataset('vqa', config)
-    train_loader = engine.train_loader(train_dataset, config['batch_size_train'], run, config,
-                                       collate_fn=vqa_collate_fn)
-    test_loader = engine.eval_loader(test_dataset, config['batch_size_test'], run, config, distributed=True)
+    train_loader, test_loader = run.task_loaders('vqa', config['batch_size_train'], config['batch_size_test'],
+                                                 collate_fn=vqa_collate_fn)
+    test_dataset = test_loader.dataset
 
     print('Creating model')
     text_decoder = (args.text_decoder or config['text_encoder']) if engine.bert_weights(config) else None
-    model = ALBEF(config=config, text_encoder=engine.bert_weights(config), text_decoder=text_decoder,
-                  tokenizer=run.tokenizer)
-    model = model.to(run.device)
-    optimizer, lr_scheduler = engine.build_optimization(config, model)
-    checkpointer, state = engine.start_state(args, run, model, optimizer, lr_scheduler,
-                                             allow_new_heads=not args.evaluate)
-    model, model_without_ddp = engine.wrap_model(model, run)
-
+    training = engine.prepare(run, ALBEF(config=config, text_encoder=engine.bert_weights(config),
+                                         text_decoder=text_decoder, tokenizer=run.tokenizer))
     if not args.evaluate:
-        engine.fit(model, train_loader, optimizer, lr_scheduler, run, state, checkpointer, train_step,
-                   alpha_ramp=config['warm_up'])
+        engine.fit(run, training, train_loader, train_step, alpha_ramp=config['warm_up'])
     last_epoch = 0 if args.evaluate else config['schedular']['epochs'] - 1
 
     print('Answering the test questions')
-    results = evaluation(model_without_ddp, test_loader, run.tokenizer, run.device, config)
+    results = evaluation(training.module, test_loader, run.tokenizer, run.device, config)
     results = collect_result(results, run.path('result'), f'vqa_result_epoch{last_epoch}')
     if run.is_main:
         results = in_test_order(results, test_dataset)
@@ -139,11 +127,10 @@ def main(args):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     parents=[engine.get_args_parser('./configs/VQA.yaml', 'output/VQA')])
+    parser = engine.task_parser(__doc__, './configs/VQA.yaml', 'output/VQA',
+                                evaluate='answer the test questions with the checkpoint')
     parser.add_argument('--text_decoder', default=None,
                         help='BERT name or directory for the answer decoder weights (default: the text encoder)')
-    parser.add_argument('--evaluate', action='store_true', help='answer the test questions with the checkpoint')
     return parser
 
 

@@ -1,12 +1,16 @@
 """Config checks that need neither torch nor the models, so that a mistake in the config or the
 command line is reported within a second instead of after the slow imports.
 
+It is the one home of config loading and validation: `load_yaml` reads a YAML file, `load_config`
+checks a task config against its script's schema (`REQUIRED` / `OPTIONAL`) and the keys every task
+shares (`COMMON_KEYS`, the `optimizer` and `schedular` sections).
+
 A task script calls `precheck(__name__, __file__)` before its other imports. When it runs as the
 main program with `--config`, that reads the YAML, checks its keys against the script's
-`REQUIRED` / `OPTIONAL` sets and engine's common keys (read from the source files, not imported),
+`REQUIRED` / `OPTIONAL` sets (read from the script's source, not imported) and the common keys,
 checks that the annotation files, the `--checkpoint` and the `--output_dir` fit, and otherwise
 lets the script start as usual, where the same checks run again with everything else. A problem
-ends the process with one line on stderr and exit status 2, as in `engine.launch`.
+ends the process with one line on stderr and exit status 2, as the scripts' own errors do.
 """
 import argparse
 import ast
@@ -17,7 +21,6 @@ import sys
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 ANNOTATION_KEYS = ('train_file', 'val_file', 'test_file')
 
 
@@ -26,6 +29,7 @@ class ConfigError(ValueError):
 
 
 def load_yaml(path):
+    """The mapping in the YAML file `path`; a missing file or a syntax error is one ConfigError line."""
     if not os.path.isfile(path):
         raise ConfigError(f'config file not found: {path}')
     try:
@@ -39,6 +43,19 @@ def load_yaml(path):
     if not isinstance(config, dict):
         raise ConfigError(f'{path}: expected a mapping of keys to values at the top level')
     return config
+
+
+# keys every task config may carry besides its own
+COMMON_KEYS = {
+    'bert_config', 'image_res', 'vision_width', 'vision_depth', 'vision_num_heads', 'patch_size',
+    'text_encoder', 'init_text_encoder', 'num_workers', 'print_freq', 'save_every_steps',
+    'skip_bad_images', 'check_images', 'augment', 'randaugment_autocontrast', 'optimizer', 'schedular', 'amp',
+    'accum_steps', 'grad_checkpointing', 'compile', 'log_to', 'trust_checkpoint', 'keep_checkpoints',
+    'num_threads',
+}
+OPTIMIZER_KEYS = {'opt', 'lr', 'weight_decay'}
+SCHEDULER_KEYS = {'sched', 'lr', 'epochs', 'min_lr', 'decay_rate', 'warmup_lr', 'warmup_epochs',
+                  'cooldown_epochs'}
 
 
 def check_keys(config, path, required, optional, section=''):
@@ -82,14 +99,30 @@ def literal_sets(path, names):
     return found
 
 
+def check_config(config, path, required, optional=()):
+    """A task config's keys against its schema, the common keys and the two sections' keys."""
+    check_keys(config, path, set(required) | {'optimizer', 'schedular'}, COMMON_KEYS | set(optional))
+    check_keys(config['optimizer'], path, OPTIMIZER_KEYS, {'fused'}, 'optimizer.')
+    check_keys(config['schedular'], path, SCHEDULER_KEYS, (), 'schedular.')
+
+
+def load_config(path, required, optional=()):
+    """Read a task YAML and validate its keys against the task's schema."""
+    config = load_yaml(path)
+    check_config(config, path, required, optional)
+    return config
+
+
+def require_one_of(config, path, keys):
+    """At least one of `keys` is set (e.g. train_file or train_shards)."""
+    if not any(config.get(key) for key in keys):
+        raise ConfigError(f"{path}: needs {' or '.join(repr(k) for k in keys)}")
+
+
 def check_script_keys(config, path, script):
-    """The config's keys against a task script's schema, as engine.load_config checks them."""
+    """The config's keys against a task script's schema (read from its source, not imported)."""
     schema = literal_sets(script, ('REQUIRED', 'OPTIONAL'))
-    common = literal_sets(os.path.join(ROOT, 'engine.py'), ('COMMON_KEYS', 'OPTIMIZER_KEYS', 'SCHEDULER_KEYS'))
-    check_keys(config, path, schema.get('REQUIRED', set()) | {'optimizer', 'schedular'},
-               common['COMMON_KEYS'] | schema.get('OPTIONAL', set()))
-    check_keys(config['optimizer'], path, common['OPTIMIZER_KEYS'], {'fused'}, 'optimizer.')
-    check_keys(config['schedular'], path, common['SCHEDULER_KEYS'], (), 'schedular.')
+    check_config(config, path, schema.get('REQUIRED', set()), schema.get('OPTIONAL', set()))
 
 
 def check_output_dir(args):

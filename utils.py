@@ -93,24 +93,24 @@ def launcher_env():
     return None
 
 
-def init_distributed_mode(args):
-    """Set args.rank, args.world_size, args.gpu and args.distributed, and start the process group
-    when a launcher started several processes (gloo for --device cpu, NCCL for CUDA)."""
-    env = launcher_env() if getattr(args, 'distributed', True) else None
+def init_distributed(device='cpu', dist_url='env://', enabled=True):
+    """(rank, world_size, local_rank): when a launcher started several processes (and `enabled`),
+    join the process group (gloo for a CPU `device`, NCCL for CUDA, on the local rank's GPU) and
+    silence print() on every rank but the first; else (0, 1, 0)."""
+    env = launcher_env() if enabled else None
     if env is None:
-        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
-        return
-    args.rank, args.world_size, args.gpu = env
-    args.distributed = True
-    use_cuda = str(args.device).startswith('cuda')
+        return 0, 1, 0
+    rank, world_size, local_rank = env
+    use_cuda = str(device).startswith('cuda')
     if use_cuda:
-        torch.cuda.set_device(args.gpu)
-    if 'SLURM_PROCID' in os.environ and 'MASTER_ADDR' not in os.environ and args.dist_url == 'env://':
+        torch.cuda.set_device(local_rank)
+    if 'SLURM_PROCID' in os.environ and 'MASTER_ADDR' not in os.environ and dist_url == 'env://':
         raise RuntimeError('SLURM launch: set MASTER_ADDR and MASTER_PORT (or pass --dist_url tcp://HOST:PORT)')
-    dist.init_process_group(backend='nccl' if use_cuda else 'gloo', init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank)
+    dist.init_process_group(backend='nccl' if use_cuda else 'gloo', init_method=dist_url,
+                            world_size=world_size, rank=rank)
     barrier()
-    setup_for_distributed(args.rank == 0)
+    setup_for_distributed(rank == 0)
+    return rank, world_size, local_rank
 
 
 def setup_for_distributed(is_master):
@@ -296,6 +296,17 @@ class MetricLogger:
         total_time = time.time() - start_time
         print(f'{header} Total time: {datetime.timedelta(seconds=int(total_time))} '
               f'({total_time / steps:.4f} s / it)', flush=True)
+
+
+def short_message(error):
+    """The last line of an error message (DataLoader workers wrap theirs in a traceback), without
+    the exception's class name."""
+    text = str(error).strip() or type(error).__name__
+    last = text.splitlines()[-1]
+    for prefix in ('dataset.base.DataError: ', 'DataError: '):
+        if last.startswith(prefix):
+            last = last[len(prefix):]
+    return last
 
 
 class AttrDict(dict):

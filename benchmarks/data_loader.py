@@ -9,7 +9,7 @@ alternating the paths for --rounds rounds and printing medians side by side:
 
   original      one file per sample: PIL open + convert, RandomResizedCrop(256, scale 0.2-1,
                 bicubic), horizontal flip, RandomAugment(2, 7), ToTensor, Normalize (float32)
-  json          ours from JSON annotations: pretrain_dataset as engine.train_loader serves it
+  json          ours from JSON annotations: pretrain_dataset as dataset.loaders.train_loader serves it
                 (SeededSamples), the same transforms ending in a uint8 tensor (normalised later
                 on the device)
   json+draft    the same with jpeg_draft: true (Pillow decodes at 1/2, 1/4 or 1/8 size where the
@@ -89,9 +89,9 @@ def json_pipeline(paths, folder, draft):
     ann = os.path.join(folder, 'pretrain.json')
     with open(ann, 'w') as f:
         json.dump([{'image': p, 'caption': f'a synthetic photo number {i}'} for i, p in enumerate(paths)], f)
-    import engine
+    from dataset.loaders import SeededSamples
     # as train_loader serves it: each sample's augmentation seeded from (seed, epoch, index)
-    dataset = engine.SeededSamples(pretrain_dataset(ann, build_transform('pretrain', 256, uint8=True,
+    dataset = SeededSamples(pretrain_dataset(ann, build_transform('pretrain', 256, uint8=True,
                                                                          jpeg_draft=draft)), seed=0)
 
     def run():

@@ -21,6 +21,7 @@ if __name__ == '__main__' and not torch.cuda.is_available():  # before the slowe
     print(json.dumps({'sync_check': 'skipped: no CUDA device'}))
     sys.exit(0)
 import engine  # noqa: E402
+from models.checkpoint import TrainState  # noqa: E402
 import Pretrain  # noqa: E402
 import train_step as bench  # noqa: E402
 
@@ -77,11 +78,11 @@ def main():
         tokenizer=Tokenizer(texts), scaler=torch.amp.GradScaler('cuda', enabled=args.amp == 'fp16'))
 
     class NoScheduler:
-        def step(self, *a):
+        def step_iteration(self, *a):
             pass
     result = {'sync_check': 'passed', 'size': args.size, 'batch': batch, 'amp': args.amp}
     try:
-        engine.train_one_epoch(model, Batches(batches), optimizer, NoScheduler(), 1, run, engine.TrainState(),
+        engine.train_one_epoch(model, Batches(batches), optimizer, NoScheduler(), 1, run, TrainState(),
                                lambda m, b, a: Pretrain.train_step(m, b, a, run))
     except RuntimeError as error:
         torch.cuda.set_sync_debug_mode('default')

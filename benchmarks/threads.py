@@ -6,7 +6,7 @@ with a concurrent CPU load (one busy process per core), side by side.
 
 The default choice (no --num_threads, no OMP_NUM_THREADS) is the cores in this process's
 affinity mask, shared among the processes of the node, less one per loader worker, capped by the
-node's idle cores (engine.default_threads; the row's count is the choice before the load starts,
+node's idle cores (engine.run.default_threads; the row's count is the choice before the load starts,
 each run makes its own, fewer under the load); a setting that comes to the same count is not run twice. Each setting
 runs Pretrain.py in its own process on a small demo world (made once in a temporary directory)
 and reads the seconds per step from its epoch summary (`Total time: ... (X s / it)`, which
@@ -68,9 +68,9 @@ def main():
     parser.add_argument('--steps', type=int, default=10, help='training steps per run (default 10)')
     parser.add_argument('--workers', type=int, default=2, help='loader workers, as in the demo config (default 2)')
     args = parser.parse_args()
-    import engine
+    import engine.run
     cores = len(os.sched_getaffinity(0))
-    chosen = engine.default_threads(args.workers)
+    chosen = engine.run.default_threads(args.workers)
     settings = [(f'default choice ({chosen})', None)]
     settings += [(name, n) for name, n in ((f'every core ({cores})', cores), ('one thread', 1)) if n != chosen]
     print(f'demo pre-training, {args.steps} steps, {args.workers} loader workers, {cores} cores in the affinity mask')

@@ -13,7 +13,7 @@ test holds them to float32 tolerance). They differ only in how:
             sample, ITM in two fusion passes (3B image copies), the queue pointer read back to the
             host, a for-loop AdamW, float32
   compile   the default path with every ViT block and BERT layer torch.compile'd in place
-            (engine.compile_regions, as --compile does); the first steps include compiling
+            (engine.build.compile_regions, as --compile does); the first steps include compiling
   default   this repository: scaled_dot_product_attention, the MLM head on the masked tokens
             only, one batched multinomial per direction, ITM in one fusion pass that projects
             each image's cross-attention keys and values once, BERT's linear layers on the real
@@ -179,8 +179,8 @@ def build(path, config, device, seed=0, grad_checkpointing=False):
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     if path == 'compile':
-        import engine
-        engine.compile_regions(model)
+        import engine.build
+        engine.build.compile_regions(model)
     from optim import create_optimizer
     optim_config = {'opt': 'adamW', 'lr': 1e-4, 'weight_decay': 0.02}
     if path == 'plain':

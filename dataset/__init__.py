@@ -1,4 +1,5 @@
-"""Datasets, image transforms, samplers and loaders of the six tasks (docs/DESIGN.md, "Data").
+"""Datasets, image transforms, samplers and loaders (dataset/loaders.py) of the six tasks
+(docs/DESIGN.md, "Data").
 
 `create_dataset(name, config)` builds the datasets a task script uses from the original YAML keys
 (`train_file`/`val_file`/`test_file`, `image_root`, `vqa_root`, `vg_root`, `answer_list`,
@@ -15,11 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-
 from .base import AnnotationDataset, DataError, ImageError
 from .caption_dataset import pretrain_dataset, re_eval_dataset, re_train_dataset
 from .grounding_dataset import grounding_dataset
+from .loaders import create_loader, create_sampler, eval_loader, train_loader
 from .nlvr_dataset import nlvr_dataset
 from .randaugment import AUTOCONTRAST_MODES, RandomAugment
 from .ve_dataset import ve_dataset
@@ -27,7 +27,8 @@ from .vqa_dataset import vqa_dataset
 
 __all__ = ['DataError', 'ImageError', 'create_dataset', 'create_sampler', 'create_loader',
            'vqa_collate_fn', 'build_transform', 'normalize', 'CaptionCollate', 'ToUint8', 'pretrain_dataset', 're_train_dataset', 're_eval_dataset',
-           'vqa_dataset', 've_dataset', 'nlvr_dataset', 'grounding_dataset', 'TASKS']
+           'vqa_dataset', 've_dataset', 'nlvr_dataset', 'grounding_dataset', 'TASKS', 'train_loader',
+           'eval_loader']
 
 # CLIP statistics
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -216,33 +217,3 @@ def vqa_collate_fn(batch: Sequence[tuple]) -> tuple[torch.Tensor, list[str], lis
         weights += item_weights
         counts.append(len(item_answers))
     return torch.stack(images, dim=0), questions, answers, torch.tensor(weights, dtype=torch.float32), counts
-
-
-def create_sampler(datasets: Sequence[Dataset], shuffles: Sequence[bool], num_tasks: int,
-                   global_rank: int) -> list[DistributedSampler]:
-    """One DistributedSampler per dataset."""
-    return [DistributedSampler(dataset, num_replicas=num_tasks, rank=global_rank, shuffle=shuffle)
-            for dataset, shuffle in zip(datasets, shuffles)]
-
-
-def _per_loader(value: int | Sequence[int], n: int) -> Sequence[int]:
-    return [value] * n if isinstance(value, int) else value
-
-
-def create_loader(datasets: Sequence[Dataset], samplers: Sequence[Sampler | None],
-                  batch_size: int | Sequence[int], num_workers: int | Sequence[int],
-                  is_trains: Sequence[bool], collate_fns: Sequence[Callable | None]) -> list[DataLoader]:
-    """One DataLoader per dataset (per-loader lists, as in the original; an int applies to all).
-
-    Train loaders shuffle when they have no sampler and drop the last partial batch; eval loaders
-    do neither. Memory is pinned only when CUDA is available.
-    """
-    n = len(datasets)
-    loaders = []
-    for dataset, sampler, bs, workers, is_train, collate_fn in zip(
-            datasets, samplers, _per_loader(batch_size, n), _per_loader(num_workers, n), is_trains, collate_fns):
-        loaders.append(DataLoader(
-            dataset, batch_size=bs, num_workers=workers, pin_memory=torch.cuda.is_available(),
-            sampler=sampler, shuffle=is_train and sampler is None, collate_fn=collate_fn,
-            drop_last=is_train, persistent_workers=workers > 0))
-    return loaders

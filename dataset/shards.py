@@ -163,7 +163,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     `pretrain_dataset` too, split over processes and loader workers (see the module docstring).
 
     Iterating yields ((image, caption), skipped), `skipped` being the bad samples and unreadable
-    shards passed over since the previous item (engine.CountSkipped sums them). Use it with a
+    shards passed over since the previous item (dataset.loaders.CountSkipped sums them). Use it with a
     DataLoader of `batch_size` and `num_workers` as given here, and call `set_epoch(epoch, start)`
     (start: samples of this process already trained in this epoch) before each epoch.
     """

@@ -34,7 +34,7 @@ class ALBEF(ContrastiveALBEF):
         self._create_momentum('visual_encoder', 'vision_proj', 'text_encoder', 'text_proj')
         self._create_queues(embed_dim, self.queue_size)
         # None, or a fixed length for the masked-token index (see masked_positions): for compiling
-        # the whole model; regional compilation (engine.compile_regions) leaves the MLM head eager
+        # the whole model; regional compilation (engine.build.compile_regions) leaves the MLM head eager
         self.mlm_positions = None
 
     def forward(self, image, text, alpha=0):

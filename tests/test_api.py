@@ -16,12 +16,13 @@ import torch
 from PIL import Image
 from ruamel.yaml import YAML
 
+import configuration
 import engine
 import models
 import Pretrain
 from conftest import ROOT, _relocate
 from models import api, gradcam
-from models.checkpoint import CheckpointError, read_checkpoint, strip_for_release
+from models.checkpoint import Checkpointer, CheckpointError, TrainState, read_checkpoint, strip_for_release
 from models.export import main as export_main
 
 CAPTIONS = ['the red circle', 'a small blue square on the left', 'two green triangles']
@@ -232,7 +233,7 @@ def test_released_files_sizes_from_the_weights():
 def test_our_checkpoints_need_no_trust(demo):
     """What the scripts save (with the resume entry) loads with torch.load(weights_only=True)."""
     import utils
-    config = engine.load_yaml(os.path.join(ROOT, 'configs', 'demo', 'Pretrain.yaml'))
+    config = configuration.load_yaml(os.path.join(ROOT, 'configs', 'demo', 'Pretrain.yaml'))
     run = engine.Run(args=argparse.Namespace(), config=config, output_dir=str(demo['base'] / 'run'))
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -240,9 +241,9 @@ def test_our_checkpoints_need_no_trust(demo):
     logger = utils.MetricLogger()
     logger.update(loss=torch.tensor(1.5))
     run.scaler = torch.amp.GradScaler('cpu', enabled=False)
-    checkpointer = engine.Checkpointer(run, model, optimizer, scheduler)
-    checkpointer.save('checkpoint_00.pth', engine.TrainState(epoch=1, step=0, meters=logger.state_dict()), epoch=0)
-    checkpointer.save('checkpoint_last.pth', engine.TrainState(epoch=1, step=3, meters=logger.state_dict()))
+    checkpointer = Checkpointer(run.output_dir, model, optimizer, scheduler, config)
+    checkpointer.save('checkpoint_00.pth', TrainState(epoch=1, step=0, meters=logger.state_dict()), epoch=0)
+    checkpointer.save('checkpoint_last.pth', TrainState(epoch=1, step=3, meters=logger.state_dict()))
     loaded = torch.load(run.path('checkpoint_last.pth'), weights_only=True)
     assert loaded['resume']['step'] == 3 and torch.equal(loaded['model']['weight'], model.weight)
     torch.save({'model': {}, 'config': fractions.Fraction(1, 3)}, run.path('checkpoint_99.pth'))

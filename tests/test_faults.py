@@ -17,11 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
+import configuration
 import engine
+import engine.run
 import Pretrain
 from conftest import ROOT
 from dataset import check
-from dataset.base import ImageError, load_rgb
+from dataset.base import DataError, ImageError, load_rgb
+from dataset.loaders import check_batch_count
+from models.checkpoint import Checkpointer, DiskFullError, atomic_save
 from test_bad_input import fail, write_config
 
 
@@ -79,7 +83,7 @@ def test_overwrite_says_what_it_replaces_and_starts_again(demo_config, tmp_path,
 def test_evaluate_and_resume_may_use_an_output_dir_with_checkpoints(earlier_run):
     before = snapshot(earlier_run)
     for flags in ({'evaluate': True, 'resume': False}, {'evaluate': False, 'resume': True}):
-        assert engine.check_output_dir(argparse.Namespace(output_dir=str(earlier_run), **flags)) == []
+        assert engine.run.check_output_dir(argparse.Namespace(output_dir=str(earlier_run), **flags)) == []
     assert snapshot(earlier_run) == before
     run = engine.Run(args=argparse.Namespace(evaluate=True), config={'evaluated': 'here'}, output_dir=str(earlier_run))
     run.write_config()  # the evaluation's config goes beside the training run's
@@ -94,7 +98,7 @@ def test_tokenizer_larger_than_the_embedding_table(demo_config, demo_world, tmp_
     words += [f'word{i}' for i in range(100 - len(words))]
     (vocab / 'vocab.txt').write_text('\n'.join(words) + '\n')
     config = write_config(demo_config, tmp_path)
-    bert_config = engine.load_yaml(config)['bert_config']
+    bert_config = configuration.load_yaml(config)['bert_config']
     out = tmp_path / 'out'
     out.mkdir()
     assert fail(['--config', config, '--text_encoder', vocab], out, capsys) == (
@@ -107,7 +111,7 @@ def test_checkpoint_embeddings_of_another_vocabulary_size(demo_config, tmp_path,
     from models.model_pretrain import ALBEF
     from models.tokenization_bert import BertTokenizer
     config = write_config(demo_config, tmp_path)
-    cfg = engine.load_yaml(config)
+    cfg = configuration.load_yaml(config)
     bert = json.load(open(cfg['bert_config']))
     bigger = tmp_path / 'config_bert_80.json'
     bigger.write_text(json.dumps({**bert, 'vocab_size': 80}))
@@ -164,11 +168,10 @@ def test_items_left_out_by_drop_last_are_reported(demo_config, demo_world, tmp_p
 
 
 def test_batch_count_with_several_processes():
-    run = argparse.Namespace(world_size=4, args=argparse.Namespace(config='c.yaml'))
-    with pytest.raises(engine.ConfigError, match=r'^31 training items in a.json are too few for one batch of 8 in '
+    with pytest.raises(DataError, match=r'^31 training items in a.json are too few for one batch of 8 in '
                                                  r'each of 4 process\(es\) \(at least 32 needed\)'):
-        engine.check_batch_count(31, 8, run, ['a.json'])
-    engine.check_batch_count(29, 4, run)  # 8 per process (padded to 32): two batches each, none left out
+        check_batch_count(31, 8, 4, ['a.json'], 'c.yaml')
+    check_batch_count(29, 4, 4)  # 8 per process (padded to 32): two batches each, none left out
 
 
 # ---- 5. images that decode wrongly ------------------------------------------------------------------
@@ -276,8 +279,8 @@ def test_disk_full_from_a_wrapped_error(tmp_path, monkeypatch):
                                'file data/3: file write failed') from error
 
     monkeypatch.setattr(torch, 'save', save)
-    with pytest.raises(engine.DiskFullError) as error:
-        engine.atomic_save({}, str(tmp_path / 'c.pth'))
+    with pytest.raises(DiskFullError) as error:
+        atomic_save({}, str(tmp_path / 'c.pth'))
     assert error.value.strerror == f'no space left on device writing {tmp_path / "c.pth"}'
     assert os.listdir(tmp_path) == []
 
@@ -287,11 +290,10 @@ def test_keep_checkpoints(tmp_path):
     for name in ('checkpoint_00.pth', 'checkpoint_01.pth', 'checkpoint_02.pth', 'checkpoint_10.pth',
                  'checkpoint_best.pth', 'checkpoint_last.pth', 'log.txt'):
         (tmp_path / name).write_text(name)
-    run = engine.Run(args=None, config={}, output_dir=str(tmp_path))
-    engine.Checkpointer(run, None, None, None).prune(2)
+    Checkpointer(str(tmp_path), None, None, None, {}).prune(2)
     assert sorted(os.listdir(tmp_path)) == ['checkpoint_02.pth', 'checkpoint_10.pth', 'checkpoint_best.pth',
                                             'checkpoint_last.pth', 'log.txt']
-    engine.Checkpointer(run, None, None, None).prune(None)  # the default keeps all
+    Checkpointer(str(tmp_path), None, None, None, {}).prune(None)  # the default keeps all
     assert len(os.listdir(tmp_path)) == 5
 
 
@@ -305,13 +307,13 @@ def test_keep_checkpoints_must_be_positive(demo_config, tmp_path, capsys):
 # ---- 9. threads ---------------------------------------------------------------------------------------
 def test_default_threads_share_the_cores():
     cpus = os.cpu_count()
-    assert engine.default_threads(num_workers=2, cores=16, local_processes=1, load=cpus - 16) == 14
-    assert engine.default_threads(num_workers=2, cores=16, local_processes=4, load=cpus - 16) == 2
-    assert engine.default_threads(num_workers=4, cores=2, local_processes=1, load=0) == 1
+    assert engine.run.default_threads(num_workers=2, cores=16, local_processes=1, load=cpus - 16) == 14
+    assert engine.run.default_threads(num_workers=2, cores=16, local_processes=4, load=cpus - 16) == 2
+    assert engine.run.default_threads(num_workers=4, cores=2, local_processes=1, load=0) == 1
     # a busy machine: only the idle cores (cores less the load average) are shared out
-    assert engine.default_threads(num_workers=0, cores=cpus, local_processes=1, load=cpus - 1) == 1
-    assert engine.default_threads(num_workers=0, cores=cpus, local_processes=1, load=cpus + 12) == 1
-    assert engine.default_threads(num_workers=0, cores=len(os.sched_getaffinity(0)), local_processes=1, load=0) \
+    assert engine.run.default_threads(num_workers=0, cores=cpus, local_processes=1, load=cpus - 1) == 1
+    assert engine.run.default_threads(num_workers=0, cores=cpus, local_processes=1, load=cpus + 12) == 1
+    assert engine.run.default_threads(num_workers=0, cores=len(os.sched_getaffinity(0)), local_processes=1, load=0) \
         == min(len(os.sched_getaffinity(0)), cpus)
 
 
@@ -408,7 +410,7 @@ def default_threads(monkeypatch):
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     monkeypatch.setattr(os, 'getloadavg', lambda: (0.0, 0.0, 0.0))  # an idle machine: every core
     threads = torch.get_num_threads()
-    yield engine.default_threads(num_workers=0)
+    yield engine.run.default_threads(num_workers=0)
     torch.set_num_threads(threads)
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import engine
+import engine.build
 import utils
 from conftest import ROOT
 
@@ -63,7 +64,7 @@ def test_a_compiled_block_gives_the_same_outputs_and_compiles_once(make_model):
     model = make_model('retrieval').eval()
     x = torch.randn(2, 17, 48)
     eager = [block(x) for block in model.visual_encoder.blocks]
-    regions = engine.compile_regions(model, backend='aot_eager')
+    regions = engine.build.compile_regions(model, backend='aot_eager')
     assert len(regions) == 2 * (2 + 4)  # ViT blocks and BERT layers, online and momentum
     assert all(r._compiled_call_impl is not None for r in regions)
     assert list(model.state_dict()) == list(make_model('retrieval').state_dict())  # names unchanged
@@ -90,7 +91,7 @@ def _queue_worker(rank, world_size, port, out):
     torch.manual_seed(rank)  # different initial queues on each rank: wrap_model broadcasts them once
     model = build_model('pretrain', tokenizer, TINY_CONFIG)
     run = engine.Run(args=argparse.Namespace(seed=0), config={}, rank=rank, world_size=world_size)
-    ddp, bare = engine.wrap_model(model, run)
+    ddp, bare = engine.build.wrap_model(model, run)
     assert ddp.broadcast_buffers is False and ddp.gradient_as_bucket_view and ddp.static_graph
     optimizer = torch.optim.AdamW([p for p in bare.parameters() if p.requires_grad], lr=1e-3)
     captions = ['a red circle on the left', 'two blue squares', 'the small green triangle', 'one shape']

@@ -233,7 +233,7 @@ def test_block_num_defaults_and_validation(make_model, tokenizer):
 
     # ALBEF's sizes: block 8 in both modes, as in the original
     from models.model_retrieval import ALBEF
-    from engine import load_yaml
+    from configuration import load_yaml
     config = load_yaml(os.path.join(ROOT, 'configs', 'Grounding.yaml'))
     config['bert_config'] = os.path.join(ROOT, config['bert_config'])
     with torch.device('meta'):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import engine
+import engine.options
 import Pretrain
 import tracking
 from conftest import run_script
@@ -176,7 +177,7 @@ def test_log_to_values(value, flag, expected):
         pytest.importorskip('wandb')
     config = {} if value is None else {'log_to': value}
     args = argparse.Namespace(config='c.yaml', log_to=flag)
-    assert engine.log_to_option(args, config) == expected
+    assert engine.options.log_to_option(args, config) == expected
     assert config['log_to'] == (','.join(expected) or 'none')
 
 
@@ -223,7 +224,7 @@ def test_a_missing_package_is_named_before_the_run_starts(monkeypatch):
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *args: None if name == 'wandb' else
                         find_spec(name, *args))
     with pytest.raises(engine.ConfigError) as error:
-        engine.log_to_option(argparse.Namespace(config='c.yaml', log_to='tensorboard,wandb'), {})
+        engine.options.log_to_option(argparse.Namespace(config='c.yaml', log_to='tensorboard,wandb'), {})
     assert str(error.value) == '--log_to: wandb is not installed (pip install wandb, or log to none)'
 
 

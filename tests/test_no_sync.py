@@ -19,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import engine
+from models.checkpoint import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 aten = torch.ops.aten
@@ -42,7 +43,7 @@ INDEXING = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
 ALLOWED = {
     # The loss guard and the meters are read only on the steps that print a log line (every
     # print_freq steps), where the line needs the values anyway.
-    ('engine.py', 'LossGuard.check'): 'the non-finite-loss check, every print_freq steps',
+    ('engine/loop.py', 'LossGuard.check'): 'the non-finite-loss check, every print_freq steps',
     # (log_every is on the stack only while it runs its own code, the printing, not the loop body)
     ('utils.py', 'MetricLogger.log_every'): 'the meters, read when a log line is printed',
     # Host-side work on the CPU copy of the tokenizer output (never on the device): the masked
@@ -125,7 +126,7 @@ class Batches:
 
 
 class NoScheduler:
-    def step(self, *args):
+    def step_iteration(self, *args):
         pass
 
 
@@ -138,7 +139,7 @@ def run_steps(model, tokenizer, batches, train_step, config_extra=None):
     optimizer = create_optimizer(config['optimizer'], model)  # fused AdamW, as the scripts build it
     recorder = HostReads()
     engine.train_one_epoch(model, Batches(batches, recorder), optimizer, NoScheduler(), 1, run,
-                           engine.TrainState(), lambda m, b, a: train_step(m, b, a, run))
+                           TrainState(), lambda m, b, a: train_step(m, b, a, run))
     return recorder
 
 

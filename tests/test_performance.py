@@ -10,6 +10,9 @@ import pytest
 import torch
 
 import engine
+import engine.build
+import engine.options
+from models.checkpoint import TrainState
 from models.losses import sample_negatives
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,7 +179,7 @@ def test_accumulation_moves_momentum_and_optimizer_once_per_step(make_model, tok
     args = argparse.Namespace(seed=0)
     run = engine.Run(args=args, config=config, accum_steps=2, scaler=torch.amp.GradScaler('cpu', enabled=False),
                      output_dir=str(tmp_path))
-    loader = engine.train_loader(Data(), 4, run, config)  # 5 batches: steps of 2, 2 and 1
+    loader = run.train_loader(Data(), 4)  # 5 batches: steps of 2, 2 and 1
 
     def train_step(m, batch, alpha):
         image, caption = batch
@@ -185,9 +188,9 @@ def test_accumulation_moves_momentum_and_optimizer_once_per_step(make_model, tok
         return {'loss_mlm': loss_mlm, 'loss_ita': loss_ita, 'loss_itm': loss_itm}
 
     class NoScheduler:
-        def step(self, *a):
+        def step_iteration(self, *a):
             pass
-    engine.train_one_epoch(model, loader, optimizer, NoScheduler(), 1, run, engine.TrainState(), train_step)
+    engine.train_one_epoch(model, loader, optimizer, NoScheduler(), 1, run, TrainState(), train_step)
     assert len(steps) == 3 and len(updates) == 3
     assert not model.momentum_paused
 
@@ -198,7 +201,7 @@ def test_compile_falls_back_to_eager_mode(capsys):
     def broken(*args, **kwargs):
         raise InvalidCxxCompiler()
     model = torch.nn.Linear(3, 2)
-    wrapped = engine.CompileFallback(broken, model)
+    wrapped = engine.build.CompileFallback(broken, model)
     x = torch.randn(4, 3)
     assert torch.equal(wrapped(x), model(x)) and torch.equal(wrapped(x), model(x))
     out = capsys.readouterr().out
@@ -209,7 +212,7 @@ def test_compile_falls_back_to_eager_mode(capsys):
 def test_compile_fallback_lets_other_errors_through(capsys):
     def broken(*args, **kwargs):
         raise RuntimeError('CUDA out of memory')
-    wrapped = engine.CompileFallback(broken, torch.nn.Linear(3, 2))
+    wrapped = engine.build.CompileFallback(broken, torch.nn.Linear(3, 2))
     with pytest.raises(RuntimeError, match='CUDA out of memory'):
         wrapped(torch.randn(4, 3))
     assert not wrapped.failed and capsys.readouterr().out == ''
@@ -222,15 +225,15 @@ def test_compile_fallback_lets_other_errors_through(capsys):
 ])
 def test_bad_speed_options_are_refused(key, value, message):
     with pytest.raises(engine.ConfigError) as error:
-        engine.speed_options(argparse.Namespace(), {key: value}, torch.device('cpu'))
+        engine.options.speed_options(argparse.Namespace(), {key: value}, torch.device('cpu'))
     assert str(error.value) == message
 
 
 def test_speed_option_defaults_and_flags():
     config = {'amp': False}  # YAML `amp: off`
-    engine.speed_options(argparse.Namespace(amp=None, accum_steps=None), config, torch.device('cpu'))
+    engine.options.speed_options(argparse.Namespace(amp=None, accum_steps=None), config, torch.device('cpu'))
     assert config == {'amp': 'off', 'accum_steps': 1, 'grad_checkpointing': False, 'compile': False}
     config = {'amp': 'off', 'accum_steps': 4}
-    engine.speed_options(argparse.Namespace(amp='bf16', accum_steps=2, grad_checkpointing=True), config,
+    engine.options.speed_options(argparse.Namespace(amp='bf16', accum_steps=2, grad_checkpointing=True), config,
                          torch.device('cpu'))
     assert config['amp'] == 'bf16' and config['accum_steps'] == 2 and config['grad_checkpointing'] is True

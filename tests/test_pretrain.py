@@ -115,7 +115,7 @@ def test_text_assignment_pretraining_feeds_nlvr(demo_config, tmp_path):
     from models.checkpoint import load_checkpoint
     from models.model_nlvr import ALBEF
     from models.tokenization_bert import BertTokenizer
-    from engine import load_yaml
+    from configuration import load_yaml
 
     pretrain_out = tmp_path / 'pretrain'
     assert_ok(run_script('Pretrain.py', '--config', demo_config('Pretrain', **SMALL, schedular={'epochs': 1},

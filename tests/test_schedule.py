@@ -1,33 +1,58 @@
 """Learning rates and parameter groups: the original's reference values
 (docs/DESIGN.md, "Optimizer", "Learning-rate schedule")."""
+import argparse
+
 import pytest
 import torch
 
+import configuration
 import engine
+from models.checkpoint import Checkpointer, TrainState
 from optim import create_optimizer
 from scheduler import create_scheduler
 
 
-def lr_trace(config_path, epochs, iterations_per_epoch, style):
-    """The lr each optimizer step uses, driven exactly as the scripts drive the scheduler:
-    warm-up stepping every 100 iterations of epoch 0, then once per epoch ('start': step(e + w)
-    at the start of epoch e > 0; 'end': step(e + w + 1) at the end of epoch e)."""
-    config = engine.load_yaml(config_path)
+class EpochLoader:
+    """Stands in for a training loader (and its sampler): `first_epoch_steps` batches in epoch 0,
+    one in every later epoch; each batch is its (epoch, iteration)."""
+
+    def __init__(self, first_epoch_steps):
+        self.first_epoch_steps, self.epoch, self.batch_size = first_epoch_steps, 0, 1
+        self.sampler = self
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.first_epoch_steps if self.epoch == 0 else 1
+
+    def __iter__(self):
+        return iter([((self.epoch, i), 0) for i in range(len(self))])
+
+
+def lr_trace(config_path, epochs, iterations_per_epoch, tmp_path):
+    """The lr each optimizer step uses, recorded by a stub train_step while the real loop
+    (`engine.fit`, with the real optimizer and scheduler of the config) drives the schedule."""
+    config = configuration.load_yaml(config_path)
+    config['schedular']['epochs'] = epochs
+    config['print_freq'] = 10 ** 6
     model = torch.nn.Linear(2, 2)
     optimizer = create_optimizer(config['optimizer'], model)
     scheduler, _ = create_scheduler(config['schedular'], optimizer)
-    warmup = config['schedular']['warmup_epochs']
+    run = engine.Run(args=argparse.Namespace(seed=0), config=config, output_dir=str(tmp_path),
+                     scaler=torch.amp.GradScaler('cpu', enabled=False))
+    training = engine.Training(model, model, optimizer, scheduler,
+                               Checkpointer(str(tmp_path), model, optimizer, scheduler, config), TrainState())
     trace = []
-    for epoch in range(epochs):
-        if style == 'start' and epoch > 0:
-            scheduler.step(epoch + warmup)
-        for i in range(iterations_per_epoch if epoch == 0 else 1):
-            trace.append((epoch, i, optimizer.param_groups[0]['lr']))
-            assert optimizer.param_groups[0]['lr'] == optimizer.param_groups[1]['lr']
-            if epoch == 0 and i % engine.WARMUP_STEP_SIZE == 0 and i <= warmup * engine.WARMUP_STEP_SIZE:
-                scheduler.step(i // engine.WARMUP_STEP_SIZE)
-        if style == 'end':
-            scheduler.step(epoch + warmup + 1)
+
+    def train_step(model, batch, alpha, run):
+        epoch, i = batch
+        trace.append((epoch, i, optimizer.param_groups[0]['lr']))
+        assert optimizer.param_groups[0]['lr'] == optimizer.param_groups[1]['lr']
+        return {'loss': model(torch.ones(1, 2)).sum()}
+
+    engine.fit(run, training, EpochLoader(iterations_per_epoch), train_step)
+    assert len(trace) == iterations_per_epoch + epochs - 1
     return trace
 
 
@@ -39,8 +64,8 @@ def at(trace, iteration):
     return next(lr for epoch, i, lr in trace if epoch == 0 and i == iteration)
 
 
-def test_pretrain_warmup_and_cosine():
-    trace = lr_trace('configs/Pretrain.yaml', 30, 2101, 'start')
+def test_pretrain_warmup_and_cosine(tmp_path):
+    trace = lr_trace('configs/Pretrain.yaml', 30, 2101, tmp_path)
     for i in (0, 1, 50, 100):
         assert at(trace, i) == pytest.approx(1e-5, abs=1e-12)
     for block in range(1, 20):
@@ -53,8 +78,8 @@ def test_pretrain_warmup_and_cosine():
     assert lrs[28] == pytest.approx(1.0247e-5, abs=1e-9)
 
 
-def test_vqa():
-    trace = lr_trace('configs/VQA.yaml', 8, 501, 'start')
+def test_vqa(tmp_path):
+    trace = lr_trace('configs/VQA.yaml', 8, 501, tmp_path)
     assert [at(trace, i) for i in (0, 100, 101, 200, 201, 300, 301, 400, 401)] == pytest.approx(
         [1e-5, 1e-5, 1.25e-5, 1.25e-5, 1.5e-5, 1.5e-5, 1.75e-5, 1.75e-5, 2e-5], abs=1e-12)
     assert epoch_lrs(trace) == pytest.approx(
@@ -66,8 +91,8 @@ def test_vqa():
     ('configs/NLVR.yaml', 10, [1.9535e-5, 1.81857e-5, 1.6084e-5, 1.34357e-5, 1.05e-5, 7.5643e-6, 4.9160e-6,
                                2.8143e-6, 1.4650e-6]),
 ])
-def test_two_step_warmup_then_cosine(config, epochs, expected):
-    trace = lr_trace(config, epochs, 201, 'end')
+def test_two_step_warmup_then_cosine(config, epochs, expected, tmp_path):
+    trace = lr_trace(config, epochs, 201, tmp_path)
     assert [at(trace, i) for i in (0, 100, 101, 200)] == pytest.approx([1e-5, 1e-5, 2e-5, 2e-5], abs=1e-12)
     assert epoch_lrs(trace) == pytest.approx(expected, abs=1e-10)
 
@@ -78,14 +103,14 @@ def test_two_step_warmup_then_cosine(config, epochs, expected):
     ('configs/Retrieval_coco.yaml', 5, [9.1406e-6, 6.8906e-6, 4.1094e-6, 1.8594e-6]),
     ('configs/Grounding.yaml', 5, [9.1406e-6, 6.8906e-6, 4.1094e-6, 1.8594e-6]),
 ])
-def test_constant_warmup_then_cosine(config, epochs, expected):
-    trace = lr_trace(config, epochs, 201, 'end')
+def test_constant_warmup_then_cosine(config, epochs, expected, tmp_path):
+    trace = lr_trace(config, epochs, 201, tmp_path)
     assert {lr for epoch, i, lr in trace if epoch == 0} == {1e-5}
     assert epoch_lrs(trace) == pytest.approx(expected, abs=1e-10)
 
 
-def test_text_assignment_pretraining():
-    trace = lr_trace('configs/NLVR_pretrain.yaml', 1, 301, 'start')
+def test_text_assignment_pretraining(tmp_path):
+    trace = lr_trace('configs/NLVR_pretrain.yaml', 1, 301, tmp_path)
     assert [at(trace, i) for i in (0, 100, 101, 300)] == pytest.approx([1e-5, 1e-5, 2e-5, 2e-5], abs=1e-12)
 
 

@@ -168,14 +168,14 @@ def test_caption_collate_tokenises(tokenizer):
 
 
 def test_num_workers_default(monkeypatch):
-    import engine
+    from dataset.loaders import num_workers_of
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(24)))
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
-    assert engine.num_workers_of({}) == 8  # 12 CPUs per process, capped
+    assert num_workers_of({}) == 8  # 12 CPUs per process, capped
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '8')
-    assert engine.num_workers_of({}) == 3 and engine.num_workers_of({'num_workers': 0}) == 0
-    with pytest.raises(engine.ConfigError, match="num_workers: expected a whole number >= 0, got 'four'"):
-        engine.num_workers_of({'num_workers': 'four'})
+    assert num_workers_of({}) == 3 and num_workers_of({'num_workers': 0}) == 0
+    with pytest.raises(DataError, match="num_workers: expected a whole number >= 0, got 'four'"):
+        num_workers_of({'num_workers': 'four'})
 
 
 # ---- the shard stream -----------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def test_nlvr_momentum_initialisation(runs):
     """Faithful: the momentum encoders keep their pre-load weights (the original's copy-then-load
     order); `nlvr_momentum_from_checkpoint: true` starts them from the text-assignment weights.
     Either way the TA checkpoint, once its missing heads are filled in, loads strictly."""
-    from engine import load_yaml
+    from configuration import load_yaml
     from models.checkpoint import load_checkpoint, read_state_dict
     from models.model_nlvr import ALBEF
     from models.tokenization_bert import BertTokenizer

@@ -132,7 +132,7 @@ def test_two_process_evaluation_equals_the_one_process_run(vqa):
 def test_pretraining_checkpoint_converts_to_the_vqa_layout(pretrained_demo):
     """The demo pre-training checkpoint, converted, loads strictly into the demo VQA model: the encoder
     gets every BERT layer and the decoder the fusion layers, the embeddings and the MLM head."""
-    from engine import load_yaml
+    from configuration import load_yaml
     from models.checkpoint import pretrain_to_vqa, read_state_dict
     from models.model_vqa import ALBEF
     from models.tokenization_bert import BertTokenizer

@@ -1,0 +1,256 @@
+"""Samplers and loaders of the training and evaluation data (docs/DESIGN.md, "Data").
+
+- Training (`train_loader`): shuffled, resumable batches. With a JSON dataset each sample's random
+  augmentation is a function of (seed, epoch, index) alone (`SeededSamples`, `ResumableSampler`),
+  so an interrupted run continues with exactly the batches it would have seen; with the config key
+  `train_shards` the batches stream from tar shards (`dataset.shards.ShardStream`). Iterating yields
+  (batch, number of bad images skipped to make it).
+- Evaluation (`eval_loader`): file order; across processes each takes every world-th item, with
+  no padding, so nothing is counted twice.
+- `create_sampler` / `create_loader`: the original's helpers, on the same loader construction.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from .base import DataError
+
+MAX_WORKERS = 8  # the default num_workers: the CPUs of each process, at most this many
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch) * 1_000_033 + index
+
+
+class SeededSamples(Dataset):
+    """Makes the random augmentation of each sample a function of (seed, epoch, index) alone.
+
+    Indices arrive as (epoch, index) pairs from ResumableSampler; the global random generators
+    (python, numpy, torch) are seeded for the sample and restored afterwards. Sample k of an epoch
+    is therefore the same tensor whether the run was interrupted or not, whatever the number of
+    workers. Each item comes with the number of bad images skipped to produce it
+    (`skip_bad_images`), which the collate function sums, so the count reaches the main process.
+    """
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # the wrapped dataset's attributes (text, img2txt, ...)
+        if name in ('dataset', 'seed'):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        seed = sample_seed(self.seed, epoch, index)
+        random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        # the CPU generator only (what the transforms draw from): torch.manual_seed would also queue
+        # a lazy CUDA seeding, recording a stack trace each time (milliseconds per sample)
+        torch.default_generator.manual_seed(seed)
+        skipped = getattr(self.dataset, 'num_skipped', 0)
+        try:
+            item = self.dataset[index]
+            return item, getattr(self.dataset, 'num_skipped', 0) - skipped
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (also for one process) that yields (epoch, index) and can start
+    mid-epoch: `set_epoch(epoch, start)` skips the first `start` samples of this rank."""
+
+    def __init__(self, dataset, num_replicas, rank, seed):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def set_epoch(self, epoch, start=0):
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start:]
+        return iter([(self.epoch, i) for i in indices])
+
+
+class CountSkipped:
+    """Collate (item, skipped) pairs into (batch, total skipped)."""
+
+    def __init__(self, collate_fn=None):
+        self.collate_fn = collate_fn or torch.utils.data.default_collate
+
+    def __call__(self, pairs):
+        items, skipped = zip(*pairs)
+        return self.collate_fn(list(items)), sum(skipped)
+
+
+def local_processes() -> int:
+    """The processes started on this node (torchrun's LOCAL_WORLD_SIZE, SLURM's SLURM_NTASKS_PER_NODE)."""
+    value = os.environ.get('LOCAL_WORLD_SIZE') or os.environ.get('SLURM_NTASKS_PER_NODE', '1').split('(')[0]
+    return max(int(value or 1), 1)
+
+
+def default_num_workers() -> int:
+    """The CPUs this process may use, shared with the other processes of its node, at most
+    MAX_WORKERS and at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cpus // local_processes()))
+
+
+def num_workers_of(config: dict) -> int:
+    """The config's `num_workers`, else `default_num_workers()`."""
+    value = config.get('num_workers')
+    if value is None:
+        return default_num_workers()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DataError(f'num_workers: expected a whole number >= 0, got {value!r}')
+    return value
+
+
+def _worker_init(worker_id):
+    # the main process decides when to stop (SIGINT from Ctrl-C and SLURM's SIGTERM reach the workers too)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_loader(dataset, batch_size: int, *, train: bool, sampler=None, num_workers: int = 0,
+                collate_fn: Callable | None = None, pin_memory: bool = False, seed: int | None = None) -> DataLoader:
+    """The one DataLoader construction: training loaders drop the last partial batch, shuffle when
+    they have no sampler and keep their workers between epochs; evaluation loaders do none of it.
+    Workers ignore SIGINT/SIGTERM (the main process stops training between steps)."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=train and sampler is None,
+                      num_workers=num_workers, collate_fn=collate_fn, drop_last=train, pin_memory=pin_memory,
+                      persistent_workers=train and num_workers > 0, generator=generator,
+                      worker_init_fn=_worker_init)
+
+
+class StreamLoader:
+    """Training batches from a `dataset.shards.ShardStream`: a DataLoader made afresh each epoch
+    (its workers read the epoch and start position); the stream stands in for the sampler
+    (`loader.sampler.set_epoch(epoch, start)`), as the training loop expects."""
+
+    def __init__(self, stream, **loader_kwargs):
+        self.stream = self.sampler = self.dataset = stream
+        self.batch_size = stream.batch_size
+        self.loader_kwargs = loader_kwargs
+
+    def __len__(self):
+        return self.stream.steps
+
+    def __iter__(self):
+        # its own generator: making the iterator must not draw from the global one (exact resume)
+        return iter(DataLoader(self.stream, batch_size=self.batch_size, drop_last=True,
+                               generator=torch.Generator().manual_seed(self.stream.seed), **self.loader_kwargs))
+
+
+def shard_loader(dataset, batch_size, config, rank=0, world_size=1, seed=0, pin_memory=False, collate_fn=None):
+    """The `train_shards` loader (with a JSON `dataset`, its items join the shards' samples)."""
+    from . import build_transform
+    from .shards import DEFAULT_SHUFFLE_BUFFER, ShardStream, expand, shard_sizes
+    urls = expand(config['train_shards'])
+    sizes = shard_sizes(urls, progress=True) if rank == 0 else None
+    if world_size > 1:
+        shared = [sizes]
+        dist.broadcast_object_list(shared, src=0)
+        sizes = shared[0]
+    num_workers = num_workers_of(config)
+    transform = build_transform('pretrain' if config.get('augment', True) else 'test', config['image_res'],
+                                config.get('randaugment_autocontrast', 'original'), uint8=True,
+                                jpeg_draft=bool(config.get('jpeg_draft', False)))
+    stream = ShardStream(urls, transform, batch_size=batch_size, num_workers=num_workers, rank=rank,
+                         world_size=world_size, seed=seed, sizes=sizes,
+                         samples_per_epoch=config.get('samples_per_epoch'),
+                         shuffle_buffer=config.get('shuffle_buffer', DEFAULT_SHUFFLE_BUFFER), json_dataset=dataset)
+    print(f'{stream.samples_per_epoch} samples per epoch ({sum(sizes)} in {len(urls)} shards'
+          f'{f", {len(dataset)} from train_file" if dataset is not None else ""}): {stream.steps} steps of '
+          f'{batch_size} x {world_size} processes, {num_workers} loader workers each')
+    return StreamLoader(stream, num_workers=num_workers, collate_fn=CountSkipped(collate_fn),
+                        pin_memory=pin_memory, worker_init_fn=_worker_init)
+
+
+def check_batch_count(num_items, batch_size, world_size=1, files=None, config_path='the config'):
+    """Too few items for one batch per process is an error; the items that drop_last leaves out of
+    every epoch are reported once."""
+    where = f" in {', '.join(map(str, files))}" if files else ''
+    per_process = -(-num_items // world_size)  # DistributedSampler pads every rank to this
+    if num_items < batch_size * world_size:
+        raise DataError(f'{num_items} training items{where} are too few for one batch of {batch_size} in each of '
+                        f'{world_size} process(es) (at least {batch_size * world_size} needed): lower '
+                        f'batch_size in {config_path} or add items')
+    steps = per_process // batch_size
+    used = steps * batch_size * world_size
+    if used < num_items:
+        print(f'drop_last: {num_items - used} of {num_items} training items are left out of each epoch '
+              f'({steps} batches of {batch_size} in each of {world_size} process(es))')
+
+
+def check_vocabulary(dataset, tokenizer, text_encoder, limit=0.05):
+    """Warn once when more than `limit` of the word pieces of the training texts are [UNK]."""
+    from .check import unk_report
+    message = unk_report(dataset, tokenizer, text_encoder, limit=limit)
+    if message:
+        print(f'warning: {message}', file=sys.stderr, flush=True)
+
+
+def train_loader(dataset, batch_size, config, rank=0, world_size=1, seed=0, pin_memory=False, collate_fn=None,
+                 tokenizer=None, check_batches=True, config_path='the config'):
+    """Shuffled, resumable training batches; iterating yields (batch, images skipped). With the
+    config key `train_shards` the batches stream from tar shards (`shard_loader`). `check_batches`
+    checks there is a batch for every process; `tokenizer` also reports a vocabulary that turns
+    many of the texts' words into [UNK]."""
+    if config.get('train_shards'):
+        return shard_loader(dataset, batch_size, config, rank, world_size, seed, pin_memory, collate_fn)
+    if check_batches:
+        check_batch_count(len(dataset), batch_size, world_size, getattr(dataset, 'ann_files', None), config_path)
+    if tokenizer is not None:
+        check_vocabulary(dataset, tokenizer, config.get('text_encoder'))
+    return make_loader(SeededSamples(dataset, seed), batch_size, train=True,
+                       sampler=ResumableSampler(dataset, world_size, rank, seed=seed),
+                       num_workers=num_workers_of(config), collate_fn=CountSkipped(collate_fn),
+                       pin_memory=pin_memory, seed=seed)
+
+
+def eval_loader(dataset, batch_size, config, rank=0, world_size=1, pin_memory=False, collate_fn=None,
+                distributed=True):
+    """Evaluation batches in file order; with `distributed` and several processes, each rank takes
+    every world-th item (no padding, so nothing is counted twice)."""
+    sampler = list(range(rank, len(dataset), world_size)) if distributed and world_size > 1 else None
+    return make_loader(dataset, batch_size, train=False, sampler=sampler, num_workers=num_workers_of(config),
+                       collate_fn=collate_fn, pin_memory=pin_memory)
+
+
+def create_sampler(datasets: Sequence[Dataset], shuffles: Sequence[bool], num_tasks: int,
+                   global_rank: int) -> list[DistributedSampler]:
+    """The original's helper: one DistributedSampler per dataset."""
+    return [DistributedSampler(dataset, num_replicas=num_tasks, rank=global_rank, shuffle=shuffle)
+            for dataset, shuffle in zip(datasets, shuffles)]
+
+
+def create_loader(datasets: Sequence[Dataset], samplers: Sequence[Sampler | None],
+                  batch_size: int | Sequence[int], num_workers: int | Sequence[int],
+                  is_trains: Sequence[bool], collate_fns: Sequence[Callable | None]) -> list[DataLoader]:
+    """The original's helper: one `make_loader` per dataset (per-loader lists; an int applies to all)."""
+    n = len(datasets)
+    sizes = [batch_size] * n if isinstance(batch_size, int) else batch_size
+    workers = [num_workers] * n if isinstance(num_workers, int) else num_workers
+    return [make_loader(d, bs, train=train, sampler=s, num_workers=w, collate_fn=c, pin_memory=torch.cuda.is_available())
+            for d, s, bs, w, train, c in zip(datasets, samplers, sizes, workers, is_trains, collate_fns)]

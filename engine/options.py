@@ -1,0 +1,118 @@
+"""The command-line flags every script shares, and how they override the config: the effective
+config (flag, else config key, else default) is a new dict, written to output_dir/config.yaml and
+into every checkpoint."""
+import argparse
+import copy
+
+import torch
+
+import tracking
+from configuration import ConfigError
+
+AMP_MODES = ('bf16', 'fp16', 'off')
+POSITIVE_INT_KEYS = ('keep_checkpoints', 'num_threads')
+
+
+def get_args_parser(config, output_dir):
+    """The flags every script shares; scripts add their own on top (argparse `parents=`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument('--config', default=config, help='task YAML file')
+    parser.add_argument('--output_dir', default=output_dir, help='where logs and checkpoints go')
+    parser.add_argument('--checkpoint', default='', help='checkpoint to start from (original or ours)')
+    parser.add_argument('--text_encoder', default=None,
+                        help="BERT name or directory for the tokenizer and weights (default: the config's "
+                             "text_encoder, else bert-base-uncased)")
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--seed', default=42, type=int)
+    parser.add_argument('--dist_url', default='env://',
+                        help='how the processes find each other (env://: the launcher\'s MASTER_ADDR/PORT)')
+    parser.add_argument('--distributed', default=True, action=argparse.BooleanOptionalAction,
+                        help='join the process group when a launcher started several processes')
+    parser.add_argument('--resume', action='store_true',
+                        help='continue from the newest checkpoint in --output_dir')
+    parser.add_argument('--trust_checkpoint', action='store_true', default=None,
+                        help='fully unpickle a --checkpoint that holds Python objects besides tensors (only '
+                             'for files from a source you trust; also the config key trust_checkpoint)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='start again in an --output_dir that holds checkpoints (they are replaced)')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument('--log_to', default=None,
+                        help="where rank 0 also sends the step and epoch scalars: a comma-separated list of "
+                             "tensorboard (output_dir/tensorboard/) and wandb, or none (default: the config's "
+                             "log_to, else tensorboard)")
+    speed = parser.add_argument_group('speed and memory (each also a config key of the same name)')
+    speed.add_argument('--amp', choices=AMP_MODES, default=None,
+                       help='mixed precision for training (default: bf16 on GPUs that support it, else off)')
+    speed.add_argument('--grad_checkpointing', default=None, action=argparse.BooleanOptionalAction,
+                       help='recompute the online encoders\' activations in the backward pass (less memory)')
+    speed.add_argument('--accum_steps', type=int, default=None,
+                       help='micro-batches per optimizer step (gradient accumulation; default 1)')
+    speed.add_argument('--compile', default=None, action=argparse.BooleanOptionalAction,
+                       help='torch.compile each ViT block and BERT layer (regional compilation); falls '
+                            'back to eager mode if the compiler fails')
+    speed.add_argument('--eval_amp', action='store_true',
+                       help='evaluate under the training --amp precision (default: float32)')
+    speed.add_argument('--num_threads', type=int, default=None,
+                       help='intra-op CPU threads of each process (default: the cores this process may use, '
+                            'shared among the processes of the node, less one per loader worker)')
+    return parser
+
+
+def task_parser(description, config, output_dir, evaluate=None):
+    """A task script's parser: its docstring as the description, the shared flags with the script's
+    default config and output_dir, and with `evaluate` (its help text) the --evaluate flag."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[get_args_parser(config, output_dir)])
+    if evaluate:
+        parser.add_argument('--evaluate', action='store_true', help=evaluate)
+    return parser
+
+
+def effective_config(args, config, device):
+    """(the config with the flags applied and defaults filled in, the tracking backends); `config`
+    itself is left as it was."""
+    config = copy.deepcopy(config)
+    config.setdefault('text_encoder', 'bert-base-uncased')
+    if args.text_encoder:
+        config['text_encoder'] = args.text_encoder
+    speed_options(args, config, device)
+    for key in POSITIVE_INT_KEYS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f'{args.config}: {key}: expected a positive integer, got {value!r}')
+    return config, log_to_option(args, config)
+
+
+def speed_options(args, config, device):
+    """Resolve amp / accum_steps / grad_checkpointing / compile in `config`: the flag, else the
+    config key, else the default."""
+    for key in ('amp', 'accum_steps', 'grad_checkpointing', 'compile'):
+        if getattr(args, key, None) is not None:
+            config[key] = getattr(args, key)
+    if config.get('amp') is None:
+        config['amp'] = 'bf16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'off'
+    if config['amp'] is False:  # YAML `amp: off` reads as a boolean
+        config['amp'] = 'off'
+    if config['amp'] not in AMP_MODES:
+        raise ConfigError(f"amp: expected one of {', '.join(AMP_MODES)}, got {config['amp']!r}")
+    if config['amp'] == 'bf16' and device.type == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise ConfigError('amp bf16: this GPU does not support bfloat16 (use --amp fp16 or --amp off)')
+    config.setdefault('accum_steps', 1)
+    if isinstance(config['accum_steps'], bool) or not isinstance(config['accum_steps'], int) \
+            or config['accum_steps'] < 1:
+        raise ConfigError(f"accum_steps: expected a positive integer, got {config['accum_steps']!r}")
+    config.setdefault('grad_checkpointing', False)
+    config.setdefault('compile', False)
+
+
+def log_to_option(args, config):
+    """The --log_to flag, else the config key log_to, else 'tensorboard'; the effective value
+    goes into `config` as a string such as 'tensorboard,wandb' or 'none'."""
+    flag = getattr(args, 'log_to', None)
+    where = '--log_to' if flag is not None else f'{args.config}: log_to'
+    try:
+        backends = tracking.parse_log_to(flag if flag is not None else config.get('log_to'), where)
+    except tracking.LogToError as error:
+        raise ConfigError(str(error)) from None
+    config['log_to'] = ','.join(backends) or 'none'
+    return backends

@@ -1,0 +1,191 @@
+"""Process and device setup: `setup(args, required, optional)` reads and checks the task config,
+joins the process group when a launcher started several processes, picks the device, seeds, sets
+the CPU threads and builds the tokenizer, and returns a `Run`: everything the rest of the script
+reads about this process. Nothing is written back into `args` or the caller's config."""
+import argparse
+import contextlib
+import os
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ruamel.yaml import YAML
+
+import configuration
+import dataset.loaders
+from dataset import create_dataset
+import tracking
+import utils
+from configuration import ConfigError
+from .build import build_tokenizer
+from .options import effective_config
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    config: dict
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device('cpu')
+    output_dir: str = ''
+    tokenizer: object = None
+    amp: str = 'off'
+    accum_steps: int = 1
+    scaler: object = None
+    writer: object = None  # tracking.ScalarWriter (TensorBoard / W&B), rank 0 only
+    replaces: list = field(default_factory=list)  # --overwrite: the earlier run's files, removed at the first write
+    _config_written: bool = False
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def evaluating(self):
+        """--evaluate: the script only evaluates its checkpoint."""
+        return bool(getattr(self.args, 'evaluate', False))
+
+    @property
+    def seed(self):
+        return self.args.seed
+
+    def path(self, name):
+        return os.path.join(self.output_dir, name)
+
+    def autocast(self):
+        """The training-step precision context (a no-op with amp 'off')."""
+        dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(self.amp, torch.float32)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp != 'off')
+
+    @contextlib.contextmanager
+    def eval_precision(self):
+        """Evaluation precision: float32 (TF32 off) by default; with --eval_amp the training amp."""
+        if getattr(self.args, 'eval_amp', False):
+            with self.autocast():
+                yield
+            return
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+    def write_config(self):
+        """The effective config goes to output_dir/config.yaml with the first file the run writes,
+        so a run that fails on bad input leaves an existing output_dir untouched."""
+        if self._config_written or not self.is_main:
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        for name in self.replaces:  # announced at start-up by check_output_dir
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path(name))
+        name = 'config.yaml'
+        if self.evaluating and os.path.exists(self.path(name)):
+            name = 'config_evaluate.yaml'  # beside the training run's, which stays as it was
+        with open(self.path(name), 'w') as f:
+            YAML(typ='safe').dump(self.config, f)
+        self._config_written = True
+
+    def tokenize(self, texts, padding='longest', **kwargs):
+        """The tokenizer's tensors for `texts`, on the run's device (kwargs: max_length, truncation)."""
+        return utils.to_device(self.tokenizer(texts, padding=padding, return_tensors='pt', **kwargs), self.device)
+
+    # ---- the task's data, for this process (dataset/loaders.py) ----
+    def task_loaders(self, task, train_batch_size, eval_batch_size, collate_fn=None):
+        """(training loader, one evaluation loader per split) of a fine-tuning task's datasets, in the
+        order `dataset.create_dataset(task, config)` returns them; `collate_fn` collates training
+        batches."""
+        train, *evaluation = create_dataset(task, self.config)
+        return (self.train_loader(train, train_batch_size, collate_fn),
+                *(self.eval_loader(split, eval_batch_size) for split in evaluation))
+
+    def train_loader(self, data, batch_size, collate_fn=None):
+        """Shuffled, resumable training batches of this rank (see dataset.loaders.train_loader)."""
+        return dataset.loaders.train_loader(
+            data, batch_size, self.config, rank=self.rank, world_size=self.world_size, seed=self.seed,
+            pin_memory=self.device.type == 'cuda', collate_fn=collate_fn, tokenizer=self.tokenizer,
+            check_batches=not self.evaluating, config_path=getattr(self.args, 'config', 'the config'))
+
+    def eval_loader(self, data, batch_size, collate_fn=None):
+        """This rank's share of an evaluation split, in file order (see dataset.loaders.eval_loader)."""
+        return dataset.loaders.eval_loader(data, batch_size, self.config, rank=self.rank, world_size=self.world_size,
+                                           pin_memory=self.device.type == 'cuda', collate_fn=collate_fn)
+
+
+def setup(args, required, optional=()):
+    """The Run of this process, from the flags and the task config's schema."""
+    config = configuration.load_config(args.config, required, optional)
+    if str(args.device).startswith('cuda') and not torch.cuda.is_available():
+        raise ConfigError('--device cuda: CUDA is not available on this machine (use --device cpu)')
+    rank, world_size, local_rank = utils.init_distributed(args.device, args.dist_url, args.distributed)
+    device = torch.device(f'cuda:{local_rank}' if str(args.device) == 'cuda' else args.device)
+    seed = args.seed + rank
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+        # TF32 tensor cores for float32 matrix products in training (Ampere and newer; ignored
+        # elsewhere); evaluation turns them off again unless --eval_amp (Run.eval_precision)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    config, backends = effective_config(args, config, device)
+    replaces = check_output_dir(args)
+    set_threads(args, config)
+    run = Run(args=args, config=config, rank=rank, world_size=world_size, device=device,
+              output_dir=args.output_dir, tokenizer=build_tokenizer(config), amp=config['amp'],
+              accum_steps=config['accum_steps'], replaces=replaces,
+              scaler=torch.amp.GradScaler(device.type, enabled=config['amp'] == 'fp16'))
+    run.writer = tracking.ScalarWriter(run.output_dir, backends, config, enabled=run.is_main)
+    if run.distributed:
+        print(f'process {run.rank} of {run.world_size} on {device} ({dist.get_backend()})', force=True)
+    else:
+        print(f'single process on {device}')
+    return run
+
+
+def check_output_dir(args):
+    """configuration.check_output_dir, saying what --overwrite replaces."""
+    replaced = configuration.check_output_dir(args)
+    if replaced:
+        print(f"--overwrite: this run replaces {', '.join(replaced)} in {args.output_dir} "
+              f"(removed when it writes its first file)")
+    return replaced
+
+
+def default_threads(num_workers, cores=None, local_processes=None, load=None):
+    """Intra-op threads for one process: the cores this process may run on (its affinity mask),
+    shared among the processes started on the node, less one core per data-loader worker, and no
+    more than the node's idle cores allow (its cores less the 1-minute load average, shared among
+    the local processes): on a busy machine, more threads than free cores make every step many
+    times slower (benchmarks/threads.py)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    if local_processes is None:
+        local_processes = dataset.loaders.local_processes()
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0
+    local_processes = max(local_processes, 1)
+    idle = (os.cpu_count() or cores) - round(load)
+    return max(1, min(cores // local_processes - num_workers, idle // local_processes))
+
+
+def set_threads(args, config):
+    """--num_threads, else the config's num_threads, else OMP_NUM_THREADS when set, else
+    default_threads(). (DataLoader workers run one thread each.)"""
+    threads = getattr(args, 'num_threads', None) or config.get('num_threads')
+    if threads is None and os.environ.get('OMP_NUM_THREADS'):
+        return torch.get_num_threads()
+    if threads is not None and threads < 1:
+        raise ConfigError(f'--num_threads: expected a positive integer, got {threads}')
+    threads = threads or default_threads(config.get('num_workers', 4))
+    torch.set_num_threads(threads)
+    return threads
