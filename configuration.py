@@ -28,18 +28,28 @@ class ConfigError(ValueError):
     """A configuration problem, with the file and key in the message."""
 
 
+def _one_line(text):
+    return ' '.join(str(text).split())
+
+
 def load_yaml(path):
-    """The mapping in the YAML file `path`; a missing file or a syntax error is one ConfigError line."""
+    """The YAML mapping at `path`; a missing or unreadable file, a syntax error or a top level that
+    is not a mapping raises ConfigError with a one-line message naming the file."""
     if not os.path.isfile(path):
         raise ConfigError(f'config file not found: {path}')
     try:
-        with open(path) as f:
+        with open(path, encoding='utf-8') as f:
             config = YAML(typ='safe').load(f)
     except MarkedYAMLError as e:
-        mark = e.problem_mark
-        raise ConfigError(f'{path}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {e.problem}') from None
+        mark = e.problem_mark or e.context_mark
+        where = f'{path}:{mark.line + 1}:{mark.column + 1}' if mark is not None else path
+        raise ConfigError(f'{where}: YAML syntax error: {_one_line(e.problem or e.context or e)}') from None
     except YAMLError as e:
-        raise ConfigError(f'{path}: YAML syntax error: {e}') from None
+        raise ConfigError(f'{path}: YAML syntax error: {_one_line(e)}') from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f'{path}: not UTF-8 text (byte {e.start}: {e.reason})') from None
+    except OSError as e:
+        raise ConfigError(f'{path}: cannot read file: {_one_line(e.strerror or e)}') from None
     if not isinstance(config, dict):
         raise ConfigError(f'{path}: expected a mapping of keys to values at the top level')
     return config

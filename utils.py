@@ -31,6 +31,7 @@ def is_main_process():
 
 
 def barrier():
+    """`torch.distributed.barrier()` when a process group exists, else nothing."""
     if is_dist_avail_and_initialized():
         dist.barrier()
 

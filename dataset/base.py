@@ -389,3 +389,17 @@ class AnnotationDataset(Dataset):
                 logger.warning('skipped: %s', e)
                 index = (index + 1) % len(self)
         raise DataError(f"no readable image in {', '.join(self.ann_files)}")
+
+
+class ImageRootDataset(AnnotationDataset):
+    """An AnnotationDataset whose items name their image under `image_root` (by default the item's
+    'image', joined to the root) and whose text is cut to `max_words` words."""
+
+    def __init__(self, ann_file: str | Sequence[str], transform: Callable | None, image_root: str,
+                 max_words: int = 30, **options: bool) -> None:
+        self.image_root = image_root
+        self.max_words = max_words
+        super().__init__(ann_file, transform, **options)
+
+    def image_paths(self, item: dict) -> list[str]:
+        return [os.path.join(self.image_root, item['image'])]

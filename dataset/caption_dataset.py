@@ -12,7 +12,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .base import AnnotationDataset, DataError, ImageError, StringColumn, _one_line, list_problem, type_problem
+from .base import (AnnotationDataset, DataError, ImageError, ImageRootDataset, StringColumn, _one_line, list_problem,
+                   type_problem)
 from .utils import pre_caption
 
 
@@ -271,7 +272,7 @@ class pretrain_dataset(AnnotationDataset):
         return image, pre_caption(caption, self.max_words)
 
 
-class re_train_dataset(AnnotationDataset):
+class re_train_dataset(ImageRootDataset):
     """Items {'image': path under image_root, 'caption': str, 'image_id'}.
 
     Returns (image, caption, img_idx); img_idx numbers the distinct `image_id`s 0..n-1 in order of
@@ -281,18 +282,13 @@ class re_train_dataset(AnnotationDataset):
 
     def __init__(self, ann_file: str | Sequence[str], transform: Callable | None, image_root: str,
                  max_words: int = 30, **options: bool) -> None:
-        self.image_root = image_root
-        self.max_words = max_words
-        super().__init__(ann_file, transform, **options)
+        super().__init__(ann_file, transform, image_root, max_words, **options)
         self.img_ids: dict = {}
         for ann in self.ann:
             self.img_ids.setdefault(ann['image_id'], len(self.img_ids))
 
     def item_problem(self, item: dict) -> str | None:
         return type_problem(item, 'caption', str, 'a string')
-
-    def image_paths(self, item: dict) -> list[str]:
-        return [os.path.join(self.image_root, item['image'])]
 
     def get_item(self, index: int) -> tuple:
         ann = self.ann[index]
@@ -301,7 +297,7 @@ class re_train_dataset(AnnotationDataset):
         return self.apply_transform(image), caption, self.img_ids[ann['image_id']]
 
 
-class re_eval_dataset(AnnotationDataset):
+class re_eval_dataset(ImageRootDataset):
     """Items {'image': path under image_root, 'caption': list of str}, one per image.
 
     Returns (image, index). Also builds, in file order, `text` (all preprocessed captions), `image`
@@ -312,9 +308,7 @@ class re_eval_dataset(AnnotationDataset):
 
     def __init__(self, ann_file: str | Sequence[str], transform: Callable | None, image_root: str,
                  max_words: int = 30, **options: bool) -> None:
-        self.image_root = image_root
-        self.max_words = max_words
-        super().__init__(ann_file, transform, **options)
+        super().__init__(ann_file, transform, image_root, max_words, **options)
         self.text: list[str] = []
         self.image: list[str] = []
         self.txt2img: dict[int, int] = {}
@@ -330,9 +324,6 @@ class re_eval_dataset(AnnotationDataset):
 
     def item_problem(self, item: dict) -> str | None:
         return type_problem(item, 'caption', list, 'a list of strings') or list_problem(item, 'caption')
-
-    def image_paths(self, item: dict) -> list[str]:
-        return [os.path.join(self.image_root, item['image'])]
 
     def get_item(self, index: int) -> tuple:
         image = self.load_image(self.image_paths(self.ann[index])[0], index)

@@ -20,7 +20,7 @@ import sys
 from collections import Counter
 from typing import Sequence
 
-from ruamel.yaml import YAML
+from configuration import ConfigError, check_script_keys, load_yaml
 
 from . import TASKS
 from .base import DataError, Problem, as_file_list, read_json_list
@@ -34,13 +34,11 @@ TEXT_KEYS = ('caption', 'sentence', 'question', 'text')
 
 
 def load_config(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise DataError(f'config not found: {path}')
-    with open(path) as f:
-        config = YAML(typ='safe').load(f)
-    if not isinstance(config, dict):
-        raise DataError(f'{path}: expected a mapping of config keys')
-    return config
+    """The YAML config at `path` (`configuration.load_yaml`), its errors raised as DataError."""
+    try:
+        return load_yaml(path)
+    except ConfigError as e:
+        raise DataError(str(e)) from None
 
 
 def _first_item(config: dict) -> dict:
@@ -79,7 +77,6 @@ def infer_task(config: dict) -> str:
 
 def config_key_problem(config: dict, path: str, task: str) -> str | None:
     """The first unknown or missing key of the config, as the task's script reports it, or None."""
-    from configuration import ConfigError, check_script_keys
     script = os.path.join(ROOT, TASK_SCRIPTS.get(task, ''))
     if not os.path.isfile(script):
         return None
@@ -248,11 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         task = args.task or infer_task(config)
-    except (DataError, OSError) as e:
+    except DataError as e:
         print(f'error: {e}', file=sys.stderr)
-        return 2
-    except Exception as e:  # YAML syntax errors span several lines; keep the first
-        print(f'error: {args.config}: {str(e).splitlines()[0] if str(e) else type(e).__name__}', file=sys.stderr)
         return 2
     problem = config_key_problem(config, args.config, task)
     if problem:

@@ -2,14 +2,13 @@
 (docs/DESIGN.md, "Datasets and annotation formats")."""
 from __future__ import annotations
 
-import os
 from typing import Callable, Sequence
 
-from .base import AnnotationDataset
+from .base import ImageRootDataset
 from .utils import pre_caption
 
 
-class grounding_dataset(AnnotationDataset):
+class grounding_dataset(ImageRootDataset):
     """Items {'image': path under image_root, 'text'} plus 'ref_id' in test mode.
 
     Returns (image, caption, img_idx) in 'train' mode, where img_idx numbers the distinct image
@@ -21,10 +20,8 @@ class grounding_dataset(AnnotationDataset):
                  max_words: int = 30, mode: str = 'train', **options: bool) -> None:
         if mode not in ('train', 'test'):
             raise ValueError(f"grounding_dataset mode must be 'train' or 'test', got {mode!r}")
-        self.image_root = image_root
-        self.max_words = max_words
         self.mode = mode
-        super().__init__(ann_file, transform, **options)
+        super().__init__(ann_file, transform, image_root, max_words, **options)
         self.img_ids: dict[str, int] = {}
         for ann in self.ann:
             self.img_ids.setdefault(self.image_name(ann), len(self.img_ids))
@@ -35,9 +32,6 @@ class grounding_dataset(AnnotationDataset):
 
     def required_keys(self, item: dict) -> tuple[str, ...]:
         return ('image', 'text') if self.mode == 'train' else ('image', 'text', 'ref_id')
-
-    def image_paths(self, item: dict) -> list[str]:
-        return [os.path.join(self.image_root, item['image'])]
 
     def get_item(self, index: int) -> tuple:
         ann = self.ann[index]

@@ -2,24 +2,17 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
 
-from .base import AnnotationDataset
+from .base import ImageRootDataset
 from .utils import pre_caption
 
 
-class nlvr_dataset(AnnotationDataset):
+class nlvr_dataset(ImageRootDataset):
     """Items {'images': [path0, path1] under image_root, 'sentence', 'label'}.
 
     Returns (image0, image1, sentence, label); label is 1 for the string 'True', else 0.
     """
     keys = ('images', 'sentence', 'label')
-
-    def __init__(self, ann_file: str | Sequence[str], transform: Callable | None, image_root: str,
-                 max_words: int = 30, **options: bool) -> None:
-        self.image_root = image_root
-        self.max_words = max_words
-        super().__init__(ann_file, transform, **options)
 
     def item_problem(self, item: dict) -> str | None:
         images = item['images']

@@ -1,8 +1,8 @@
 """Text preprocessing and evaluation helpers (docs/DESIGN.md, "Text preprocessing", "Evaluation").
 
 `pre_caption`/`pre_question` reproduce the original's cleaning exactly, quirks included, because the
-tokenised text (and so every score) depends on them. `save_result`/`collect_result` merge per-rank
-result files and also work with one process and no `torch.distributed` group.
+tokenised text (and so every score) depends on them. `collect_result` merges per-rank result files
+and also works with one process and no `torch.distributed` group.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import re
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 
 import utils
 
@@ -49,14 +48,8 @@ def pre_question(question: str, max_ques_words: int = 50) -> str:
 
 # ---- result files -----------------------------------------------------------------------------
 
-def barrier() -> None:
-    """`torch.distributed.barrier()` when a process group exists, else nothing."""
-    if utils.is_dist_avail_and_initialized():
-        dist.barrier()
-
-
-def _write_rank_file(result: Any, result_dir: str, filename: str, is_json: bool) -> str:
-    """Write this rank's part and return the extension used for the merged file."""
+def _write_rank_file(result: Any, result_dir: str, filename: str, is_json: bool) -> None:
+    """Write this rank's part to `{filename}_rank{rank}.json` (or `.pth`)."""
     os.makedirs(result_dir, exist_ok=True)
     ext = 'json' if is_json else 'pth'
     path = os.path.join(result_dir, f'{filename}_rank{utils.get_rank()}.{ext}')
@@ -65,7 +58,6 @@ def _write_rank_file(result: Any, result_dir: str, filename: str, is_json: bool)
             json.dump(result, f)
     else:
         torch.save(result, path)
-    return ext
 
 
 def _merge_rank_files(result_dir: str, filename: str, is_json: bool, is_list: bool) -> list | dict:
@@ -85,31 +77,12 @@ def _merge_rank_files(result_dir: str, filename: str, is_json: bool, is_list: bo
     return merged
 
 
-def save_result(result: list | dict, result_dir: str, filename: str, is_json: bool = True,
-                is_list: bool = True) -> str:
-    """Write this rank's `result`, merge all ranks on the main process into `{filename}.json`
-    (or `.pth`) and return that path (on every rank)."""
-    ext = _write_rank_file(result, result_dir, filename, is_json)
-    final_path = os.path.join(result_dir, f'{filename}.{ext}')
-    barrier()
-    if utils.is_main_process():
-        merged = _merge_rank_files(result_dir, filename, is_json, is_list)
-        if is_json:
-            with open(final_path, 'w') as f:
-                json.dump(merged, f)
-        else:
-            torch.save(merged, final_path)
-        print(f'result file saved to {final_path}')
-    barrier()
-    return final_path
-
-
 def collect_result(result: list | dict, result_dir: str, filename: str, is_json: bool = True,
                    is_list: bool = True) -> list | dict | None:
     """Write this rank's `result` and return the merge of all ranks on the main process (None on
     the others). No merged file is written."""
     _write_rank_file(result, result_dir, filename, is_json)
-    barrier()
+    utils.barrier()
     if utils.is_main_process():
         return _merge_rank_files(result_dir, filename, is_json, is_list)
     return None

@@ -2,26 +2,19 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
 
-from .base import AnnotationDataset
+from .base import ImageRootDataset
 from .utils import pre_caption
 
 LABELS = {'entailment': 2, 'neutral': 1, 'contradiction': 0}
 
 
-class ve_dataset(AnnotationDataset):
+class ve_dataset(ImageRootDataset):
     """Items {'image': image id (file image_root/'<id>.jpg'), 'sentence', 'label'}.
 
     Returns (image, sentence, label) with label entailment 2, neutral 1, contradiction 0.
     """
     keys = ('image', 'sentence', 'label')
-
-    def __init__(self, ann_file: str | Sequence[str], transform: Callable | None, image_root: str,
-                 max_words: int = 30, **options: bool) -> None:
-        self.image_root = image_root
-        self.max_words = max_words
-        super().__init__(ann_file, transform, **options)
 
     def item_problem(self, item: dict) -> str | None:
         if item['label'] not in LABELS:

@@ -224,6 +224,21 @@ def block_choices(loaded):
     return layers, default
 
 
+def image_and_text(tab, text_label, placeholder):
+    """A tab's image upload and text box (elem_ids '<tab>-image' and '<tab>-<text_label>')."""
+    image = image_input(type='pil', label='image', sources=['upload', 'clipboard'], height=260,
+                        elem_id=f'{tab}-image')
+    text = gr.Textbox(label=text_label, placeholder=placeholder, elem_id=f'{tab}-{text_label}')
+    return image, text
+
+
+def run_on(fn, button, text, inputs, outputs, api_name):
+    """Run `fn` on a click of `button` (the API endpoint `api_name`) and on Enter in `text`, one
+    request at a time across the tabs (they share the model)."""
+    button.click(fn, inputs, outputs, api_name=api_name, concurrency_id='model', concurrency_limit=1)
+    text.submit(fn, inputs, outputs, api_name=False, concurrency_id='model', concurrency_limit=1)
+
+
 def build_app(models):
     """The gr.Blocks app serving `models` (a DemoModels)."""
     handlers = Handlers(models)
@@ -234,10 +249,7 @@ def build_app(models):
             gr.Markdown(LOOK_TEXT + (f'\n\n> {models.model_note}' if models.model_note else ''))
             with gr.Row():
                 with gr.Column(scale=1):
-                    look_image = image_input(type='pil', label='image', sources=['upload', 'clipboard'], height=260,
-                                             elem_id='look-image')
-                    look_caption = gr.Textbox(label='caption', placeholder='e.g. a red circle on the left',
-                                              elem_id='look-caption')
+                    look_image, look_caption = image_and_text('look', 'caption', 'e.g. a red circle on the left')
                     layers, default = block_choices(look_model)
                     look_block = gr.Dropdown(layers, value=default, label='Grad-CAM block (a fusion layer)',
                                              elem_id='look-block')
@@ -251,12 +263,8 @@ def build_app(models):
                         look_itc = gr.Number(label='ITC similarity', elem_id='look-itc', interactive=False)
                     look_panels = gr.Gallery(label='Grad-CAM per word', columns=5, object_fit='contain',
                                              elem_id='look-panels')
-            look_inputs = [look_image, look_caption, look_block]
-            look_outputs = [look_itm, look_itc, look_panels]
-            look_button.click(handlers.look, look_inputs, look_outputs, api_name='look',
-                              concurrency_id='model', concurrency_limit=1)
-            look_caption.submit(handlers.look, look_inputs, look_outputs, api_name=False,
-                                concurrency_id='model', concurrency_limit=1)
+            run_on(handlers.look, look_button, look_caption, [look_image, look_caption, look_block],
+                   [look_itm, look_itc, look_panels], 'look')
 
         with gr.Tab('Search', id='search'):
             gr.Markdown(SEARCH_TEXT + ''.join(f'\n\n> {note}' for note in (models.model_note, models.folder_note)
@@ -277,21 +285,14 @@ def build_app(models):
 
             def search(text, k, rerank, candidates, progress=gr.Progress()):
                 return handlers.search(text, k, rerank, candidates, progress)
-            search_inputs = [search_text, search_k, search_rerank, search_candidates]
-            search_outputs = [search_gallery, search_table, search_status]
-            search_button.click(search, search_inputs, search_outputs, api_name='search',
-                                concurrency_id='model', concurrency_limit=1)
-            search_text.submit(search, search_inputs, search_outputs, api_name=False,
-                               concurrency_id='model', concurrency_limit=1)
+            run_on(search, search_button, search_text, [search_text, search_k, search_rerank, search_candidates],
+                   [search_gallery, search_table, search_status], 'search')
 
         with gr.Tab('Ask', id='ask'):
             gr.Markdown(ASK_TEXT + (f'\n\n> {models.vqa_note}' if models.vqa_note else ''))
             with gr.Row():
                 with gr.Column(scale=1):
-                    ask_image = image_input(type='pil', label='image', sources=['upload', 'clipboard'], height=260,
-                                            elem_id='ask-image')
-                    ask_question = gr.Textbox(label='question', placeholder='e.g. what color is the circle?',
-                                              elem_id='ask-question')
+                    ask_image, ask_question = image_and_text('ask', 'question', 'e.g. what color is the circle?')
                     ask_k = gr.Slider(1, 10, value=5, step=1, label='answers (k)')
                     ask_button = gr.Button('Ask', variant='primary', elem_id='ask-run',
                                            interactive=models.vqa is not None and not models.vqa_note)
@@ -299,10 +300,7 @@ def build_app(models):
                         gr.Examples(models.vqa_examples, [ask_image, ask_question], label='examples')
                 with gr.Column(scale=1):
                     ask_answers = gr.Label(num_top_classes=10, label='answers', elem_id='ask-answers')
-            ask_button.click(handlers.ask, [ask_image, ask_question, ask_k], ask_answers, api_name='ask',
-                             concurrency_id='model', concurrency_limit=1)
-            ask_question.submit(handlers.ask, [ask_image, ask_question, ask_k], ask_answers, api_name=False,
-                                concurrency_id='model', concurrency_limit=1)
+            run_on(handlers.ask, ask_button, ask_question, [ask_image, ask_question, ask_k], ask_answers, 'ask')
     app.handlers = handlers
     return app
 

@@ -113,17 +113,6 @@ def _read_json(path, what):
         raise CheckpointError(f'{path}: cannot read the {what} ({error})') from None
 
 
-def _read_yaml(path):
-    from ruamel.yaml import YAML
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'config file not found: {path}')
-    with open(path) as f:
-        config = YAML(typ='safe').load(f)
-    if not isinstance(config, dict):
-        raise ValueError(f'{path}: expected a mapping of keys to values at the top level')
-    return config
-
-
 def _stored_config(checkpoint):
     """The config a training checkpoint stores (a dict, or the original's argparse Namespace)."""
     if not isinstance(checkpoint, dict) or 'model' not in checkpoint:
@@ -224,7 +213,8 @@ def resolve(checkpoint, task=None, text_encoder=None, answer_list=None, trust_ch
             answers = _repo_path(stored['answer_list'])
     if config is not None:
         if not isinstance(config, dict):
-            config = _read_yaml(os.fspath(config))
+            from configuration import load_yaml  # ConfigError (a ValueError) for a bad file
+            config = load_yaml(os.fspath(config))
         stored = {**stored, **config}
         if isinstance(config.get('text_encoder'), str):
             tokenizer_source = _repo_path(config['text_encoder'])
@@ -299,7 +289,8 @@ def load(checkpoint, task=None, device=None, *, text_encoder=None, answer_list=N
             answer_list.json or the file the checkpoint's config names.
         trust_checkpoint: fully unpickle a file that holds Python objects besides tensors.
         config: a task YAML or dict whose keys (model sizes, image_res, bert_config, text_encoder)
-            override the checkpoint's stored config (for files that store none).
+            override the checkpoint's stored config (for files that store none); a YAML that is
+            missing or unusable raises configuration.ConfigError.
     """
     resolved = resolve(checkpoint, task, text_encoder, answer_list, trust_checkpoint, config)
     tokenizer = load_tokenizer(resolved.tokenizer_source)

@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from ruamel.yaml import YAML
 
-import configuration
 import engine
 import models
 import Pretrain
+from configuration import ConfigError, load_yaml
 from conftest import ROOT, _relocate
 from models import api, gradcam
 from models.checkpoint import Checkpointer, CheckpointError, TrainState, read_checkpoint, strip_for_release
@@ -35,8 +34,8 @@ def demo(tmp_path_factory):
     base = tmp_path_factory.mktemp('api')
     world = str(base / 'data')
     toy.main(['--out', world, '--scale', '0.05'])
-    with open(os.path.join(ROOT, 'configs', 'demo', 'Pretrain.yaml')) as f:
-        config = {k: _relocate(v, world) for k, v in YAML(typ='safe').load(f).items()}
+    config = load_yaml(os.path.join(ROOT, 'configs', 'demo', 'Pretrain.yaml'))
+    config = {k: _relocate(v, world) for k, v in config.items()}
     config.update(distill=True, answer_list=os.path.join(world, 'answer_list.json'))
     images = sorted(os.path.join(world, 'images', p) for p in os.listdir(os.path.join(world, 'images')))[:3]
     return {'base': base, 'world': world, 'config': config, 'images': images}
@@ -213,6 +212,19 @@ def released_state_dict(image_res, pairs=False):
     return sd
 
 
+def test_config_yaml_overrides_the_stored_config(demo, tmp_path):
+    """`config=` a task YAML: its keys override the checkpoint's; a bad file is one ConfigError line."""
+    checkpoint = save_task_checkpoint(demo, 'retrieval')
+    assert api.resolve(checkpoint).config['temp'] == demo['config']['temp']
+    (tmp_path / 'task.yaml').write_text('temp: 0.25\n')
+    assert api.resolve(checkpoint, config=tmp_path / 'task.yaml').config['temp'] == 0.25
+    with pytest.raises(ConfigError, match=f'^config file not found: {tmp_path / "none.yaml"}$'):
+        api.resolve(checkpoint, config=tmp_path / 'none.yaml')
+    (tmp_path / 'list.yaml').write_text('- temp\n')
+    with pytest.raises(ConfigError, match=r'list\.yaml: expected a mapping of keys to values at the top level$'):
+        api.resolve(checkpoint, config=str(tmp_path / 'list.yaml'))
+
+
 def test_released_files_sizes_from_the_weights():
     """A bare state_dict (the released fine-tuned files store no config): the sizes come from the
     weights, the rest from configs/config_bert.json, heads of width 64."""
@@ -233,7 +245,7 @@ def test_released_files_sizes_from_the_weights():
 def test_our_checkpoints_need_no_trust(demo):
     """What the scripts save (with the resume entry) loads with torch.load(weights_only=True)."""
     import utils
-    config = configuration.load_yaml(os.path.join(ROOT, 'configs', 'demo', 'Pretrain.yaml'))
+    config = load_yaml(os.path.join(ROOT, 'configs', 'demo', 'Pretrain.yaml'))
     run = engine.Run(args=argparse.Namespace(), config=config, output_dir=str(demo['base'] / 'run'))
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())

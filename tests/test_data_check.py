@@ -118,9 +118,22 @@ def test_vqa_answer_list_and_roots(tmp_path, capsys):
                        f"annotation file not found: {tmp_path / 'answers.json'}"]
 
 
-def test_bad_config_exits_2(tmp_path, capsys):
-    assert main([str(tmp_path / 'nope.yaml')]) == 2
-    assert 'config not found' in capsys.readouterr().err
+@pytest.mark.parametrize('text, message', [
+    (None, 'config file not found: {path}'),
+    ('a: [1\nb: 2\n', "{path}:2:2: YAML syntax error: expected ',' or ']', but got ':'"),
+    ('a: 1\na: 2\n', '{path}:2:1: YAML syntax error: found duplicate key "a" with value "2" (original value: "1")'),
+    (b'a: \xff\n', '{path}: not UTF-8 text (byte 3: invalid start byte)'),
+    ('- 1\n', '{path}: expected a mapping of keys to values at the top level'),
+    ('', '{path}: expected a mapping of keys to values at the top level'),
+])
+def test_bad_config_exits_2_with_one_line(tmp_path, capsys, text, message):
+    path = tmp_path / 'config.yaml'
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    elif text is not None:
+        path.write_text(text)
+    assert main([str(path)]) == 2
+    assert capsys.readouterr().err == f'error: {message.format(path=path)}\n'
 
 
 @pytest.mark.parametrize('name, task', [

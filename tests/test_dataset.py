@@ -15,7 +15,7 @@ from torch.utils.data import DistributedSampler, RandomSampler, SequentialSample
 import dataset
 from dataset import (DataError, create_dataset, create_loader, create_sampler, grounding_dataset, nlvr_dataset,
                      pretrain_dataset, re_eval_dataset, re_train_dataset, ve_dataset, vqa_collate_fn, vqa_dataset)
-from dataset.utils import collect_result, computeIoU, pre_caption, pre_question, save_result
+from dataset.utils import collect_result, computeIoU, pre_caption, pre_question
 
 
 def make_image(path, size=(8, 6), color=(200, 30, 90)):
@@ -510,20 +510,13 @@ def test_computeIoU(box2, expected):
     assert computeIoU([0, 0, 10, 10], box2) == expected
 
 
-def test_save_result_without_process_group(tmp_path):
-    result_dir = str(tmp_path / 'result')
-    path = save_result([{'question_id': 1, 'answer': 'yes'}], result_dir, 'vqa_result_epoch0')
-    assert path == os.path.join(result_dir, 'vqa_result_epoch0.json')
-    with open(path) as f:
-        assert json.load(f) == [{'question_id': 1, 'answer': 'yes'}]
-    assert os.path.isfile(os.path.join(result_dir, 'vqa_result_epoch0_rank0.json'))
-    path = save_result({'a': 1}, result_dir, 'd', is_json=False, is_list=False)
-    assert path.endswith('d.pth') and torch.load(path) == {'a': 1}
-
-
 def test_collect_result_without_process_group(tmp_path):
     result = [{'ref_id': 3, 'pred': torch.ones(2, 2)}]
     merged = collect_result(result, str(tmp_path), 'epoch0', is_json=False)
     assert len(merged) == 1 and merged[0]['ref_id'] == 3 and torch.equal(merged[0]['pred'], torch.ones(2, 2))
     assert not os.path.exists(tmp_path / 'epoch0.pth')
+    assert os.path.isfile(tmp_path / 'epoch0_rank0.pth')
+    assert collect_result([{'question_id': 1}], str(tmp_path), 'vqa') == [{'question_id': 1}]
+    with open(tmp_path / 'vqa_rank0.json') as f:
+        assert json.load(f) == [{'question_id': 1}]
     assert collect_result({'k': 'v'}, str(tmp_path), 'j', is_list=False) == {'k': 'v'}

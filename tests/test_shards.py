@@ -323,7 +323,7 @@ def test_converter_writes_shards_that_load(demo_world, demo_config, tmp_path):
                                        for c in captions)
     bad = subprocess.run([sys.executable, '-m', 'dataset.shards', str(tmp_path / 'none.yaml'), '--out', str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == f'error: config not found: {tmp_path / "none.yaml"}'
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == f'error: config file not found: {tmp_path / "none.yaml"}'
 
 
 # ---- the scripts on shards ------------------------------------------------------------------------
