@@ -47,9 +47,9 @@ def evaluation(model, data_loader, run, mode, block_num):
     return result
 
 
-def evaluate(model, loader, run, refer, dets, cocos, epoch, block_num):
+def evaluate(model, loader, run, refer, dets, cocos, epoch, mode, block_num):
     """Grad-CAM on every rank's share, merged on rank 0, scored there; the metrics on every rank."""
-    result = evaluation(model, loader, run, run.args.gradcam_mode, block_num)
+    result = evaluation(model, loader, run, mode, block_num)
     results = collect_result(result, run.path('result'), f'epoch{epoch}', is_json=False)
     stats = [grounding_eval(results, dets, cocos, refer, alpha=0.5) if run.is_main else None]
     if run.distributed:
@@ -85,7 +85,8 @@ def main(args):
           f'{"x".join(map(str, gradcam.patch_grid(model)))} patches')
     training = engine.prepare(run, model)
     engine.fit(run, training, train_loader, train_step,
-               lambda epoch: evaluate(training.module, test_loader, run, refer, dets, cocos, epoch, block_num),
+               lambda epoch: evaluate(training.module, test_loader, run, refer, dets, cocos, epoch,
+                                      args.gradcam_mode, block_num),
                best_key='val_d', evaluate_only=args.evaluate, alpha_ramp=config['warm_up'])
 
 

@@ -9,7 +9,7 @@ configuration.precheck(__name__, __file__)  # config mistakes in a second, befor
 
 import engine
 import utils
-from dataset import CaptionCollate, create_dataset, normalize
+from dataset import CaptionCollate, normalize
 from models.model_pretrain import ALBEF
 
 REQUIRED = {'bert_config', 'image_res', 'batch_size', 'embed_dim', 'temp', 'mlm_probability',
@@ -30,10 +30,7 @@ def main(args):
     config = run.config
 
     print('Creating dataset')
-    engine.require_one_of(config, args.config, ('train_file', 'train_shards'))
-    images_and_captions = create_dataset('pretrain', config, uint8=True) if config.get('train_file') else None
-    loader = run.train_loader(images_and_captions, config['batch_size'],
-                              collate_fn=CaptionCollate(run.tokenizer, padding=engine.text_padding(run)))
+    loader = run.pretrain_loader(config['batch_size'], CaptionCollate(run.tokenizer, padding=engine.text_padding(run)))
 
     print('Creating model')
     init_deit = config.get('init_deit', True) and not args.checkpoint and not args.resume

@@ -9,7 +9,7 @@ configuration.precheck(__name__, __file__)  # config mistakes in a second, befor
 
 import engine
 import utils
-from dataset import CaptionCollate, create_dataset, normalize
+from dataset import CaptionCollate, normalize
 from models.model_pretrain_nlvr import ALBEF
 
 REQUIRED = {'bert_config', 'image_res', 'batch_size', 'embed_dim'}
@@ -27,9 +27,7 @@ def main(args):
     config = run.config
 
     print('Creating dataset')
-    engine.require_one_of(config, args.config, ('train_file', 'train_shards'))
-    pairs = create_dataset('pretrain', config, uint8=True) if config.get('train_file') else None
-    loader = run.train_loader(pairs, config['batch_size'], collate_fn=CaptionCollate(run.tokenizer))
+    loader = run.pretrain_loader(config['batch_size'], CaptionCollate(run.tokenizer))
 
     print('Creating model')
     model = ALBEF(config=config, text_encoder=engine.bert_weights(config), tokenizer=run.tokenizer)

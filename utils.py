@@ -56,7 +56,7 @@ def concat_all_gather(tensor):
 def gather_rows(tensor, total, strided=False):
     """The `total` rows of a tensor split over ranks by rows, on every rank, in one all-gather.
 
-    strided: rank r holds rows r, r + world, r + 2 world, ... (engine.eval_loader's split);
+    strided: rank r holds rows r, r + world, r + 2 world, ... (dataset.loaders.eval_loader's split);
     otherwise contiguous blocks of total // world + 1 rows (models.retrieval_eval.rank_rows).
     Shares of unequal length are padded for the collective and the padding is dropped.
     """
@@ -308,9 +308,3 @@ def short_message(error):
         if last.startswith(prefix):
             last = last[len(prefix):]
     return last
-
-
-class AttrDict(dict):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.__dict__ = self

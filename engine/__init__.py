@@ -21,7 +21,7 @@ A script is started in any of these ways, with the same code path:
     python -m torch.distributed.launch --nproc_per_node=8 --use_env Pretrain.py ...
     srun python Pretrain.py ...                                                 (SLURM)
 """
-from configuration import ConfigError, require_one_of
+from configuration import ConfigError
 from .build import Training, bert_weights, prepare, text_padding
 from .evaluation import evaluate_accuracy, split_evaluator
 from .launch import launch
@@ -29,6 +29,6 @@ from .loop import fit, log_stats, train_one_epoch
 from .options import get_args_parser, task_parser
 from .run import Run, setup
 
-__all__ = ['ConfigError', 'require_one_of', 'Training', 'bert_weights', 'prepare', 'text_padding',
+__all__ = ['ConfigError', 'Training', 'bert_weights', 'prepare', 'text_padding',
            'evaluate_accuracy', 'split_evaluator', 'launch', 'fit', 'log_stats', 'train_one_epoch',
            'get_args_parser', 'task_parser', 'Run', 'setup']

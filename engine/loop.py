@@ -74,10 +74,10 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
     accum = run.accum_steps
     bare_model = getattr(model, 'module', model)  # under DistributedDataParallel
     # the step line's numbers also go to TensorBoard / W&B, at the global step (the same after a resume)
-    on_log = None
-    if run.writer is not None and run.writer.active:
-        def on_log(i, numbers):
-            run.writer.step(epoch * num_steps + i, numbers)
+    def to_writer(i, numbers):
+        run.writer.step(epoch * num_steps + i, numbers)
+
+    on_log = to_writer if run.writer is not None and run.writer.active else None
     for i, (batch, skipped_now) in logger.log_every(loader, print_freq, f'Train Epoch: [{epoch}]', start=state.step,
                                                     total=num_steps, on_log=on_log,
                                                     samples_per_step=loader.batch_size * run.world_size):

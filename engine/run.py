@@ -114,6 +114,14 @@ class Run:
             pin_memory=self.device.type == 'cuda', collate_fn=collate_fn, tokenizer=self.tokenizer,
             check_batches=not self.evaluating, config_path=getattr(self.args, 'config', 'the config'))
 
+    def pretrain_loader(self, batch_size, collate_fn):
+        """Image-caption batches of the pre-training data: a JSON `train_file`, tar `train_shards`,
+        or both (uint8 images, for dataset.normalize on the device)."""
+        configuration.require_one_of(self.config, getattr(self.args, 'config', 'the config'),
+                                     ('train_file', 'train_shards'))
+        pairs = create_dataset('pretrain', self.config, uint8=True) if self.config.get('train_file') else None
+        return self.train_loader(pairs, batch_size, collate_fn)
+
     def eval_loader(self, data, batch_size, collate_fn=None):
         """This rank's share of an evaluation split, in file order (see dataset.loaders.eval_loader)."""
         return dataset.loaders.eval_loader(data, batch_size, self.config, rank=self.rank, world_size=self.world_size,

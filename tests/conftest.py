@@ -20,7 +20,7 @@ if ROOT not in sys.path:  # make `import models...` work under plain `pytest` to
 
 XDIST_WORKER = os.environ.get('PYTEST_XDIST_WORKER')
 if XDIST_WORKER:
-    os.environ.setdefault('OMP_NUM_THREADS', '1')  # also for the scripts run in-process (engine.set_threads)
+    os.environ.setdefault('OMP_NUM_THREADS', '1')  # also for the scripts run in-process (engine.run.set_threads)
     import torch
     torch.set_num_threads(1)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from ruamel.yaml import YAML
 
+import configuration
 import engine
 import Pretrain
 
@@ -149,7 +150,7 @@ def test_checkpoint_of_another_model(demo_config, out, capsys, tmp_path):
     from models.model_ve import ALBEF
     from models.tokenization_bert import BertTokenizer
     config = write_config(demo_config, tmp_path)
-    cfg = dict(engine.load_yaml(config), distill=False)
+    cfg = dict(configuration.load_yaml(config), distill=False)
     ve = ALBEF(config=cfg, tokenizer=BertTokenizer.from_pretrained(cfg['text_encoder']))
     torch.save({'model': ve.state_dict()}, tmp_path / 've.pth')
     message = fail(['--config', config, '--checkpoint', tmp_path / 've.pth'], out, capsys)

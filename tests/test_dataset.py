@@ -10,11 +10,11 @@ import os
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import RandomSampler, SequentialSampler
 
 import dataset
-from dataset import (DataError, create_dataset, create_loader, create_sampler, grounding_dataset, nlvr_dataset,
-                     pretrain_dataset, re_eval_dataset, re_train_dataset, ve_dataset, vqa_collate_fn, vqa_dataset)
+from dataset import (DataError, create_dataset, create_loader, create_sampler, eval_loader, grounding_dataset,
+                     nlvr_dataset, train_loader, pretrain_dataset, re_eval_dataset, re_train_dataset, ve_dataset, vqa_collate_fn, vqa_dataset)
 from dataset.utils import collect_result, computeIoU, pre_caption, pre_question
 
 
@@ -460,40 +460,39 @@ def test_test_transform_is_pil_bicubic_resize():
     assert torch.allclose(out, (ref - mean) / std, atol=1e-6)
 
 
-def test_create_sampler_and_loader(configs):
-    train, val, test = create_dataset('re', configs['re'])
-    samplers = create_sampler([train, val], [True, False], num_tasks=2, global_rank=1)
-    assert all(isinstance(s, DistributedSampler) for s in samplers)
-    assert (samplers[0].shuffle, samplers[1].shuffle, samplers[0].num_replicas, samplers[0].rank) == (True, False, 2, 1)
-    assert len(samplers[0]) == 1
-
-    loaders = create_loader([train, val, test], [None, None, None], batch_size=[2, 3, 3], num_workers=[0, 0, 0],
-                            is_trains=[True, False, False], collate_fns=[None, None, None])
-    train_loader, val_loader, _ = loaders
-    assert isinstance(train_loader.sampler, RandomSampler) and train_loader.drop_last
-    assert isinstance(val_loader.sampler, SequentialSampler) and not val_loader.drop_last
-    assert train_loader.pin_memory == torch.cuda.is_available() and not train_loader.persistent_workers
-    image, caption, idx = next(iter(train_loader))
-    assert image.shape == (2, 3, 16, 16) and len(caption) == 2 and sorted(idx.tolist()) == [0, 1]
-    image, index = next(iter(val_loader))
-    assert image.shape == (1, 3, 16, 16) and index.tolist() == [0]
-
-    with_sampler = create_loader([train], [samplers[0]], 1, 0, [True], [None])[0]
-    assert with_sampler.sampler is samplers[0] and len(with_sampler) == 1
+def test_loaders(configs):
+    """Training: shuffled, resumable (epoch, index) samples of this rank, whole batches only;
+    evaluation: every world-th item in file order, nothing dropped or padded."""
+    train, val, _ = create_dataset('re', configs['re'])
+    options = {'num_workers': 0}
+    loader = train_loader(train, 1, options, rank=1, world_size=2, seed=0)
+    assert loader.drop_last and len(loader) == -(-len(train) // 2)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0 + 3)).tolist()  # seed + epoch 3
+    order += order[:-len(order) % 2]  # DistributedSampler pads to a multiple of the world size
+    loader.sampler.set_epoch(3)
+    assert [(epoch, i) for epoch, i in loader.sampler] == [(3, i) for i in order[1::2]]
+    (_, caption, idx), skipped = next(iter(loader))
+    _, expected_caption, expected_idx = train[order[1]]
+    assert (list(caption), idx.tolist(), skipped) == ([expected_caption], [expected_idx], 0)
+    loader = eval_loader(val, 2, options, rank=1, world_size=2)
+    assert list(loader.sampler) == list(range(1, len(val), 2)) and not loader.drop_last
+    assert [index.tolist() for _, index in loader] == [list(range(1, len(val), 2))[k:k + 2]
+                                                       for k in range(0, len(range(1, len(val), 2)), 2)]
 
 
-def test_vqa_loader_with_collate(configs):
-    train, _ = create_dataset('vqa', configs['vqa'])
-    loader = create_loader([train], [None], [1], [0], [True], [vqa_collate_fn])[0]
-    image, questions, answers, weights, n = next(iter(loader))
-    assert image.shape == (1, 3, 16, 16) and answers == ['a[SEP]', 'b[SEP]'] and n == [2]
-    assert weights.tolist() == [0.5, 0.5]
-
-
-def test_loader_persistent_workers(configs):
-    train, _, _ = create_dataset('re', configs['re'])
-    loader = create_loader([train], [None], 2, 1, [False], [None])[0]
-    assert loader.persistent_workers and loader.num_workers == 1
+def test_original_loader_helpers_share_the_loader(configs):
+    """create_sampler / create_loader (the original's helpers) build what the scripts' loaders do."""
+    train, val, _ = create_dataset('re', configs['re'])
+    sampler, = create_sampler([train], [True], num_tasks=2, global_rank=1)
+    assert (sampler.shuffle, sampler.num_replicas, sampler.rank) == (True, 2, 1)
+    shuffled, ordered = create_loader([train, val], [None, None], [2, 3], 0, [True, False], [None, None])
+    assert isinstance(shuffled.sampler, RandomSampler) and shuffled.drop_last
+    assert isinstance(ordered.sampler, SequentialSampler) and not ordered.drop_last
+    assert [index.tolist() for _, index in ordered] == [list(range(len(val)))[k:k + 3] for k in range(0, len(val), 3)]
+    vqa_train, _ = create_dataset('vqa', configs['vqa'])
+    image, questions, answers, weights, n = next(iter(create_loader([vqa_train], [None], 1, 0, [True],
+                                                                    [vqa_collate_fn])[0]))
+    assert answers == ['a[SEP]', 'b[SEP]'] and n == [2] and weights.tolist() == [0.5, 0.5]
 
 
 # ---- evaluation helpers ------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""The layers of docs/ARCHITECTURE.md hold: no module imports upwards. Every import statement of
+the project's code (at the top of a file or inside a function) is read with `ast`, and the project
+module it names must be one its layer may use."""
+import ast
+import os
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = {'Pretrain', 'Pretrain_nlvr', 'Retrieval', 'VQA', 'VE', 'NLVR', 'Grounding'}
+BASE = {'utils', 'configuration'}
+LIBRARY = BASE | {'models', 'dataset', 'optim', 'scheduler'}
+# layer -> the top-level project modules its code may import
+MAY_IMPORT = {
+    'base': set(),
+    'tracking': BASE,
+    'library': LIBRARY,
+    'engine': LIBRARY | {'tracking', 'engine'},
+    'scripts': LIBRARY | {'tracking', 'engine'},
+    'demo': LIBRARY | {'demo'},
+}
+PROJECT = LIBRARY | SCRIPTS | {'tracking', 'engine', 'demo', 'benchmarks', 'tests'}
+
+
+def layer_of(rel):
+    top = rel.split(os.sep)[0].removesuffix('.py')
+    if top in BASE:
+        return 'base'
+    if top in LIBRARY:
+        return 'library'
+    if top in SCRIPTS:
+        return 'scripts'
+    return top if top in MAY_IMPORT else None
+
+
+def project_imports(path):
+    """(line, top-level project module) of every import in the file; relative imports stay inside
+    their own package."""
+    with open(path, encoding='utf-8') as f:
+        tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            top = name.split('.')[0]
+            if top in PROJECT:
+                yield node.lineno, top
+
+
+def checked_files():
+    for top in sorted(os.listdir(ROOT)):
+        path = os.path.join(ROOT, top)
+        if top.endswith('.py') and layer_of(top):
+            yield top
+        elif os.path.isdir(path) and layer_of(top):
+            for name in sorted(os.listdir(path)):
+                if name.endswith('.py'):
+                    yield os.path.join(top, name)
+
+
+def test_every_layer_is_checked():
+    layers = {layer_of(rel) for rel in checked_files()}
+    assert layers == set(MAY_IMPORT)
+    assert {rel.removesuffix('.py') for rel in checked_files() if layer_of(rel) == 'scripts'} == SCRIPTS
+
+
+@pytest.mark.parametrize('rel', list(checked_files()))
+def test_no_import_upwards(rel):
+    allowed = MAY_IMPORT[layer_of(rel)]
+    wrong = [f'{rel}:{line} imports {top}' for line, top in project_imports(os.path.join(ROOT, rel))
+             if top not in allowed and top != rel.split(os.sep)[0]]
+    assert not wrong, f'{wrong} (docs/ARCHITECTURE.md: layer {layer_of(rel)} may import {sorted(allowed)})'
+
+
+def test_the_check_sees_a_wrong_import(tmp_path):
+    path = tmp_path / 'x.py'
+    path.write_text('def f():\n    import engine.run\n    from Retrieval import main\n    from . import y\n')
+    assert list(project_imports(str(path))) == [(2, 'engine'), (3, 'Retrieval')]
