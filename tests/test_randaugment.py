@@ -2,7 +2,7 @@
 on small hand-computed arrays, AutoContrast's original (default) and PIL modes included."""
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
 from dataset import randaugment as ra
 from dataset.randaugment import (OPS, RandomAugment, autocontrast_func, brightness_func, equalize_func,
@@ -77,21 +77,113 @@ def test_random_order_matches_hand_sequence(seed, monkeypatch):
     assert after == next_draw  # the call consumed exactly the draws of the hand sequence
 
 
-def test_output_dtype_and_shape():
+def test_random_augment_applies_the_drawn_operations_in_order():
     np.random.seed(3)
-    image = Image.fromarray((np.random.rand(17, 23, 3) * 255).astype(np.uint8))
+    array = (np.random.rand(17, 23, 3) * 255).astype(np.uint8)
+    image = Image.fromarray(array)
     aug = RandomAugment(2, 7, isPIL=True, augs=AUGS)
-    for _ in range(30):
+    changed = 0
+    for seed in range(30):
+        np.random.seed(seed)
         out = aug(image)
-        assert isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == (17, 23, 3)
+        # the PIL image as its HWC array, through the hand sequence's operations, one after the other
+        expected = array
+        for name, args in expected_draws(seed, AUGS)[0]:
+            expected = OPS[name][0](expected, *args)
+        assert isinstance(out, np.ndarray) and out.dtype == np.uint8
+        assert np.array_equal(out, expected), seed
+        changed += not np.array_equal(out, array)
+    assert changed >= 10  # most seeds apply an operation that changes the image
 
 
-def test_every_op_keeps_dtype_and_shape():
-    np.random.seed(1)
-    img = (np.random.rand(9, 11, 3) * 255).astype(np.uint8)
-    for name, (func, level_to_args) in OPS.items():
-        out = func(img, *level_to_args(7))
-        assert out.dtype == np.uint8 and out.shape == img.shape, name
+def _warp_reference(img, forward, fill):
+    """cv2.warpAffine(img, forward) from scratch: each output pixel (x, y) samples the input at
+    forward^-1 (x, y) bilinearly, `fill` outside, rounded to the nearest integer."""
+    h, w = img.shape[:2]
+    inverse = np.linalg.inv(np.vstack([np.asarray(forward, np.float64), [0, 0, 1]]))
+    padded = np.empty((h + 4, w + 4, 3))
+    padded[:] = fill
+    padded[2:-2, 2:-2] = img
+    ys, xs = np.mgrid[:h, :w]
+    sx, sy, _ = np.einsum('ij,jhw->ihw', inverse, np.stack([xs, ys, np.ones_like(xs)]))
+    sx, sy = sx.clip(-1, w), sy.clip(-1, h)  # anything further out reads only the fill as well
+    x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
+    fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
+
+    def at(x, y):
+        return padded[y + 2, x + 2]
+    out = ((1 - fx) * (1 - fy) * at(x0, y0) + fx * (1 - fy) * at(x0 + 1, y0)
+           + (1 - fx) * fy * at(x0, y0 + 1) + fx * fy * at(x0 + 1, y0 + 1))
+    return np.floor(out + 0.5)
+
+
+def _rotation(degree, w, h):
+    """Counter-clockwise (y down) rotation about (w / 2, h / 2) as a 2x3 forward matrix."""
+    c, s = np.cos(np.radians(degree)), np.sin(np.radians(degree))
+    return [[c, s, (1 - c) * w / 2 - s * h / 2], [-s, c, s * w / 2 + (1 - c) * h / 2]]
+
+
+def test_every_op_matches_pil_or_a_numpy_reference():
+    """Every operation of OPS at the configs' magnitude 7 on small synthetic images, against PIL
+    (ImageOps, ImageEnhance) or a from-scratch numpy computation written here."""
+    rng = np.random.RandomState(1)
+    img = (1 + rng.rand(24, 30, 3) * 254).astype(np.uint8)  # 720 pixels: Equalize's step is 2
+    img[0, 0, 0] = 0  # R has minimum 0, G and B above 0
+    pil = Image.fromarray(img)
+    mild = (60 + rng.rand(9, 11, 3) * 130).astype(np.uint8)  # sharpened at 1.36 it stays within [0, 255]
+    yy, xx = np.mgrid[:12, :15]
+    smooth = (30 + 8 * xx[..., None] + 6 * yy[..., None] + 10 * np.arange(3)).astype(np.uint8)
+    factor = 7 / 10 * 1.8 + 0.1  # 1.36
+
+    def stretched(channel):  # PIL's autocontrast of one channel
+        return np.asarray(ImageOps.autocontrast(Image.fromarray(channel)))
+    checks = {
+        'Identity': [(OPS['Identity'][0](img), img)],
+        # the original's: R (minimum 0) stretched as PIL does, G and B (minimum above 0) saturated
+        'AutoContrast': [(autocontrast_func(img), np.stack([stretched(img[..., 0]), np.full((24, 30), 255),
+                                                            np.full((24, 30), 255)], axis=2)),
+                         (ra.pil_autocontrast_func(img), np.asarray(ImageOps.autocontrast(pil)))],
+        'Equalize': [(equalize_func(img), np.asarray(ImageOps.equalize(pil)))],
+        'Brightness': [(brightness_func(img, factor), np.asarray(ImageEnhance.Brightness(pil).enhance(factor)))],
+        'Sharpness': [(sharpness_func(mild, factor),
+                       np.asarray(ImageEnhance.Sharpness(Image.fromarray(mild)).enhance(factor)))],
+        'Solarize': [(ra.solarize_func(img, *ra._solarize_args(7)), np.asarray(ImageOps.solarize(pil, 179)))],
+        'Posterize': [(ra.posterize_func(img, *ra._posterize_args(7)), np.asarray(ImageOps.posterize(pil, 2)))],
+        'TranslateX': [(translate_x_func(smooth, v, FILL), _warp_reference(smooth, [[1, 0, -v], [0, 1, 0]], FILL))
+                       for v in (7.0, -7.0)],
+        'TranslateY': [(translate_y_func(smooth, v, FILL), _warp_reference(smooth, [[1, 0, 0], [0, 1, -v]], FILL))
+                       for v in (7.0, -7.0)],
+        'ShearX': [(shear_x_func(smooth, v, FILL), _warp_reference(smooth, [[1, v, 0], [0, 1, 0]], FILL))
+                   for v in (0.21, -0.21)],
+        'ShearY': [(shear_y_func(smooth, v, FILL), _warp_reference(smooth, [[1, 0, 0], [v, 1, 0]], FILL))
+                   for v in (0.21, -0.21)],
+        'Rotate': [(rotate_func(smooth, v, FILL), _warp_reference(smooth, _rotation(v, 15, 12), FILL))
+                   for v in (21.0, -21.0)],
+    }
+    # PIL rounds the grey image (Color) and its mean (Contrast) to integers, we do not: at most 1 apart
+    close = {'Color': [(ra.color_func(img, factor), np.asarray(ImageEnhance.Color(pil).enhance(factor)))],
+             'Contrast': [(ra.contrast_func(img, factor), np.asarray(ImageEnhance.Contrast(pil).enhance(factor)))]}
+    np.random.seed(5)
+    rel_y, rel_x = np.random.random(2)
+    cy, cx = int(rel_y * 24), int(rel_x * 30)
+    cut = img.copy()
+    cut[max(cy - 14, 0):cy + 14, max(cx - 14, 0):cx + 14] = FILL  # side int(0.7 * 40) = 28, clipped
+    np.random.seed(5)
+    checks['Cutout'] = [(ra.cutout_func(img, *ra._cutout_args(7)), cut)]
+    assert set(checks) | set(close) == set(OPS)  # a new operation needs a reference here
+    for name, pairs in checks.items():
+        for out, expected in pairs:
+            assert out.dtype == np.uint8 and out.shape == expected.shape, name
+            # OpenCV before 4.11 warps on a 1/32-pixel grid: up to 2 levels off on this smooth image
+            tolerance = 2 if name in ('ShearX', 'ShearY', 'Rotate') else 0
+            diff = np.abs(out.astype(int) - expected)
+            assert diff.max() <= tolerance and diff.mean() <= 0.3, (name, diff.max())
+            source = smooth if tolerance or name.startswith('Translate') else mild if name == 'Sharpness' else img
+            assert name == 'Identity' or not np.array_equal(out, source), name  # and it does something
+    for name, pairs in close.items():
+        for out, expected in pairs:
+            assert out.dtype == np.uint8 and np.abs(out.astype(int) - expected).max() <= 1, name
+            assert np.abs(out.astype(int) - img).max() > 10, name  # and the operation does something
 
 
 def test_empty_augs_means_all_and_unknown_rejected():

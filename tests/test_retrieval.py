@@ -81,8 +81,15 @@ def test_finetuning_beats_zero_shot(retrieval):
     best = epochs[int(lines[-1].split(': ')[1])]
     for split in ('val', 'test'):
         print(f'{split}: zero-shot r_mean {zero_shot[f"{split}_r_mean"]:.1f}, fine-tuned {best[f"{split}_r_mean"]:.1f}')
-    assert best['val_r_mean'] > zero_shot['val_r_mean'] + 1, (zero_shot, epochs)
-    assert best['test_r_mean'] > zero_shot['test_r_mean'] + 1, (zero_shot, epochs)
+    # README.md: on the full-size demo world fine-tuning raises zero-shot r_mean from about 28 to
+    # about 46, a gain of 18. The test world has 0.3 of its retrieval training scenes, so the three
+    # epochs take 0.3 of the steps: about 5.4 of gain at that rate. We require two thirds of that,
+    # 3.6 = 18 / 5, well above what one item changes (a caption or an image moving in or out of the
+    # top 1, 5 or 10 of 30 scenes moves r_mean by at most 0.6). (Measured on the test world when it
+    # was drawn: zero-shot 53.8 / 51.1, fine-tuned 63.2 / 57.4 on val / test, gains 9.4 and 6.3.)
+    margin = 18 / 5
+    assert best['val_r_mean'] > zero_shot['val_r_mean'] + margin, (zero_shot, epochs)
+    assert best['test_r_mean'] > zero_shot['test_r_mean'] + margin, (zero_shot, epochs)
 
 
 def test_finetuning_outputs(retrieval):

@@ -273,10 +273,21 @@ def test_hard_negative_weights_and_sampling():
     exclude = torch.eye(3, dtype=torch.bool)
     w = losses.hard_negative_weights(sim, exclude)
     torch.testing.assert_close(w[0], torch.tensor([0., 0.6, 0.2]))  # softmax, diagonal zeroed, not renormalised
+    torch.testing.assert_close(w[1], torch.tensor([1 / 3, 0., 1 / 3]))
+    torch.testing.assert_close(w[2], torch.tensor([1., 1., 0.]) / (2 + math.exp(5)))
     torch.manual_seed(0)
-    for _ in range(20):
-        neg = losses.sample_negatives(w)
-        assert neg.shape == (3,) and (neg != torch.arange(3)).all()
+    draws = torch.stack([losses.sample_negatives(w) for _ in range(2000)])  # (2000, 3)
+    assert not (draws == torch.arange(3)).any()  # a zero weight is never drawn
+    # drawn in proportion to the weights: row 0 takes 1 with 0.6 / 0.8, rows 1 and 2 their first
+    # candidate with 1/2; within 5 binomial standard deviations of 2000 * p
+    for row, index, p in ((0, 1, 0.75), (1, 0, 0.5), (2, 0, 0.5)):
+        count = (draws[:, row] == index).sum().item()
+        assert abs(count - 2000 * p) <= 5 * math.sqrt(2000 * p * (1 - p)), (row, count)
+    # on the CPU the same draws as torch.multinomial for the same seed (its docstring)
+    torch.manual_seed(5)
+    ours = losses.sample_negatives(w)
+    torch.manual_seed(5)
+    assert torch.equal(ours, torch.multinomial(w, 1).squeeze(1))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -444,21 +455,15 @@ def test_share_cross_attention_full_size_count():
 # ---------------------------------------------------------------------------------------------------
 # pre-training mask() (docs/DESIGN.md, "MLM with momentum distillation")
 # ---------------------------------------------------------------------------------------------------
-def _reference_mask(ids, vocab_size, probability_matrix=None, masked=None):
-    """The original's masking, written out: bernoulli(p), protect [PAD]/[CLS], bernoulli(.8) -> [MASK],
-    bernoulli(.5) -> random token from randint over the whole shape."""
-    ids, labels = ids.clone(), ids.clone()
-    if masked is None:
-        masked = torch.bernoulli(probability_matrix).bool()
-    masked = masked.clone()
-    masked[(ids == 0) | (ids == 101)] = False
-    labels[~masked] = -100
-    replaced = torch.bernoulli(torch.full(ids.shape, 0.8)).bool() & masked
-    ids[replaced] = 103
-    random_words = torch.bernoulli(torch.full(ids.shape, 0.5)).bool() & masked & ~replaced
-    random_ids = torch.randint(vocab_size, ids.shape, dtype=torch.long)
-    ids[random_words] = random_ids[random_words]
-    return ids, labels
+# The rule: each token is chosen with probability p (mlm_probability); [PAD] (0) and [CLS] (101) never
+# are, [SEP] (102) can be; a chosen token becomes [MASK] (103) with probability 0.8, else a uniformly
+# random token of the vocabulary with probability 0.5, else stays; labels are the original ids where
+# chosen and -100 elsewhere. The draws come from the global CPU generator in the order bernoulli(p),
+# bernoulli(0.8), bernoulli(0.5), randint(vocab) over the whole shape.
+MASK, VOCAB = 103, 30522
+# [CLS] a red circle next to a blue square [SEP] / [CLS] two small [SEP] and six [PAD]
+MASK_INPUT = torch.tensor([[101, 1037, 2417, 4418, 2279, 2000, 1037, 2630, 2675, 102],
+                           [101, 2048, 2235, 102, 0, 0, 0, 0, 0, 0]])
 
 
 def _ids(rows=8, cols=20):
@@ -478,48 +483,107 @@ def pretrain_model(tokenizer):
     return build_model('pretrain', tokenizer, dict(TINY_CONFIG))
 
 
-def test_mask_matches_hand_reimplementation(pretrain_model):
+def _mask(model, ids, **kwargs):
+    return model.mask(ids.clone(), VOCAB, torch.device('cpu'), targets=ids.clone(), **kwargs)
+
+
+def test_mask_known_answer(pretrain_model):
+    # Seed 4, p = 0.5. Derived once by hand from the four draws of seed 4, printed on their own
+    # (torch.manual_seed(4); bernoulli(0.5), bernoulli(0.8), bernoulli(0.5) of a 2x10 tensor, then
+    # randint(30522, (2, 10))), and the rule above, position by position:
+    #   bernoulli(0.5) chooses row 0: 2 3 4 5, row 1: 0 1 3 7 8 9; row 1's 0 is [CLS] and 7-9 are [PAD],
+    #     so the chosen are row 0: 2 3 4 5 and row 1: 1 3 ([SEP], which is not protected);
+    #   bernoulli(0.8) is 1 at row 0: 2 3 5 -> [MASK]; 0 at row 0: 4 and row 1: 1 3;
+    #   bernoulli(0.5) is 1 at row 0: 4 and row 1: 3 -> randint's 17251 and 14582; 0 at row 1: 1 -> kept.
+    # So all three outcomes occur, and a different draw order or protection would change these literals.
+    torch.manual_seed(4)
+    ids, labels = _mask(pretrain_model, MASK_INPUT, probability_matrix=torch.full(MASK_INPUT.shape, 0.5))
+    assert ids.tolist() == [[101, 1037, MASK, MASK, 17251, MASK, 1037, 2630, 2675, 102],
+                            [101, 2048, 2235, 14582, 0, 0, 0, 0, 0, 0]]
+    assert labels.tolist() == [[-100, -100, 2417, 4418, 2279, 2000, -100, -100, -100, -100],
+                               [-100, 2048, -100, 102, -100, -100, -100, -100, -100, -100]]
+    # given indices replace exactly the first draw: draw it ourselves, and the rest is the same
+    torch.manual_seed(4)
+    chosen = torch.bernoulli(torch.full(MASK_INPUT.shape, 0.5)).bool()
+    assert chosen[1, 0] and chosen[1, 7:].all()  # [CLS] and [PAD] drawn, then protected
+    given_ids, given_labels = _mask(pretrain_model, MASK_INPUT, masked_indices=chosen)
+    assert torch.equal(given_ids, ids) and torch.equal(given_labels, labels)
+
+
+def test_mask_probability_one_and_zero(pretrain_model):
+    special = (MASK_INPUT == 0) | (MASK_INPUT == 101)
+    torch.manual_seed(0)
+    ids, labels = _mask(pretrain_model, MASK_INPUT, probability_matrix=torch.ones(MASK_INPUT.shape))
+    # p = 1: every token but [CLS] and [PAD] is chosen, whatever the seed
+    assert labels.tolist() == [[-100, 1037, 2417, 4418, 2279, 2000, 1037, 2630, 2675, 102],
+                               [-100, 2048, 2235, 102, -100, -100, -100, -100, -100, -100]]
+    assert torch.equal(ids[special], MASK_INPUT[special])
+    assert (ids[~special] == MASK).sum() >= 6  # 12 chosen, each [MASK] with probability 0.8
+    torch.manual_seed(0)
+    all_given = _mask(pretrain_model, MASK_INPUT, masked_indices=torch.ones(MASK_INPUT.shape, dtype=torch.bool))
+    assert all_given[1].tolist() == labels.tolist()  # given indices are protected the same way
+    # p = 0: nothing is chosen, nothing changes
+    ids, labels = _mask(pretrain_model, MASK_INPUT, probability_matrix=torch.zeros(MASK_INPUT.shape))
+    assert torch.equal(ids, MASK_INPUT) and (labels == -100).all()
+
+
+@pytest.mark.parametrize('p', [0.15, 0.5])
+def test_mask_invariants_over_seeds(pretrain_model, p):
     ids = _ids()
-    probability = torch.full(ids.shape, 0.5)
-    torch.manual_seed(7)
-    expected_ids, expected_labels = _reference_mask(ids, 30522, probability)
-    torch.manual_seed(7)
-    labels = ids.clone()
-    out_ids, out_labels = pretrain_model.mask(ids.clone(), 30522, torch.device('cpu'), targets=labels,
-                                              probability_matrix=probability)
-    assert torch.equal(out_ids, expected_ids)
-    assert torch.equal(out_labels, expected_labels)
-    masked = out_labels != -100
-    assert not masked[(ids == 0) | (ids == 101)].any()
-    assert torch.equal(out_labels[masked], ids[masked]) and masked.any()
-    # all three outcomes occur, so a wrong draw order would be seen
-    assert (out_ids[masked] == 103).any()
-    assert ((out_ids != ids) & (out_ids != 103)).any()
-    assert ((out_ids == ids) & masked).any()
+    special = (ids == 0) | (ids == 101)
+    for seed in range(100):
+        torch.manual_seed(seed)
+        out, labels = _mask(pretrain_model, ids, probability_matrix=torch.full(ids.shape, p))
+        chosen = labels != -100
+        assert not chosen[special].any(), seed
+        assert torch.equal(out[special], ids[special]), seed
+        assert torch.equal(labels[chosen], ids[chosen]), seed  # the original ids, exactly where chosen
+        assert torch.equal(out[~chosen], ids[~chosen]), seed  # what is not chosen never changes
+        assert ((out >= 0) & (out < VOCAB)).all(), seed
 
 
-def test_mask_with_given_indices_is_deterministic(pretrain_model):
+def test_mask_proportions(pretrain_model):
+    # 2000 rows of [CLS], 63 tokens (ids 1000-1999, [SEP] among them) and some [PAD]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (2000, 64), generator=g)
+    ids[:, 0] = 101
+    ids[:, 10] = 102
+    ids[torch.arange(2000) % 4 == 0, 40:] = 0  # a quarter of the rows padded after 40 tokens
+    eligible = ((ids != 0) & (ids != 101)).sum().item()  # 2000 * 63 - 500 * 24 = 114000
+    assert eligible == 114000
+    torch.manual_seed(0)
+    out, labels = _mask(pretrain_model, ids, probability_matrix=torch.full(ids.shape, 0.15))
+    chosen = labels != -100
+    n = chosen.sum().item()
+
+    def within(count, trials, prob):
+        """count is within 5 binomial standard deviations, sqrt(trials p (1 - p)), of trials * p: a
+        correct rule fails that with probability below 1e-6 (and the seed is fixed); wrong rates
+        (0.16 chosen instead of 0.15, 0.12 random instead of 0.1, [SEP] protected) are 8 or more
+        deviations off."""
+        return abs(count - trials * prob) <= 5 * math.sqrt(trials * prob * (1 - prob))
+    assert within(n, eligible, 0.15), n
+    assert within(chosen[:, 10].sum().item(), 2000, 0.15)  # [SEP] is chosen like any other token
+    masked = (out == MASK) & chosen
+    random_word = (out != ids) & (out != MASK)
+    kept = (out == ids) & chosen
+    # a random draw equal to [MASK] or to the original id (about 2 in 30522) moves about 1 count here
+    assert within(masked.sum().item(), n, 0.8) and within(random_word.sum().item(), n, 0.1)
+    assert within(kept.sum().item(), n, 0.1), (masked.sum(), random_word.sum(), kept.sum())
+    # the random tokens are uniform over the vocabulary: mean (V - 1) / 2, standard error V / sqrt(12 m)
+    m = random_word.sum().item()
+    assert abs(out[random_word].double().mean().item() - (VOCAB - 1) / 2) <= 5 * VOCAB / math.sqrt(12 * m)
+
+
+def test_mask_without_targets_returns_the_same_ids(pretrain_model):
     ids = _ids()
-    masked = torch.ones(ids.shape, dtype=torch.bool)
-    outputs = []
-    for _ in range(2):
-        torch.manual_seed(11)
-        outputs.append(pretrain_model.mask(ids.clone(), 30522, torch.device('cpu'), targets=ids.clone(),
-                                           masked_indices=masked))
-    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
-    torch.manual_seed(11)
-    expected_ids, expected_labels = _reference_mask(ids, 30522, masked=masked)  # no bernoulli(p) draw
-    assert torch.equal(outputs[0][0], expected_ids) and torch.equal(outputs[0][1], expected_labels)
-    labels = outputs[0][1]
-    assert (labels[(ids == 0) | (ids == 101)] == -100).all()
-    assert labels[0, 5] == 102  # [SEP] is not protected (docs/DESIGN.md, "MLM with momentum distillation")
-    assert torch.equal(labels[(ids != 0) & (ids != 101)], ids[(ids != 0) & (ids != 101)])
-
-
-def test_mask_without_targets_returns_ids(pretrain_model):
-    ids = _ids()
-    out = pretrain_model.mask(ids.clone(), 30522, torch.device('cpu'), probability_matrix=torch.full(ids.shape, 0.15))
-    assert isinstance(out, torch.Tensor) and out.shape == ids.shape
+    probability = torch.full(ids.shape, 0.15)
+    torch.manual_seed(3)
+    out = pretrain_model.mask(ids.clone(), VOCAB, torch.device('cpu'), probability_matrix=probability)
+    torch.manual_seed(3)
+    with_targets, labels = _mask(pretrain_model, ids, probability_matrix=probability)
+    assert torch.equal(out, with_targets)  # the targets change no draw
+    assert (labels != -100).any() and not torch.equal(out, ids)
 
 
 # ---------------------------------------------------------------------------------------------------
