@@ -33,12 +33,11 @@ def assert_ok(result):
 def initial_losses(config_path, seeds, batch_size):
     """The summed pre-training loss of the first step, before any update (alpha 0, as the ramp
     starts), for fresh models and batches drawn with each seed: one forward pass each."""
-    from ruamel.yaml import YAML
+    from configuration import load_yaml
     from dataset import CaptionCollate, create_dataset, normalize
     from models.model_pretrain import ALBEF
     from models.tokenization_bert import BertTokenizer
-    with open(config_path) as f:
-        config = YAML(typ='safe').load(f)
+    config = load_yaml(config_path)
     tokenizer = BertTokenizer.from_pretrained(config['text_encoder'])
     dataset = create_dataset('pretrain', config, uint8=True)
     collate = CaptionCollate(tokenizer)
