@@ -37,10 +37,10 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from models import base as albef_base  # noqa: E402
-from models import xbert  # noqa: E402
+from models.losses import mlm_loss  # noqa: E402
 from models.model_pretrain import ALBEF  # noqa: E402
 from models.tokenization_bert import TokenizerOutput  # noqa: E402
-from models.xbert import BertConfig  # noqa: E402
+from models.xbert import BertConfig, BertModel  # noqa: E402
 
 SIZES = {
     # vision (width, depth, heads, image_res), BERT (width, layers, fusion_layer, heads), batch
@@ -106,6 +106,12 @@ def per_sample_negatives(weights):
 class PlainALBEF(ALBEF):
     """The pre-training model computed as the original does (same parameters, same losses)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for module in self.modules():
+            if isinstance(module, BertModel):
+                module.pack_tokens = False  # every token, padding included, through every layer
+
     def forward(self, image, text, alpha=0):
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
@@ -120,11 +126,10 @@ class PlainALBEF(ALBEF):
         with torch.no_grad():
             logits_m = self.text_encoder_m(input_ids, attention_mask=text.attention_mask,
                                            encoder_hidden_states=image_embeds_m, encoder_attention_mask=image_atts,
-                                           return_dict=True, return_logits=True)
-        loss_mlm = self.text_encoder(input_ids, attention_mask=text.attention_mask,
-                                     encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
-                                     return_dict=True, labels=labels, soft_labels=F.softmax(logits_m, dim=-1),
-                                     alpha=alpha).loss
+                                           return_logits=True)
+        logits = self.text_encoder(input_ids, attention_mask=text.attention_mask, encoder_hidden_states=image_embeds,
+                                   encoder_attention_mask=image_atts, return_logits=True)
+        loss_mlm = mlm_loss(logits, labels, F.softmax(logits_m, dim=-1), alpha)  # over every token's logits
         return loss_mlm, loss_ita, loss_itm
 
     def _itm_loss(self, image_embeds, image_atts, text_embeds, text_atts, sim_i2t, sim_t2i, idx):
@@ -159,17 +164,16 @@ class PlainALBEF(ALBEF):
 
 
 class plain_path:
-    """Context: explicit attention, per-sample negative sampling and no skipping of padding tokens
-    everywhere in the models."""
+    """Context: explicit attention and per-sample negative sampling everywhere in the models
+    (PlainALBEF itself turns off the skipping of padding tokens)."""
 
     def __enter__(self):
-        self.saved = F.scaled_dot_product_attention, albef_base.sample_negatives, xbert.PACK_TOKENS
+        self.saved = F.scaled_dot_product_attention, albef_base.sample_negatives
         F.scaled_dot_product_attention = explicit_attention
         albef_base.sample_negatives = per_sample_negatives
-        xbert.PACK_TOKENS = False  # every token, padding included, through every layer
 
     def __exit__(self, *exc):
-        F.scaled_dot_product_attention, albef_base.sample_negatives, xbert.PACK_TOKENS = self.saved
+        F.scaled_dot_product_attention, albef_base.sample_negatives = self.saved
 
 
 def build(path, config, device, seed=0, grad_checkpointing=False):

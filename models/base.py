@@ -36,6 +36,17 @@ class ALBEFBase(nn.Module):
     checkpoint_conversion = None  # how models/checkpoint.py converts a pre-training checkpoint
     new_heads = ()                # heads a pre-trained checkpoint does not have
 
+    def __init__(self, config, tokenizer=None, text_encoder=None, text_cls=BertModel, init_deit=False,
+                 **bert_overrides):
+        """What every variant has: `tokenizer`, the ViT `visual_encoder` (from DeiT with
+        `init_deit`) and the BERT `text_encoder` of class `text_cls` (see build_text_encoder)."""
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.visual_encoder = self.build_visual_encoder(config)
+        if init_deit:
+            self.init_deit(config)
+        self.text_encoder = self.build_text_encoder(config, text_encoder, text_cls, **bert_overrides)
+
     # ---- builders ---------------------------------------------------------------------------
     @staticmethod
     def build_visual_encoder(config):
@@ -58,6 +69,13 @@ class ALBEFBase(nn.Module):
     def init_deit(self, config):
         """Initialise `visual_encoder` from DeiT (config key `deit_checkpoint`: a file or URL)."""
         load_deit(self.visual_encoder, config.get('deit_checkpoint') or DEIT_BASE_URL)
+
+    def _build_projections(self, embed_dim, temp):
+        """`vision_proj` and `text_proj` onto the embed_dim space of the contrastive features, and
+        the learnable temperature `temp` (initial value `temp`)."""
+        self.vision_proj = nn.Linear(self.visual_encoder.embed_dim, embed_dim)
+        self.text_proj = nn.Linear(self.text_encoder.config.hidden_size, embed_dim)
+        self.temp = nn.Parameter(torch.ones([]) * temp)
 
     # ---- momentum encoders ------------------------------------------------------------------
     def _create_momentum(self, *names):
@@ -136,6 +154,19 @@ class ContrastiveALBEF(ALBEFBase):
     (positives = the diagonal) and retrieval (positives = every caption of the same image)."""
 
     itm_eps = 0.0  # retrieval adds 1e-4 before the sampling softmax (bit-level parity)
+
+    def __init__(self, config, tokenizer=None, text_encoder=None, text_cls=BertModel, init_deit=False,
+                 with_idx=False):
+        """The encoders, then the projections and temperature, `itm_head`, the momentum encoders
+        and the feature queues (with `idx_queue` for retrieval's image indices: `with_idx`)."""
+        super().__init__(config, tokenizer, text_encoder, text_cls, init_deit)
+        self._build_projections(config['embed_dim'], config['temp'])
+        self.queue_size = config['queue_size']
+        self.momentum = config['momentum']
+        self.itm_head = nn.Linear(self.text_encoder.config.hidden_size, 2)
+        # the momentum encoders exist even without distillation: they fill the queues
+        self._create_momentum('visual_encoder', 'vision_proj', 'text_encoder', 'text_proj')
+        self._create_queues(config['embed_dim'], self.queue_size, with_idx=with_idx)
 
     def _text_bert(self, encoder):
         return encoder.base_model  # BertModel for retrieval, `.bert` of BertForMaskedLM for pre-training
@@ -267,3 +298,11 @@ class ClassifierALBEF(ALBEFBase):
     @staticmethod
     def make_cls_head(width, num_classes):
         return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))
+
+    def _build_classifier(self, config, num_classes):
+        """`cls_head` over num_classes and, with config['distill'], the momentum encoders."""
+        self.distill = config['distill']
+        self.cls_head = self.make_cls_head(self.text_encoder.config.hidden_size, num_classes)
+        if self.distill:
+            self.momentum = 0.995
+            self._create_momentum('visual_encoder', 'text_encoder', 'cls_head')

@@ -31,16 +31,10 @@ class ALBEF(ClassifierALBEF):
     new_heads = ('cls_head',)  # loaded from a text-assignment checkpoint, which has none
 
     def __init__(self, text_encoder=None, tokenizer=None, config=None):
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.distill = config['distill']
-        self.visual_encoder = self.build_visual_encoder(config)
-        self.text_encoder = self.build_text_encoder(config, text_encoder, num_hidden_layers=pair_layers(config))
+        super().__init__(config, tokenizer, text_encoder, num_hidden_layers=pair_layers(config))
         share_cross_attention(self.text_encoder.encoder)
-        self.cls_head = self.make_cls_head(self.text_encoder.config.hidden_size, 2)
+        self._build_classifier(config, 2)
         if self.distill:
-            self.momentum = 0.995
-            self._create_momentum('visual_encoder', 'text_encoder', 'cls_head')
             share_cross_attention(self.text_encoder_m.encoder)
 
     def _image_inputs(self, image_embeds, batch_size):

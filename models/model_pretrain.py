@@ -2,7 +2,6 @@
 (docs/DESIGN.md, "Pre-training objectives")."""
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from utils import to_device
 from .base import ContrastiveALBEF
@@ -11,28 +10,9 @@ from .xbert import BertForMaskedLM
 
 
 class ALBEF(ContrastiveALBEF):
-    def __init__(self, text_encoder=None, tokenizer=None, config=None, temp=0.07, init_deit=True):
-        super().__init__()
-        # `temp` is kept for the original signature; the value comes from config['temp']
-        self.tokenizer = tokenizer
+    def __init__(self, text_encoder=None, tokenizer=None, config=None, init_deit=True):
+        super().__init__(config, tokenizer, text_encoder, BertForMaskedLM, init_deit=init_deit)
         self.mlm_probability = config['mlm_probability']
-        embed_dim = config['embed_dim']
-
-        self.visual_encoder = self.build_visual_encoder(config)
-        if init_deit:
-            self.init_deit(config)
-        self.text_encoder = self.build_text_encoder(config, text_encoder, BertForMaskedLM)
-        vision_width = self.visual_encoder.embed_dim
-        text_width = self.text_encoder.config.hidden_size
-        self.vision_proj = nn.Linear(vision_width, embed_dim)
-        self.text_proj = nn.Linear(text_width, embed_dim)
-        self.temp = nn.Parameter(torch.ones([]) * config['temp'])
-        self.queue_size = config['queue_size']
-        self.momentum = config['momentum']
-        self.itm_head = nn.Linear(text_width, 2)
-
-        self._create_momentum('visual_encoder', 'vision_proj', 'text_encoder', 'text_proj')
-        self._create_queues(embed_dim, self.queue_size)
         # None, or a fixed length for the masked-token index (see masked_positions): for compiling
         # the whole model; regional compilation (engine.build.compile_regions) leaves the MLM head eager
         self.mlm_positions = None

@@ -16,19 +16,11 @@ class ALBEF(ALBEFBase):
     new_heads = ('ta_head',)
 
     def __init__(self, text_encoder=None, tokenizer=None, config=None):
-        super().__init__()
-        self.tokenizer = tokenizer
-        embed_dim = config['embed_dim']
-        self.visual_encoder = self.build_visual_encoder(config)
-        self.text_encoder = self.build_text_encoder(config, text_encoder, num_hidden_layers=pair_layers(config))
+        super().__init__(config, tokenizer, text_encoder, num_hidden_layers=pair_layers(config))
         share_cross_attention(self.text_encoder.encoder)
-        vision_width = self.visual_encoder.embed_dim
-        text_width = self.text_encoder.config.hidden_size
         # vision_proj drives the negative sampling; text_proj and temp are loaded but unused
-        self.vision_proj = nn.Linear(vision_width, embed_dim)
-        self.text_proj = nn.Linear(text_width, embed_dim)
-        self.temp = nn.Parameter(torch.ones([]) * 0.07)
-        self.ta_head = nn.Linear(text_width, 3)
+        self._build_projections(config['embed_dim'], 0.07)
+        self.ta_head = nn.Linear(self.text_encoder.config.hidden_size, 3)
 
     def forward(self, image, text):
         image_embeds = self.visual_encoder(image)

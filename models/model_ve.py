@@ -8,12 +8,5 @@ class ALBEF(ClassifierALBEF):
     new_heads = ('cls_head',)
 
     def __init__(self, text_encoder=None, tokenizer=None, config=None):
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.distill = config['distill']
-        self.visual_encoder = self.build_visual_encoder(config)
-        self.text_encoder = self.build_text_encoder(config, text_encoder)
-        self.cls_head = self.make_cls_head(self.text_encoder.config.hidden_size, 3)
-        if self.distill:
-            self.momentum = 0.995
-            self._create_momentum('visual_encoder', 'text_encoder', 'cls_head')
+        super().__init__(config, tokenizer, text_encoder)
+        self._build_classifier(config, 3)

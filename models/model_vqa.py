@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from utils import to_device
 from .base import ALBEFBase
+from .losses import lm_loss
 from .xbert import BertLMHeadModel
 
 
@@ -18,11 +19,8 @@ class ALBEF(ALBEFBase):
     checkpoint_conversion = 'vqa'  # from a pre-training checkpoint (models/checkpoint.py)
 
     def __init__(self, text_encoder=None, text_decoder=None, tokenizer=None, config=None):
-        super().__init__()
-        self.tokenizer = tokenizer
+        super().__init__(config, tokenizer, text_encoder)
         self.distill = config['distill']
-        self.visual_encoder = self.build_visual_encoder(config)
-        self.text_encoder = self.build_text_encoder(config, text_encoder)
         # as many layers as the fusion encoder, each cross-attending to the question states
         encoder_config = self.text_encoder.config
         self.text_decoder = self.build_text_encoder(
@@ -67,9 +65,9 @@ class ALBEF(ALBEFBase):
                 soft_labels = F.softmax(logits_m, dim=-1)
         answer_output = self.text_decoder(answer.input_ids, attention_mask=answer.attention_mask,
                                           encoder_hidden_states=question_states, encoder_attention_mask=question_atts,
-                                          labels=answer_targets, return_dict=True, soft_labels=soft_labels,
-                                          alpha=alpha, reduction='none')
-        return (weights * answer_output.loss).sum() / image.size(0)
+                                          return_dict=True)
+        answer_loss = lm_loss(answer_output.logits, answer_targets, soft_labels, alpha, reduction='none')
+        return (weights * answer_loss).sum() / image.size(0)
 
     def rank_answer(self, question_states, question_atts, answer_ids, answer_atts, k):
         """Top-k answers of each question: shortlist by the first answer token, then score the whole
@@ -81,7 +79,7 @@ class ALBEF(ALBEFBase):
         num_ques = question_states.size(0)
         start_ids = answer_ids[0, 0].repeat(num_ques, 1)  # [CLS]
         start_output = self.text_decoder(start_ids, encoder_hidden_states=question_states,
-                                         encoder_attention_mask=question_atts, return_dict=True, reduction='none')
+                                         encoder_attention_mask=question_atts, return_dict=True)
         logits = start_output.logits[:, 0, :]
         answer_first_token = answer_ids[:, 1]
         prob_first_token = F.softmax(logits, dim=1).index_select(dim=1, index=answer_first_token)
@@ -94,9 +92,8 @@ class ALBEF(ALBEFBase):
         question_states = tile(question_states, 0, k)
         question_atts = tile(question_atts, 0, k)
         output = self.text_decoder(input_ids, attention_mask=input_atts, encoder_hidden_states=question_states,
-                                   encoder_attention_mask=question_atts, labels=targets_ids, return_dict=True,
-                                   reduction='none')
-        answer_loss = output.loss.view(input_ids.size(0), -1)
+                                   encoder_attention_mask=question_atts, return_dict=True)
+        answer_loss = lm_loss(output.logits, targets_ids, reduction='none').view(input_ids.size(0), -1)
 
         log_probs = torch.cat([topk_probs.log().view(-1, 1), -answer_loss], dim=1).sum(1).view(num_ques, k)
         topk_probs = F.softmax(log_probs, dim=1)

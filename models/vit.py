@@ -56,20 +56,15 @@ def capture_attention(attn):
 
 class VisionTransformer(timm_vit.VisionTransformer):
     """timm's ViT without a classification head; returns all N = 1 + patches tokens, normalised.
+    RGB input; every dropout and drop-path rate 0, as in ALBEF; LayerNorm eps 1e-6."""
 
-    `drop_rate` is the dropout after the position embedding and after each attention and MLP
-    projection, `attn_drop_rate` that of the attention probabilities (all 0 in ALBEF).
-    """
-
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4., qkv_bias=True, drop_rate=0., attn_drop_rate=0., drop_path_rate=0.,
-                 norm_layer=None):
-        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0,
-                         global_pool='', embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                         mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, class_token=True,
-                         pos_drop_rate=drop_rate, proj_drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                         drop_path_rate=drop_path_rate, weight_init='skip',
-                         norm_layer=norm_layer or partial(nn.LayerNorm, eps=1e-6))
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.,
+                 qkv_bias=True):
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=3, num_classes=0, global_pool='',
+                         embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                         qkv_bias=qkv_bias, class_token=True, pos_drop_rate=0., proj_drop_rate=0.,
+                         attn_drop_rate=0., drop_path_rate=0., weight_init='skip',
+                         norm_layer=partial(nn.LayerNorm, eps=1e-6))
         self.blocks = nn.ModuleList(self.blocks)
         for blk in self.blocks:
             blk.attn.attention_map = blk.attn.attn_gradients = None

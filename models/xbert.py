@@ -18,7 +18,7 @@ the released checkpoints load unchanged. `transformers` provides only `BertConfi
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +35,13 @@ class ModelOutput:
     """Model output: attribute access, and `out[0]` is the first field that is set."""
     last_hidden_state: Optional[torch.Tensor] = None
     pooler_output: Optional[torch.Tensor] = None
-    loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
     hidden_states: Optional[tuple] = None
     attentions: Optional[tuple] = None
     cross_attentions: Optional[tuple] = None
 
     def to_tuple(self):
-        return tuple(v for v in (self.loss, self.logits, self.last_hidden_state, self.pooler_output,
+        return tuple(v for v in (self.logits, self.last_hidden_state, self.pooler_output,
                                  self.hidden_states, self.attentions, self.cross_attentions)
                      if v is not None)
 
@@ -75,20 +74,14 @@ class BertEmbeddings(nn.Module):
         # persistent, so `...embeddings.position_ids` is in every checkpoint, as in the original
         self.register_buffer('position_ids', torch.arange(config.max_position_embeddings).expand((1, -1)))
 
-    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
-        if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
-        seq_length = inputs_embeds.shape[1]
+    def forward(self, input_ids, token_type_ids=None, position_ids=None):
         if position_ids is None:
-            position_ids = self.position_ids[:, :seq_length]
+            position_ids = self.position_ids[:, :input_ids.shape[1]]
         if token_type_ids is None:
-            token_type_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
-        embeddings = inputs_embeds + self.token_type_embeddings(token_type_ids)
+            token_type_ids = torch.zeros_like(input_ids)
+        embeddings = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         embeddings = embeddings + self.position_embeddings(position_ids)
         return self.dropout(self.LayerNorm(embeddings))
-
-
-PACK_TOKENS = True  # training on the CPU: the linear layers skip padding tokens (see Packing)
 
 
 class Packing:
@@ -179,8 +172,8 @@ class BertSelfAttention(nn.Module):
     def _heads(self, x):  # (B, L, D) -> (B, H, L, D/H)
         return x.view(*x.shape[:2], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
-    def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, output_attentions=False, encoder_index=None, packing=None):
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                output_attentions=False, encoder_index=None, packing=None):
         source = encoder_hidden_states if self.is_cross_attention else hidden_states
         if self.is_cross_attention:
             attention_mask = encoder_attention_mask
@@ -195,8 +188,7 @@ class BertSelfAttention(nn.Module):
         if encoder_index is not None:
             # each image's keys and values are projected once, then shared by all its rows
             per_image_mask = attention_mask is None or attention_mask.size(0) == key.size(0)
-            if per_image_mask and not (self.training or torch.is_grad_enabled() or capture or output_attentions
-                                       or head_mask is not None):
+            if per_image_mask and not (self.training or torch.is_grad_enabled() or capture or output_attentions):
                 mask = attention_mask.to(query.dtype) if attention_mask is not None else None
                 context = grouped_attention(query, key, value, mask, encoder_index)
                 return context.transpose(1, 2).reshape(*shape, self.all_head_size), None
@@ -205,7 +197,7 @@ class BertSelfAttention(nn.Module):
             if attention_mask is not None and attention_mask.size(0) != query.size(0):
                 attention_mask = attention_mask.index_select(0, encoder_index)
 
-        if capture or output_attentions or head_mask is not None:
+        if capture or output_attentions:
             # explicit path: the attention probabilities are needed as a tensor
             scores = query @ key.transpose(-1, -2) / math.sqrt(self.attention_head_size)
             if attention_mask is not None:
@@ -215,10 +207,7 @@ class BertSelfAttention(nn.Module):
                 self.save_attention_map(probs)
                 if probs.requires_grad:
                     probs.register_hook(self.save_attn_gradients)
-            dropped = self.dropout(probs)
-            if head_mask is not None:
-                dropped = dropped * head_mask
-            context = dropped @ value
+            context = self.dropout(probs) @ value
         else:
             probs = None
             mask = attention_mask.to(query.dtype) if attention_mask is not None else None
@@ -255,10 +244,10 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config, is_cross_attention)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, output_attentions=False, encoder_index=None, packing=None):
-        context, probs = self.self(hidden_states, attention_mask, head_mask, encoder_hidden_states,
-                                   encoder_attention_mask, output_attentions, encoder_index, packing)
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                output_attentions=False, encoder_index=None, packing=None):
+        context, probs = self.self(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                   output_attentions, encoder_index, packing)
         return self.output(context, hidden_states), probs
 
 
@@ -286,9 +275,9 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, output_attentions=False, encoder_index=None, packing=None):
-        hidden_states, self_probs = self.attention(hidden_states, attention_mask, head_mask,
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                output_attentions=False, encoder_index=None, packing=None):
+        hidden_states, self_probs = self.attention(hidden_states, attention_mask,
                                                    output_attentions=output_attentions, packing=packing)
         cross_probs = None
         if self.has_cross_attention:
@@ -300,7 +289,7 @@ class BertLayer(nn.Module):
                 i = (self.layer_num - self.config.fusion_layer) % len(encoder_hidden_states)
                 encoder_hidden_states, encoder_attention_mask = encoder_hidden_states[i], encoder_attention_mask[i]
             hidden_states, cross_probs = self.crossattention(
-                hidden_states, None, head_mask, encoder_hidden_states, encoder_attention_mask, output_attentions,
+                hidden_states, None, encoder_hidden_states, encoder_attention_mask, output_attentions,
                 encoder_index, packing)
         layer_output = self.output(self.intermediate(hidden_states), hidden_states)
         return layer_output, self_probs, cross_probs
@@ -322,9 +311,9 @@ class BertEncoder(nn.Module):
             return 0, self.config.num_hidden_layers
         raise ValueError(f'unknown mode {mode!r}; expected one of {MODES}')
 
-    def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, output_attentions=False, output_hidden_states=False,
-                mode='multi_modal', encoder_index=None, packing=None):
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                output_attentions=False, output_hidden_states=False, mode='multi_modal', encoder_index=None,
+                packing=None):
         """With `packing` (a Packing) the layers run on the real tokens only (see Packing)."""
         start, end = self.layer_range(mode)
         all_hidden, all_self, all_cross = [], [], []
@@ -333,8 +322,8 @@ class BertEncoder(nn.Module):
         for i in range(start, end):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
-            args = (hidden_states, attention_mask, head_mask[i] if head_mask is not None else None,
-                    encoder_hidden_states, encoder_attention_mask, output_attentions, encoder_index, packing)
+            args = (hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, output_attentions,
+                    encoder_index, packing)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 out = torch.utils.checkpoint.checkpoint(self.layer[i], *args, use_reentrant=False)
             else:
@@ -453,14 +442,6 @@ class BertPreTrainedModel(nn.Module):
             head.predictions.decoder.weight = self.base_model.embeddings.word_embeddings.weight
             head.predictions.decoder.bias = head.predictions.bias
 
-    def get_head_mask(self, head_mask, num_hidden_layers):
-        """None -> None; (H,) or (layers, H) -> (layers, 1, H, 1, 1) multiplied into the probabilities."""
-        if head_mask is None:
-            return None
-        if head_mask.dim() == 1:
-            head_mask = head_mask.expand(num_hidden_layers, -1)
-        return head_mask[:, None, :, None, None].to(self.dtype)
-
     def set_gradient_checkpointing(self, enable=True):
         self.base_model.encoder.gradient_checkpointing = enable
 
@@ -551,7 +532,14 @@ def _read_pretrained_bert(name_or_path):
 
 class BertModel(BertPreTrainedModel):
     """The bare encoder. `encoder_embeds` feeds hidden states straight into the first layer of
-    `mode` (ALBEF's ITM runs text-encoder outputs through the fusion layers that way)."""
+    `mode` (ALBEF's ITM runs text-encoder outputs through the fusion layers that way).
+
+    `pack_tokens` (class default True; set it on an instance to change one model): in training
+    with the mask on the CPU, the linear layers run on the real tokens only (see Packing). False
+    runs every token, padding included, through every layer.
+    """
+
+    pack_tokens = True
 
     def __init__(self, config, add_pooling_layer=True):
         super().__init__(config)
@@ -596,23 +584,17 @@ class BertModel(BertPreTrainedModel):
         return (1.0 - extended) * (-1e4 if self.dtype == torch.float16 else -1e9)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                head_mask=None, inputs_embeds=None, encoder_embeds=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, past_key_values=None, use_cache=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, is_decoder=False, mode='multi_modal',
-                encoder_index=None):
+                encoder_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, is_decoder=False,
+                mode='multi_modal', encoder_index=None):
         """`encoder_index` (optional, B): row b attends to encoder_hidden_states[encoder_index[b]], so
         images shared by many texts (retrieval re-ranking) are projected once per layer."""
-        if past_key_values is not None:
-            raise ValueError('past_key_values (incremental decoding) is not supported: ALBEF scores whole '
-                             'answers and never decodes token by token')
         if input_ids is not None:
             input_shape, device = input_ids.shape, input_ids.device
-        elif inputs_embeds is not None:
-            input_shape, device = inputs_embeds.shape[:2], inputs_embeds.device
         elif encoder_embeds is not None:
             input_shape, device = encoder_embeds.shape[:2], encoder_embeds.device
         else:
-            raise ValueError('give one of input_ids, inputs_embeds or encoder_embeds')
+            raise ValueError('give input_ids or encoder_embeds')
         if attention_mask is None:
             attention_mask = torch.ones(input_shape, device=device)
         extended_mask = self.get_extended_attention_mask(attention_mask, input_shape, device, is_decoder)
@@ -631,28 +613,30 @@ class BertModel(BertPreTrainedModel):
         else:
             encoder_mask = None
 
-        head_mask = self.get_head_mask(head_mask, self.config.num_hidden_layers)
         if encoder_embeds is not None:
             embedding_output = encoder_embeds
         else:
-            embedding_output = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+            embedding_output = self.embeddings(input_ids, token_type_ids, position_ids)
         if encoder_index is not None and isinstance(encoder_hidden_states, (list, tuple)):
             raise ValueError('encoder_index cannot be combined with a list of encoder_hidden_states')
         packing = None
-        if (PACK_TOKENS and self.training and attention_mask.dim() == 2 and attention_mask.device.type == 'cpu'
-                and not (is_decoder or output_attentions or output_hidden_states or head_mask is not None
-                         or self._capturing())):
+        if (self.pack_tokens and self.training and attention_mask.dim() == 2 and attention_mask.device.type == 'cpu'
+                and not (is_decoder or output_attentions or output_hidden_states or self._capturing())):
             packing = Packing(attention_mask)
             if packing.index.numel() == attention_mask.numel():  # no padding to skip
                 packing = None
-        out = self.encoder(embedding_output, extended_mask, head_mask, encoder_hidden_states, encoder_mask,
+        out = self.encoder(embedding_output, extended_mask, encoder_hidden_states, encoder_mask,
                            bool(output_attentions), bool(output_hidden_states), mode, encoder_index, packing)
         out.pooler_output = self.pooler(out.last_hidden_state) if self.pooler is not None else None
         return out if return_dict is not False else out.to_tuple()
 
 
 class BertForMaskedLM(BertPreTrainedModel):
-    """BERT with the MLM head; ALBEF's pre-training distils it from the momentum model's soft labels."""
+    """BERT with the language-model head over the vocabulary (`bert`, `cls`): ALBEF's MLM text
+    encoder, and, as BertLMHeadModel (`is_decoder` True: causal self-attention), the VQA answer
+    decoder. The losses are computed by the callers from the logits (models/losses.py)."""
+
+    is_decoder = False
 
     def __init__(self, config):
         super().__init__(config)
@@ -661,53 +645,25 @@ class BertForMaskedLM(BertPreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                head_mask=None, inputs_embeds=None, encoder_embeds=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, labels=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None, is_decoder=False, mode='multi_modal', soft_labels=None, alpha=0,
-                return_logits=False):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
-                        encoder_embeds, encoder_hidden_states, encoder_attention_mask,
-                        output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                        return_dict=True, is_decoder=is_decoder, mode=mode)
+                encoder_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, is_decoder=None,
+                mode='multi_modal', return_logits=False):
+        """Logits (B, L, vocab) in a ModelOutput. `return_logits` returns the logits tensor alone; a
+        decoder's without the last position, which predicts past the end of the sequence."""
+        is_decoder = self.is_decoder if is_decoder is None else is_decoder
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, encoder_embeds,
+                        encoder_hidden_states, encoder_attention_mask, output_attentions=output_attentions,
+                        output_hidden_states=output_hidden_states, return_dict=True, is_decoder=is_decoder,
+                        mode=mode)
         logits = self.cls(out.last_hidden_state)
         if return_logits:
-            return logits
-        loss = None
-        if labels is not None:
-            from .losses import mlm_loss
-            loss = mlm_loss(logits, labels, soft_labels, alpha)
-        result = ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                            attentions=out.attentions, cross_attentions=out.cross_attentions)
+            return logits[:, :-1, :].contiguous() if is_decoder else logits
+        result = ModelOutput(logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+                             cross_attentions=out.cross_attentions)
         return result if return_dict is not False else result.to_tuple()
 
 
-class BertLMHeadModel(BertPreTrainedModel):
-    """Causal BERT with the LM head (the VQA answer decoder). With labels and reduction='none' the
-    loss is the summed negative log-likelihood of each sequence's tokens after the first."""
+class BertLMHeadModel(BertForMaskedLM):
+    """The causal LM (the VQA answer decoder): BertForMaskedLM with `is_decoder` True."""
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.bert = BertModel(config, add_pooling_layer=False)
-        self.cls = BertOnlyMLMHead(config)
-        self.init_weights()
-
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                head_mask=None, inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                labels=None, past_key_values=None, use_cache=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, is_decoder=True, reduction='mean',
-                mode='multi_modal', soft_labels=None, alpha=0, return_logits=False):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
-                        encoder_hidden_states=encoder_hidden_states,
-                        encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values,
-                        output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                        return_dict=True, is_decoder=is_decoder, mode=mode)
-        logits = self.cls(out.last_hidden_state)
-        if return_logits:
-            return logits[:, :-1, :].contiguous()
-        loss = None
-        if labels is not None:
-            from .losses import lm_loss
-            loss = lm_loss(logits, labels, soft_labels, alpha, reduction)
-        result = ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                            attentions=out.attentions, cross_attentions=out.cross_attentions)
-        return result if return_dict is not False else result.to_tuple()
+    is_decoder = True
