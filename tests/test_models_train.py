@@ -157,7 +157,7 @@ def test_eval_turns_dropout_off(make_model, tokenizer, variant):
         torch.manual_seed(2)
         reference = _eval_outputs(model.train(), variant, tokenizer)
     if variant == 'pretrain':  # the MLM logits: train mode packs the text tokens on the CPU (xbert
-        # PACK_TOKENS), so its padded positions hold other values, which no loss reads
+        # BertModel.pack_tokens), so its padded positions hold other values, which no loss reads
         real = _batch(tokenizer, variant)[1].attention_mask.bool()
         evaluated[-1], reference[-1], with_dropout[-1] = evaluated[-1][real], reference[-1][real], with_dropout[-1][real]
     for a, b in zip(evaluated, reference):
