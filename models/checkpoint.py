@@ -454,6 +454,7 @@ class Checkpointer:
         if self.rank == 0:
             if self.before_write is not None:
                 self.before_write()
+            os.makedirs(self.output_dir, exist_ok=True)
             try:
                 self._write(filename, state, epoch, rng, meters)
             except DiskFullError as e:
