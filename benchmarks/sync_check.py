@@ -27,35 +27,37 @@ import train_step as bench  # noqa: E402
 
 
 class Batches:
-    """Four fixed batches (images pinned, as the loader pins them); sync debug mode 'error' is on
-    while steps 2 and 3 run."""
+    """A loader of fixed batches for train_one_epoch that runs `start()` before step 2 and `stop()`
+    after step 3 (and at the end): the window the checks watch. tests/test_no_sync.py uses it too."""
 
-    def __init__(self, batches):
-        self.batches, self.batch_size = batches, batches[0][0].size(0)
+    def __init__(self, batches, start, stop):
+        self.batches, self.start, self.stop = batches, start, stop
+        self.batch_size = len(batches[0][0])
         self.sampler = argparse.Namespace(set_epoch=lambda epoch, start=0: None)
 
     def __len__(self):
         return len(self.batches)
 
     def __iter__(self):
-        for i, batch in enumerate(self.batches):
-            if i == 1:
-                torch.cuda.synchronize()
-                torch.cuda.set_sync_debug_mode('error')
-            if i == 3:
-                torch.cuda.set_sync_debug_mode('default')
-            yield batch, 0
-        torch.cuda.set_sync_debug_mode('default')
+        watching = False
+        try:
+            for i, batch in enumerate(self.batches):
+                if i in (1, 3):
+                    (self.stop if watching else self.start)()
+                    watching = not watching
+                yield batch, 0
+        finally:
+            if watching:  # the loop stopped inside the window (an error in step 2 or 3)
+                self.stop()
 
 
-class Tokenizer(bench.FakeTokenizer):
-    """Returns the benchmark's token ids for the 'captions' (here: the batch's index)."""
+def sync_errors_on():
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
 
-    def __init__(self, texts):
-        self.texts = texts
 
-    def __call__(self, key, **kwargs):
-        return self.texts[key]
+def sync_errors_off():
+    torch.cuda.set_sync_debug_mode('default')
 
 
 def main():
@@ -68,24 +70,25 @@ def main():
     config = bench.model_config(args.size)
     batch = args.batch or bench.SIZES[args.size]['batch']
     model, optimizer = bench.build('default', config, device)
-    batches, texts = [], []
-    for i in range(4):
-        image, text = bench.fixed_batch(config, batch, seed=i)
-        batches.append((image.pin_memory(), i))
-        texts.append(text)
+    batches = []
+    for i in range(4):  # as the loader delivers them: pinned uint8 images, captions tokenised in its workers
+        _, text = bench.fixed_batch(config, batch, seed=i)
+        image = torch.randint(0, 256, (batch, 3, config['image_res'], config['image_res']), dtype=torch.uint8,
+                              generator=torch.Generator().manual_seed(i))
+        batches.append((image.pin_memory(), text))
     run = engine.Run(args=argparse.Namespace(seed=0), config={
         'alpha': 0.4, 'print_freq': 1000, 'schedular': {'warmup_epochs': 0}}, device=device, amp=args.amp,
-        tokenizer=Tokenizer(texts), scaler=torch.amp.GradScaler('cuda', enabled=args.amp == 'fp16'))
+        scaler=torch.amp.GradScaler('cuda', enabled=args.amp == 'fp16'))
 
     class NoScheduler:
         def step_iteration(self, *a):
             pass
     result = {'sync_check': 'passed', 'size': args.size, 'batch': batch, 'amp': args.amp}
     try:
-        engine.train_one_epoch(model, Batches(batches), optimizer, NoScheduler(), 1, run, TrainState(),
+        engine.train_one_epoch(model, Batches(batches, sync_errors_on, sync_errors_off), optimizer, NoScheduler(), 1, run, TrainState(),
                                lambda m, b, a: Pretrain.train_step(m, b, a, run))
     except RuntimeError as error:
-        torch.cuda.set_sync_debug_mode('default')
+        sync_errors_off()
         result['sync_check'] = f'failed: {str(error).splitlines()[0]}'
     print(json.dumps(result))
     if result['sync_check'] != 'passed':

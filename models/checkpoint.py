@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import utils
 from .vit import interpolate_pos_embed
 
 QUEUE_BUFFERS = ('image_queue', 'text_queue', 'idx_queue', 'queue_ptr')
@@ -506,7 +507,7 @@ class Checkpointer:
             try:
                 ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
             except Exception as e:
-                print(f'skipping unreadable {path}: {short_error(e)}')
+                print(f'skipping unreadable {path}: {utils.short_message(e)}')
                 continue
             if not isinstance(ckpt, dict):
                 print(f'skipping {path}: not a training checkpoint')

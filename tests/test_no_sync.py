@@ -19,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import engine
+from benchmarks.sync_check import Batches
 from models.checkpoint import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,25 +107,6 @@ class HostReads(TorchDispatchMode):
         return [r for r in self.reads if not any((file, function) in ALLOWED for file, function, _ in r[5])]
 
 
-class Batches:
-    """A loader of fixed batches for train_one_epoch that records host reads during steps 2 and 3."""
-
-    def __init__(self, batches, recorder):
-        self.batches, self.recorder, self.batch_size = batches, recorder, 4
-        self.sampler = argparse.Namespace(set_epoch=lambda epoch, start=0: None)
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        for i, batch in enumerate(self.batches):
-            if i == 1:
-                self.recorder.__enter__()
-            if i == 3:
-                self.recorder.__exit__(None, None, None)
-            yield batch, 0
-
-
 class NoScheduler:
     def step_iteration(self, *args):
         pass
@@ -138,7 +120,7 @@ def run_steps(model, tokenizer, batches, train_step, config_extra=None):
     from optim import create_optimizer
     optimizer = create_optimizer(config['optimizer'], model)  # fused AdamW, as the scripts build it
     recorder = HostReads()
-    engine.train_one_epoch(model, Batches(batches, recorder), optimizer, NoScheduler(), 1, run,
+    engine.train_one_epoch(model, Batches(batches, recorder.__enter__, lambda: recorder.__exit__(None, None, None)), optimizer, NoScheduler(), 1, run,
                            TrainState(), lambda m, b, a: train_step(m, b, a, run))
     return recorder
 
