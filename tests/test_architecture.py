@@ -81,3 +81,28 @@ def test_the_check_sees_a_wrong_import(tmp_path):
     path = tmp_path / 'x.py'
     path.write_text('def f():\n    import engine.run\n    from Retrieval import main\n    from . import y\n')
     assert list(project_imports(str(path))) == [(2, 'engine'), (3, 'Retrieval')]
+
+
+# ---- state flows one way ------------------------------------------------------------------------
+def test_setup_writes_nothing_back_into_args(demo_config, tmp_path):
+    """engine.setup reads the flags and the YAML and returns a Run; the flags stay as parsed."""
+    import copy
+
+    import engine
+    import VE
+    args = VE.get_parser().parse_args(['--config', demo_config('VE'), '--output_dir', str(tmp_path / 'out'),
+                                       '--device', 'cpu', '--amp', 'off', '--log_to', 'none'])
+    before = copy.deepcopy(vars(args))
+    run = engine.setup(args, VE.REQUIRED)
+    assert vars(args) == before
+    assert (run.rank, run.world_size, run.device.type, run.amp) == (0, 1, 'cpu', 'off')
+    assert run.tokenizer is not None and run.config['log_to'] == 'none' and run.config['accum_steps'] == 1
+    assert not os.path.exists(tmp_path / 'out')  # nothing written before the first checkpoint or log line
+
+
+@pytest.mark.parametrize('script', sorted(SCRIPTS))
+def test_every_script_defaults_to_output_task(script):
+    import importlib
+    module = importlib.import_module(script)
+    default = module.get_parser().get_default('output_dir')
+    assert default.startswith('output/') and len(default) > len('output/'), default
