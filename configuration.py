@@ -12,11 +12,37 @@ checks that the annotation files, the `--checkpoint` and the `--output_dir` fit,
 lets the script start as usual, where the same checks run again with everything else. A problem
 ends the process with one line on stderr and exit status 2, as the scripts' own errors do.
 """
+# ---- Ctrl-C while a task script starts (this module is its first import) -----------------------
+# Until engine.launch installs its own handling, SIGINT (Ctrl-C) ends the script with one line and
+# exit status 130, not a KeyboardInterrupt traceback from inside whatever was importing (torch
+# takes seconds). Only for a task script run as the main program (a .py beside this file): pytest,
+# notebooks, `python -m ...` tools keep Python's own Ctrl-C. `_signal` is the builtin module under
+# `signal`, loaded at once (`signal` first imports enum, time enough for a Ctrl-C to land there).
+import _signal
+import os
+import sys
+
+
+def _interrupted_while_starting(signum, frame):
+    if os.environ.get('RANK', '0') == '0':  # under torchrun every process gets Ctrl-C; one reports
+        print('interrupted; nothing more was written (continue with --resume from the last checkpoint, if any)',
+              file=sys.stderr, flush=True)
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(130)  # at once: a SystemExit raised inside an import could be caught there
+
+
+_main_file = getattr(sys.modules.get('__main__'), '__file__', None) or os.sep
+if os.path.dirname(os.path.abspath(_main_file)) == os.path.dirname(os.path.abspath(__file__)) \
+        and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+    _signal.signal(_signal.SIGINT, _interrupted_while_starting)
+# -----------------------------------------------------------------------------------------------
+
 import argparse
 import ast
 import difflib
-import os
-import sys
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
@@ -140,6 +166,8 @@ def check_output_dir(args):
     returns the earlier run's files, which are removed when this run writes its first file) or
     evaluated into (--evaluate writes its log beside the checkpoints)."""
     out = args.output_dir
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f'--output_dir {out} is a file, not a directory')
     names = sorted(os.listdir(out)) if out and os.path.isdir(out) else []
     checkpoints = [n for n in names if n.startswith('checkpoint') and n.endswith('.pth')]
     if not checkpoints or args.resume or getattr(args, 'evaluate', False):

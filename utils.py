@@ -300,11 +300,12 @@ class MetricLogger:
 
 
 def short_message(error):
-    """The last line of an error message (DataLoader workers wrap theirs in a traceback), without
-    the exception's class name."""
+    """The last line of an error message (DataLoader workers wrap theirs in a traceback, whose last
+    line starts with the exception's class name and module path), without that class name."""
     text = str(error).strip() or type(error).__name__
     last = text.splitlines()[-1]
-    for prefix in ('dataset.base.DataError: ', 'DataError: '):
-        if last.startswith(prefix):
-            last = last[len(prefix):]
+    for cls in type(error).__mro__:
+        for prefix in (f'{cls.__module__}.{cls.__qualname__}: ', f'{cls.__qualname__}: '):
+            if last.startswith(prefix):
+                return last[len(prefix):]
     return last

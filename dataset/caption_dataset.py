@@ -323,7 +323,8 @@ class re_eval_dataset(ImageRootDataset):
                 self.txt2img[txt_id] = img_id
 
     def item_problem(self, item: dict) -> str | None:
-        return type_problem(item, 'caption', list, 'a list of strings') or list_problem(item, 'caption')
+        return type_problem(item, 'caption', list, 'a list of strings') or list_problem(item, 'caption') or \
+            (None if item['caption'] else "has an empty 'caption' list (each image needs at least one caption)")
 
     def get_item(self, index: int) -> tuple:
         image = self.load_image(self.image_paths(self.ann[index])[0], index)

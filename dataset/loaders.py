@@ -11,10 +11,12 @@
 """
 from __future__ import annotations
 
+import atexit
 import os
 import random
 import signal
 import sys
+import weakref
 from typing import Callable, Sequence
 
 import numpy as np
@@ -127,8 +129,48 @@ def num_workers_of(config: dict) -> int:
 
 def _worker_init(worker_id):
     # the main process decides when to stop (SIGINT from Ctrl-C and SLURM's SIGTERM reach the workers too)
+    # and ends its workers itself (shutdown_workers); if it dies, they notice within seconds (DataLoader's watchdog)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose worker processes `shutdown_workers` can end (DataLoader has no public way:
+    its workers end only when its iterator is garbage-collected, which an exception's traceback
+    or a persistent-workers loader can put off past the interpreter's exit, where the workers,
+    ignoring SIGTERM, would be waited for forever)."""
+
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        if self.num_workers > 0:
+            _ITERATORS.add(iterator)
+        return iterator
+
+
+_ITERATORS = weakref.WeakSet()  # the multi-process iterators of this process's loaders
+
+
+def shutdown_workers():
+    """End the worker processes of every loader of this process, now: each is asked to stop (as
+    the DataLoader does when its iterator goes away) and killed if it has not within a few seconds.
+    engine.launch calls it whatever ends a run; it also runs at interpreter exit."""
+    for iterator in list(_ITERATORS):
+        workers = list(getattr(iterator, '_workers', ()))
+        try:
+            iterator._shutdown_workers()  # the DataLoader's own protocol: a stop message, join, SIGTERM
+        except Exception:  # a queue already broken: the kill below ends them
+            pass
+        for worker in workers:
+            if worker.is_alive():  # busy or stuck, and ignoring SIGTERM (_worker_init)
+                worker.kill()
+                worker.join(5)
+    _ITERATORS.clear()
+
+
+# registered after torch's and multiprocessing's own exit handlers, so it runs before them
+# (atexit runs last-in first-out): before torch's stops shutting workers down and before
+# multiprocessing's waits for every child
+atexit.register(shutdown_workers)
 
 
 def make_loader(dataset, batch_size: int, *, train: bool, sampler=None, num_workers: int = 0,
@@ -137,10 +179,10 @@ def make_loader(dataset, batch_size: int, *, train: bool, sampler=None, num_work
     they have no sampler and keep their workers between epochs; evaluation loaders do none of it.
     Workers ignore SIGINT/SIGTERM (the main process stops training between steps)."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=train and sampler is None,
-                      num_workers=num_workers, collate_fn=collate_fn, drop_last=train, pin_memory=pin_memory,
-                      persistent_workers=train and num_workers > 0, generator=generator,
-                      worker_init_fn=_worker_init)
+    return _Loader(dataset, batch_size=batch_size, sampler=sampler, shuffle=train and sampler is None,
+                   num_workers=num_workers, collate_fn=collate_fn, drop_last=train, pin_memory=pin_memory,
+                   persistent_workers=train and num_workers > 0, generator=generator,
+                   worker_init_fn=_worker_init)
 
 
 class StreamLoader:
@@ -158,7 +200,7 @@ class StreamLoader:
 
     def __iter__(self):
         # its own generator: making the iterator must not draw from the global one (exact resume)
-        return iter(DataLoader(self.stream, batch_size=self.batch_size, drop_last=True,
+        return iter(_Loader(self.stream, batch_size=self.batch_size, drop_last=True,
                                generator=torch.Generator().manual_seed(self.stream.seed), **self.loader_kwargs))
 
 

@@ -1,16 +1,20 @@
 """The entry point of every script: parse the flags, run `main(args)`, and end bad input with one
-line on stderr and exit status 2 (a signal: 128 + its number), closing the trackers and the
-process group whatever happened."""
+line on stderr and exit status 2 (a signal: 128 + its number), closing the loader workers, the
+trackers and the process group whatever happened, so that no run outlives its end."""
 import sys
 
 import torch.distributed as dist
 
+import dataset.loaders
 import tracking
 import utils
 from configuration import ConfigError
 from models.checkpoint import CheckpointError, DiskFullError
 from .loop import NonFiniteLossError
 from .signals import SIGNALS, Interrupted
+
+# what gloo and NCCL say when another process of the group is gone
+PEER_LOST = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'remote process exited')
 
 
 def launch(main, parser, argv=None):
@@ -31,8 +35,24 @@ def launch(main, parser, argv=None):
         print('interrupted; nothing more was written (continue with --resume from the last checkpoint, if any)',
               file=sys.stderr, flush=True)
         sys.exit(130)
-    finally:
+    except RuntimeError as error:
+        lost = peer_lost(error) if utils.is_dist_avail_and_initialized() else None
+        if lost is None:
+            raise  # a bug: its traceback, exit status 1
+        # the process that stopped first printed why; this one's traceback would only bury that
+        print(f'error: process {utils.get_rank()} of {utils.get_world_size()} stops: another process of the run '
+              f'stopped ({lost})', file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:  # whatever ended the run: nothing of it may keep this process alive
         SIGNALS.uninstall()
+        dataset.loaders.shutdown_workers()
         tracking.close_all()
         if utils.is_dist_avail_and_initialized():
             dist.destroy_process_group()
+
+
+def peer_lost(error):
+    """What gloo or NCCL said when a collective failed because another process of the group is
+    gone, else None."""
+    found = [text for text in PEER_LOST if text in str(error)]
+    return found[0] if found else 'connection lost' if isinstance(error, dist.DistNetworkError) else None
