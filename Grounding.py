@@ -11,7 +11,6 @@ import configuration
 configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
 
 import torch.distributed as dist
-from tqdm import tqdm
 
 import engine
 import utils
@@ -39,8 +38,8 @@ def evaluation(model, data_loader, run, mode, block_num):
     with gradients: Grad-CAM differentiates the ITM logit (or the ITC similarity)."""
     model.eval()
     result = []
-    for image, text, ref_ids in tqdm(data_loader, desc=f'Grad-CAM ({mode}, block {block_num})',
-                                     disable=not run.is_main, leave=False):
+    for image, text, ref_ids in utils.progress(data_loader, desc=f'Grad-CAM ({mode}, block {block_num})',
+                                                disable=not run.is_main, leave=False):
         maps = gradcam.expression_gradcam(model, utils.to_device(image, run.device), run.tokenize(text), mode,
                                           block_num).cpu()
         result += [{'ref_id': int(ref_id), 'pred': m} for ref_id, m in zip(ref_ids, maps)]

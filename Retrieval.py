@@ -9,7 +9,6 @@ import configuration
 configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
 
 import torch
-from tqdm import tqdm
 
 import engine
 import utils
@@ -49,7 +48,7 @@ def evaluation(model, data_loader, tokenizer, device, config):
         utils.gather_rows(t, len(dataset.text), strided=True)
         for t in text_features(model, dataset.text[rank::world_size], tokenizer, device))
     image_feats, image_embeds = [], []
-    for image, _ in tqdm(data_loader, desc='image features', disable=not utils.is_main_process(), leave=False):
+    for image, _ in utils.progress(data_loader, desc='image features', disable=not utils.is_main_process(), leave=False):
         feats, embeds = image_features(model, utils.to_device(image, device))
         image_feats.append(feats)
         image_embeds.append(embeds)

@@ -6,6 +6,7 @@ their input, barriers do nothing, the world size is 1 and the rank is 0.
 import builtins
 import datetime
 import os
+import sys
 import time
 from collections import defaultdict, deque
 
@@ -297,6 +298,66 @@ class MetricLogger:
         total_time = time.time() - start_time
         print(f'{header} Total time: {datetime.timedelta(seconds=int(total_time))} '
               f'({total_time / steps:.4f} s / it)', flush=True)
+
+
+# ---- progress -----------------------------------------------------------------------------------
+def progress(iterable=None, *, total=None, desc='', unit='it', leave=True, disable=False):
+    """A tqdm bar on a terminal; on a file or a pipe (a log) plain lines instead of the bar's
+    carriage-return frames (`Progress`). Iterate over it, or call `update(n)` and `close()`."""
+    if not disable and sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True)
+    return Progress(iterable, total=total, desc=desc, unit=unit, quiet=disable)
+
+
+class Progress:
+    """Progress written as lines to stderr: one each time another tenth of `total` is done (with no
+    total: each `every` seconds), never two within `every` seconds, and a last one at the end if any
+    was written. A loop of under `every` seconds writes nothing."""
+
+    def __init__(self, iterable=None, total=None, desc='', unit='it', quiet=False, every=10.0):
+        if total is None and hasattr(iterable, '__len__'):
+            total = len(iterable)
+        self.iterable, self.total, self.desc, self.unit, self.quiet, self.every = \
+            iterable, total, desc, unit, quiet, every
+        self.n = self.shown = 0
+        self.start = self.last = time.monotonic()
+        self.wrote = self.closed = False
+
+    def __iter__(self):
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def update(self, n=1):
+        self.n += n
+        now = time.monotonic()
+        step = self.total / 10 if self.total else None
+        if now - self.last >= self.every and (step is None or self.n - self.shown >= step):
+            self._write(now)
+
+    def _write(self, now):
+        if self.quiet:
+            return
+        done = f'{self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%)' if self.total \
+            else f'{self.n} {self.unit}'
+        sys.stderr.write(f'{self.desc}: {done}, {datetime.timedelta(seconds=int(now - self.start))}\n')
+        sys.stderr.flush()
+        self.shown, self.last, self.wrote = self.n, now, True
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            if self.wrote and self.n != self.shown:
+                self._write(time.monotonic())
+
+
+def significant(value, digits=6):
+    """A float to `digits` significant digits (72.39999999999999 -> 72.4); anything else as it is."""
+    return float(f'{value:.{digits}g}') if isinstance(value, float) else value
 
 
 def short_message(error):

@@ -357,9 +357,9 @@ class AnnotationDataset(Dataset):
         jobs = ((index, path) for index, item in enumerate(self.ann) for path in self.image_paths(item))
         bar = None
         if progress:
-            from tqdm import tqdm
+            import utils
             total = sum(len(self.image_paths(item)) for item in self.ann)
-            bar = tqdm(total=total, desc=desc, unit='img', dynamic_ncols=True)
+            bar = utils.progress(total=total, desc=desc, unit='img')
 
         def probe(job: tuple[int, str]) -> Problem | None:
             index, path = job

@@ -120,8 +120,8 @@ def shard_sizes(urls: Sequence[str], cache_dir: str | None = None, progress: boo
             return json.load(f)
     iterable = urls
     if progress:
-        from tqdm import tqdm
-        iterable = tqdm(urls, desc='counting shard samples', unit='shard', dynamic_ncols=True)
+        import utils
+        iterable = utils.progress(urls, desc='counting shard samples', unit='shard')
     sizes = [count_samples(url) for url in iterable]
     try:
         os.makedirs(cache_dir, exist_ok=True)
@@ -373,8 +373,8 @@ def convert(config: dict, out: str, shard_size: int = 10_000, progress: bool = T
     summary = {'samples': 0, 'missing': 0, 'unreadable': 0}
     bar = None
     if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(dataset), desc='writing shards', unit='sample', dynamic_ncols=True)
+        import utils
+        bar = utils.progress(total=len(dataset), desc='writing shards', unit='sample')
     with wds.ShardWriter(os.path.join(out, '%06d.tar'), maxcount=shard_size, verbose=0) as sink:
         for index in range(len(dataset)):
             item = dataset.ann[index]

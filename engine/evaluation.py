@@ -7,11 +7,13 @@ import utils
 
 def split_evaluator(loaders, score):
     """The `evaluate(epoch)` of `fit`: {'<split>_<metric>': value} over the named loaders
-    ({'val': ..., 'test': ...}), where `score(loader)` returns {metric: value}."""
+    ({'val': ..., 'test': ...}), where `score(loader)` returns {metric: value}; float values are
+    kept to 6 significant digits."""
     def evaluate(epoch):
         stats = {}
         for split, loader in loaders.items():
-            result = score(loader)
+            # float noise (72.39999999999999) off: the numbers printed are those log.txt stores
+            result = {k: utils.significant(v) for k, v in score(loader).items()}
             print(f'{split}: {result}')
             stats.update({f'{split}_{k}': v for k, v in result.items()})
         return stats

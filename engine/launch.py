@@ -26,7 +26,10 @@ def launch(main, parser, argv=None):
         main(args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, NonFiniteLossError, DiskFullError) as error:
         message = error.strerror if isinstance(error, DiskFullError) else utils.short_message(error)
-        print(f'error: {message}', file=sys.stderr, flush=True)
+        # before training every process does the same work, and the first speaks for all; once
+        # training started, an error is this process's own (its share of the data)
+        if utils.is_main_process() or SIGNALS.active:
+            say(f'error: {message}')
         sys.exit(2)
     except Interrupted as interrupt:
         print(interrupt, file=sys.stderr, flush=True)
@@ -40,8 +43,8 @@ def launch(main, parser, argv=None):
         if lost is None:
             raise  # a bug: its traceback, exit status 1
         # the process that stopped first printed why; this one's traceback would only bury that
-        print(f'error: process {utils.get_rank()} of {utils.get_world_size()} stops: another process of the run '
-              f'stopped ({lost})', file=sys.stderr, flush=True)
+        say(f'error: process {utils.get_rank()} of {utils.get_world_size()} stops: another process of the run '
+            f'stopped ({lost})')
         sys.exit(1)
     finally:  # whatever ended the run: nothing of it may keep this process alive
         SIGNALS.uninstall()
@@ -49,6 +52,13 @@ def launch(main, parser, argv=None):
         tracking.close_all()
         if utils.is_dist_avail_and_initialized():
             dist.destroy_process_group()
+
+
+def say(line):
+    """A line on stderr from any process (print() is silenced on all but the first, see
+    utils.setup_for_distributed)."""
+    sys.stderr.write(line + '\n')
+    sys.stderr.flush()
 
 
 def peer_lost(error):

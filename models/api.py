@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+import utils
 from .checkpoint import (CheckpointError, SAFETENSORS_FILE, is_pretrain_layout, load_checkpoint, read_checkpoint,
                          strip_for_release)
 
@@ -353,7 +353,7 @@ class LoadedModel:
     # ---- batching --------------------------------------------------------------------------
     @staticmethod
     def _batches(n, batch_size, progress, desc):
-        return tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False)
+        return utils.progress(range(0, n, batch_size), desc=desc, disable=not progress, leave=False)
 
     def _images(self, images):
         """(B, 3, H, W) on the device, from PIL images and paths (or a transformed batch)."""

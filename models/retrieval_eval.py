@@ -150,9 +150,8 @@ def retrieval_scores(model, image_feats, image_embeds, text_feats, text_embeds, 
         rows = rank_rows(matrix.size(0), rank, world_size).to(matrix.device)
         bar = None
         if show_progress and utils.is_main_process():
-            from tqdm import tqdm
-            bar = tqdm(total=len(rows) * min(k_test, matrix.size(1)), desc=f're-rank {direction}', unit='pair',
-                       leave=False)
+            bar = utils.progress(total=len(rows) * min(k_test, matrix.size(1)), desc=f're-rank {direction}',
+                                 unit='pair', leave=False)
         scores = rerank(model, matrix, image_feats, text_feats, text_atts, k_test, direction, rows,
                         pairs_per_pass, bar)
         if bar is not None:

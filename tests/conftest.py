@@ -5,8 +5,10 @@ thread, as does each worker's own torch: the demo models are too small for two t
 much, and one thread everywhere keeps the trained numbers the same under `-n 2` and without it."""
 import json
 import os
+import signal
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -37,6 +39,100 @@ def pytest_collection_modifyitems(config, items):
             return 0
         return 2 if name in NEEDS_PRETRAINED else 1
     items.sort(key=rank)  # stable: keeps the order within each file
+
+
+# ---- no test leaves a process behind -------------------------------------------------------------
+# Processes Python and torch keep for the life of the process that started them (not a test's)
+LIFELONG = ('multiprocessing.resource_tracker', 'multiprocessing.forkserver', 'compile_worker')
+LEFTOVER_GRACE = 10  # seconds; an orphaned DataLoader worker notices its parent is gone within 5
+
+
+def processes():
+    """{pid: (parent pid, state, command line)} of every process."""
+    found = {}
+    for name in os.listdir('/proc'):
+        if name.isdigit():
+            try:
+                with open(f'/proc/{name}/stat') as f:
+                    fields = f.read().rsplit(')', 1)[1].split()
+                with open(f'/proc/{name}/cmdline', 'rb') as f:
+                    command = f.read().replace(b'\0', b' ').decode(errors='replace').strip()
+            except OSError:  # gone meanwhile
+                continue
+            found[int(name)] = (int(fields[1]), fields[0], command)
+    return found
+
+
+def descendants(pid=None, table=None):
+    """{pid: command line} of the live (not zombie) descendants of `pid` (default: this process)."""
+    table = processes() if table is None else table
+    pid = os.getpid() if pid is None else pid
+    children = {}
+    for child, (parent, _, _) in table.items():
+        children.setdefault(parent, []).append(child)
+    found, todo = {}, list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        if table[child][1] != 'Z':
+            found[child] = table[child][2]
+        todo += children.get(child, [])
+    return found
+
+
+def _reap(pids):
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # not our child, or reaped already
+            pass
+
+
+def leftovers(before, grace=LEFTOVER_GRACE):
+    """The descendants of this process not in `before` (nor lifelong helpers) that are still alive
+    `grace` seconds from now ({} as soon as there are none)."""
+    deadline = time.monotonic() + grace
+    while True:
+        table = processes()
+        # adopted orphans (see _adopt_orphans) that ended: reaped, as their parent would have
+        _reap([pid for pid, (parent, state, _) in table.items()
+               if parent == os.getpid() and state == 'Z' and pid not in before])
+        left = {pid: command for pid, command in descendants(table=table).items()
+                if pid not in before and not any(name in command for name in LIFELONG)}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope='session')
+def _adopt_orphans():
+    """Make this process the child subreaper (Linux): a process whose parent ends (a script's
+    loader workers, torchrun's ranks) becomes its child instead of init's, so `no_process_left`
+    sees it."""
+    import ctypes
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # 36: PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+@pytest.fixture(autouse=True)
+def no_process_left(_adopt_orphans):
+    """Fail a test that leaves a process running (a child of this process, or an orphan of one,
+    still alive LEFTOVER_GRACE seconds after the test); the leftovers are killed. Processes that
+    wider-scoped fixtures started (a demo server) were there before the test and do not count."""
+    before = set(descendants())
+    yield
+    left = leftovers(before)
+    if left:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+        _reap(left)
+        pytest.fail(f'the test left {len(left)} process(es) running (killed now): '
+                    + '; '.join(f'{pid}: {command[:200]}' for pid, command in sorted(left.items())), pytrace=False)
 
 
 @pytest.fixture(scope='session')
