@@ -26,9 +26,9 @@ def launch(main, parser, argv=None):
         main(args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, NonFiniteLossError, DiskFullError) as error:
         message = error.strerror if isinstance(error, DiskFullError) else utils.short_message(error)
-        # before training every process does the same work, and the first speaks for all; once
-        # training started, an error is this process's own (its share of the data)
-        if utils.is_main_process() or SIGNALS.active:
+        # every process reads the same config, checkpoint and weights, and the first speaks for all;
+        # a data error in training is this process's own (its share of the data)
+        if utils.is_main_process() or (SIGNALS.active and isinstance(error, DataError)):
             say(f'error: {message}')
         sys.exit(2)
     except Interrupted as interrupt:

@@ -18,7 +18,10 @@ from PIL import Image
 import engine
 import Pretrain
 import Retrieval
+import utils
 from conftest import ROOT, descendants, leftovers, run_script
+
+launch_module = sys.modules['engine.launch']  # engine.launch is also the function's name
 
 LIMIT = 60  # seconds from the start of a run to its last process gone
 BAD = 3  # the item whose image is bad
@@ -126,26 +129,25 @@ def test_unexpected_exception_in_training_ends_the_workers(demo_config, demo_wor
 
     monkeypatch.setattr(Pretrain, 'train_step', fails)
     before = set(descendants())
-    with pytest.raises(RuntimeError, match='a bug in the training step'):
+    with pytest.raises(RuntimeError) as error_info:  # its traceback holds the loader, as at a script's exit
         engine.launch(Pretrain.main, Pretrain.get_parser(), ['--config', config, '--output_dir', str(out),
                                                              '--device', 'cpu'])
     assert not leftovers(before, grace=0), 'loader workers outlived engine.launch'
+    assert str(error_info.value) == 'a bug in the training step'
 
 
 def test_queue_size_not_a_multiple_of_the_batch_ends(demo_config, tmp_path, out, capsys):
     # was a traceback, then the hang; a config check may make it one line: either way it ends
     config = demo_config('Pretrain', batch_size=6, queue_size=16, num_workers=2)
     before = set(descendants())
-    try:
+    with pytest.raises((ValueError, SystemExit)) as error_info:  # its traceback holds the loader, as at exit
         engine.launch(Pretrain.main, Pretrain.get_parser(), ['--config', config, '--output_dir', str(out),
                                                              '--device', 'cpu'])
-    except ValueError as error:  # its traceback, exit status 1
-        assert str(error).startswith('queue_size 16 must be a multiple of the global batch size')
-    except SystemExit as exit_info:
-        assert exit_info.code == 2 and capsys.readouterr().err.startswith('error: ')
-    else:
-        pytest.fail('the run went on')
     assert not leftovers(before, grace=0), 'loader workers outlived engine.launch'
+    if error_info.type is SystemExit:
+        assert error_info.value.code == 2 and capsys.readouterr().err.startswith('error: ')
+    else:  # its traceback, exit status 1
+        assert str(error_info.value).startswith('queue_size 16 must be a multiple of the global batch size')
 
 
 def test_evaluation_image_without_captions(demo_config, demo_world, tmp_path, out, capsys):
@@ -210,3 +212,45 @@ def test_ctrl_c_while_importing_is_one_line(demo_config, tmp_path):
         'interrupted; nothing more was written (continue with --resume from the last checkpoint, if any)'])
     assert 'torch' not in stdout and not (tmp_path / 'out').exists()
     assert not leftovers(before)
+
+
+# ---- one line means one line --------------------------------------------------------------------
+def test_short_message_drops_the_module_path():
+    # a DataLoader worker's error comes back as its traceback text, ending in the qualified class name
+    from dataset.base import ImageError
+    wrapped = ImageError('Caught ImageError in DataLoader worker process 0.\nOriginal Traceback (most recent '
+                         'call last):\n  File "x.py", line 1, in f\ndataset.base.ImageError: cannot read image a.png '
+                         '(item 3 of ann.json): truncated')
+    assert utils.short_message(wrapped) == 'cannot read image a.png (item 3 of ann.json): truncated'
+    assert utils.short_message(ValueError('ValueError: x: y')) == 'x: y'
+    assert utils.short_message(ValueError('KeyError: x')) == 'KeyError: x'  # another class: part of the message
+
+
+def test_peer_lost_is_told_from_a_bug():
+    gloo = RuntimeError('[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:13704. This is '
+                        'typically caused by a remote worker crashing.')
+    assert launch_module.peer_lost(gloo) == 'Connection closed by peer'
+    assert launch_module.peer_lost(RuntimeError('mat1 and mat2 shapes cannot be multiplied')) is None
+
+
+def test_metrics_are_printed_as_logged(capsys):
+    evaluate = engine.split_evaluator({'val': None}, lambda loader: {'img_r10': 72.39999999999999, 'n': 3,
+                                                                     'r_mean': 40.63333333333334})
+    assert evaluate(0) == {'val_img_r10': 72.4, 'val_n': 3, 'val_r_mean': 40.6333}
+    assert capsys.readouterr().out == "val: {'img_r10': 72.4, 'n': 3, 'r_mean': 40.6333}\n"
+
+
+def test_progress_is_plain_lines_off_a_terminal(capsys, monkeypatch):
+    assert isinstance(utils.progress(range(3)), utils.Progress)  # stderr is captured here: not a terminal
+    assert list(utils.Progress(range(100), desc='images', unit='img', every=0)) == list(range(100))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f'images: {n}/100 img ({n}%), 0:00:00' for n in range(10, 101, 10)]
+    bar = utils.Progress(total=5, desc='pairs', every=3600)  # a loop shorter than `every`: nothing
+    bar.update(5)
+    bar.close()
+    assert capsys.readouterr().err == ''
+    monkeypatch.setattr(sys.stderr, 'isatty', lambda: True)
+    from tqdm import tqdm
+    bar = utils.progress(range(3), desc='on a terminal')
+    assert isinstance(bar, tqdm)
+    bar.close()
