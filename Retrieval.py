@@ -48,7 +48,8 @@ def evaluation(model, data_loader, tokenizer, device, config):
         utils.gather_rows(t, len(dataset.text), strided=True)
         for t in text_features(model, dataset.text[rank::world_size], tokenizer, device))
     image_feats, image_embeds = [], []
-    for image, _ in utils.progress(data_loader, desc='image features', disable=not utils.is_main_process(), leave=False):
+    for image, _ in utils.progress(data_loader, desc='image features', disable=not utils.is_main_process(),
+                                   leave=False):
         feats, embeds = image_features(model, utils.to_device(image, device))
         image_feats.append(feats)
         image_embeds.append(embeds)

@@ -201,7 +201,7 @@ class StreamLoader:
     def __iter__(self):
         # its own generator: making the iterator must not draw from the global one (exact resume)
         return iter(_Loader(self.stream, batch_size=self.batch_size, drop_last=True,
-                               generator=torch.Generator().manual_seed(self.stream.seed), **self.loader_kwargs))
+                            generator=torch.Generator().manual_seed(self.stream.seed), **self.loader_kwargs))
 
 
 def shard_loader(dataset, batch_size, config, rank=0, world_size=1, seed=0, pin_memory=False, collate_fn=None):
