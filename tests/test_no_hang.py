@@ -92,8 +92,8 @@ def run_to_end(script, *args, nproc=1, launcher='torchrun'):
 
 
 def in_process(main, parser, argv):
-    """engine.launch(main) in this process: (exit status, stderr lines); the loader workers it
-    started must be gone when it returns."""
+    """engine.launch(main) in this process, as `python SCRIPT argv` would run it: its exit status;
+    the loader workers it started must be gone when it returns."""
     before = set(descendants())
     with pytest.raises(SystemExit) as exit_info:
         engine.launch(main, parser, [*map(str, argv), '--device', 'cpu'])
