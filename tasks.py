@@ -101,7 +101,8 @@ COMMON_KEYS: dict[str, Check] = {
     'randaugment_autocontrast': one_of('original', 'pil'),
     'optimizer': MAPPING,                     # OPTIMIZER_KEYS
     'schedular': MAPPING,                     # SCHEDULER_KEYS
-    'amp': optional(one_of('bf16', 'fp16', 'off', False)),
+    'amp': Check('bf16, fp16 or off (null: the default)',
+                 lambda v: v is None or v is False or v in ('bf16', 'fp16', 'off')),  # YAML `off` reads as false
     'eval_amp': BOOL,
     'accum_steps': POSITIVE,
     'grad_checkpointing': BOOL,

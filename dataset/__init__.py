@@ -181,8 +181,9 @@ def create_dataset(dataset: str, config: dict, uint8: bool = False) -> Annotatio
     'grounding' -> (train, test). With `uint8` the images come as uint8 tensors (see `normalize`)."""
     try:
         task = tasks.get(dataset)
-    except ValueError as error:
-        raise ValueError(f'{error} (the dataset names of create_dataset)') from None
+    except ValueError:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(tasks.names(with_aliases=True))}") \
+            from None
     if 'image_res' not in config:
         raise DataError("config has no 'image_res'")
     check = config.get('check_images')  # unset: the dataset class decides (see AnnotationDataset)

@@ -114,7 +114,6 @@ def speed_options(args, config, device):
         raise ConfigError(f"accum_steps: expected a positive integer, got {config['accum_steps']!r}")
     config.setdefault('grad_checkpointing', False)
     config.setdefault('compile', False)
-    config.setdefault('eval_amp', False)
 
 
 def log_to_option(args, config):

@@ -58,7 +58,8 @@ def snapshot(path):
     return {name: (path / name).read_bytes() for name in sorted(os.listdir(path))}
 
 
-NOT_A_FOLDER = 'is no folder (expected a folder holding vocab.txt, or a Hugging Face model name such as bert-base-uncased)'
+NOT_A_FOLDER = ('is no folder (expected a folder holding vocab.txt, or a Hugging Face model name such as '
+                'bert-base-uncased)')
 # (id, overrides of the Retrieval config, extra flags, environment, the expected line after '{config}: ')
 CASES = [
     ('lr-string', dict(optimizer={'lr': '1e-4'}), [], {},
@@ -76,7 +77,7 @@ CASES = [
      "optimizer.opt: expected one of adamW, got 'adamx'"),
     ('momentum-range', dict(momentum=1.5), [], {}, 'momentum: expected a number >= 0 and <= 1, got 1.5'),
     ('temp-0', dict(temp=0), [], {}, 'temp: expected a number > 0, got 0'),
-    ('amp-unknown', dict(amp='fp32'), [], {}, "amp: expected one of bf16, fp16, off, False, or null, got 'fp32'"),
+    ('amp-unknown', dict(amp='fp32'), [], {}, "amp: expected bf16, fp16 or off (null: the default), got 'fp32'"),
     ('distill-string', dict(distill='yes'), [], {}, "distill: expected true or false, got 'yes'"),
     ('workers-negative', dict(num_workers=-1), [], {}, 'num_workers: expected an integer >= 0, got -1'),
     ('queue-batch', dict(queue_size=100), [], {},
