@@ -129,18 +129,6 @@ def test_a_bad_value_ends_the_script_in_one_line(case, tmp_path, out):
     assert snapshot(out) == before
 
 
-def test_the_checks_accept_every_original_config():
-    """configs/*.yaml (the original's) pass every key and value check of their task."""
-    import configuration
-    from dataset.check import infer_task
-    names = sorted(n for n in os.listdir(os.path.join(ROOT, 'configs')) if n.endswith('.yaml'))
-    assert len(names) == 8
-    for name in names:
-        path = os.path.join('configs', name)
-        config = configuration.load_yaml(os.path.join(ROOT, path))
-        configuration.check_config(config, path, infer_task(config), processes=8)
-
-
 def test_an_unknown_flag_is_one_line(capsys):
     import Retrieval
     with pytest.raises(SystemExit) as exit_info:
