@@ -206,3 +206,15 @@ def test_export_refuses_to_replace_an_export(tmp_path, capsys):
     assert exit_info.value.code == 2 and snapshot(out) == before
     assert capsys.readouterr().err == (f'error: --out {out} already holds an export (model.safetensors): pass '
                                        f'--overwrite to replace it, or choose another directory\n')
+
+
+def test_the_allowed_values_are_the_ones_the_code_knows():
+    """tasks.py names the choices before torch loads; they are the ones the modules that use them accept."""
+    import tasks
+    from dataset.randaugment import AUTOCONTRAST_MODES
+    from dataset.vqa_eval import NORMALIZATIONS
+    from engine.options import AMP_MODES
+    keys = {**tasks.COMMON_KEYS, **tasks.TASK_KEYS}
+    assert keys['randaugment_autocontrast'].allowed == 'one of ' + ', '.join(AUTOCONTRAST_MODES)
+    assert keys['vqa_normalization'].allowed == 'one of ' + ', '.join(NORMALIZATIONS)
+    assert [mode for mode in ('bf16', 'fp16', 'off', 'fp32') if keys['amp'](mode)] == list(AMP_MODES)
