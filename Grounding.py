@@ -8,7 +8,10 @@ detection proposals, scored by IoU >= 0.5 with the ground truth on val, testA an
     python Grounding.py ... --gradcam_mode itc --block_num 8
 """
 import configuration
-configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
+import tasks
+
+TASK = tasks.GROUNDING  # its config keys and their checks, datasets, model: tasks.py
+configuration.precheck(__name__, TASK)  # config mistakes in a second, before torch loads
 
 import torch.distributed as dist
 
@@ -18,11 +21,6 @@ from dataset.refer import REFER, grounding_eval, load_detections
 from dataset.utils import collect_result
 from models import gradcam
 from models.model_retrieval import ALBEF
-
-REQUIRED = {'train_file', 'test_file', 'refcoco_data', 'det_file', 'coco_file', 'image_root', 'bert_config',
-            'image_res', 'batch_size', 'queue_size', 'momentum', 'vision_width', 'embed_dim', 'temp', 'alpha',
-            'distill', 'warm_up'}
-OPTIONAL = {'block_num'}
 
 
 def train_step(model, batch, alpha, run):
@@ -68,11 +66,11 @@ def resolve_block_num(args, config, model):
 
 
 def main(args):
-    run = engine.setup(args, REQUIRED, OPTIONAL)
+    run = engine.setup(args, TASK)
     config = run.config
 
     print('Creating dataset')
-    train_loader, test_loader = run.task_loaders('grounding', config['batch_size'], config['batch_size'])
+    train_loader, test_loader = run.task_loaders(TASK.name, config['batch_size'], config['batch_size'])
     refer = REFER(config['refcoco_data'], 'refcoco+', 'unc')
     dets = load_detections(config['det_file'])
     cocos = load_detections(config['coco_file'])  # Parity: loaded (and checked) but unused

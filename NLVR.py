@@ -15,18 +15,16 @@ Parity:
   fine-tuning scripts we keep checkpoint_best.pth and checkpoint_last.pth.
 """
 import configuration
-configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
+import tasks
+
+TASK = tasks.NLVR  # its config keys and their checks, datasets, model: tasks.py
+configuration.precheck(__name__, TASK)  # config mistakes in a second, before torch loads
 
 import torch
 
 import engine
 import utils
 from models.model_nlvr import ALBEF
-
-REQUIRED = {'train_file', 'val_file', 'test_file', 'image_root', 'bert_config', 'image_res', 'batch_size', 'alpha',
-            'distill', 'warm_up'}
-# eval_ema: a key of the original NLVR.yaml that nothing reads, accepted so that config loads
-OPTIONAL = {'eval_ema', 'nlvr_momentum_from_checkpoint'}
 
 
 def unpack(batch):
@@ -41,11 +39,11 @@ def train_step(model, batch, alpha, run):
 
 
 def main(args):
-    run = engine.setup(args, REQUIRED, OPTIONAL)
+    run = engine.setup(args, TASK)
     config = run.config
 
     print('Creating NLVR2 datasets')
-    train_loader, val_loader, test_loader = run.task_loaders('nlvr', config['batch_size'], config['batch_size'])
+    train_loader, val_loader, test_loader = run.task_loaders(TASK.name, config['batch_size'], config['batch_size'])
 
     print('Creating model')
     model = ALBEF(config=config, text_encoder=engine.bert_weights(config), tokenizer=run.tokenizer)

@@ -5,16 +5,15 @@
     torchrun --nproc_per_node=8 Pretrain.py --config configs/Pretrain.yaml --output_dir output/Pretrain
 """
 import configuration
-configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
+import tasks
+
+TASK = tasks.PRETRAIN  # its config keys and their checks, datasets, model: tasks.py
+configuration.precheck(__name__, TASK)  # config mistakes in a second, before torch loads
 
 import engine
 import utils
 from dataset import CaptionCollate, normalize
 from models.model_pretrain import ALBEF
-
-REQUIRED = {'bert_config', 'image_res', 'batch_size', 'embed_dim', 'temp', 'mlm_probability',
-            'queue_size', 'momentum', 'alpha'}
-OPTIONAL = {'init_deit', 'deit_checkpoint'} | configuration.PRETRAIN_DATA_KEYS
 
 
 def train_step(model, batch, alpha, run):
@@ -26,7 +25,7 @@ def train_step(model, batch, alpha, run):
 
 
 def main(args):
-    run = engine.setup(args, REQUIRED, OPTIONAL)
+    run = engine.setup(args, TASK)
     config = run.config
 
     print('Creating dataset')

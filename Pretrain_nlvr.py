@@ -5,15 +5,15 @@ which image of a pair (or neither) a text describes. Its checkpoint starts NLVR.
     python Pretrain_nlvr.py --config configs/NLVR_pretrain.yaml --checkpoint ALBEF.pth --output_dir out
 """
 import configuration
-configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
+import tasks
+
+TASK = tasks.PRETRAIN_NLVR  # its config keys and their checks, datasets, model: tasks.py
+configuration.precheck(__name__, TASK)  # config mistakes in a second, before torch loads
 
 import engine
 import utils
 from dataset import CaptionCollate, normalize
 from models.model_pretrain_nlvr import ALBEF
-
-REQUIRED = {'bert_config', 'image_res', 'batch_size', 'embed_dim'}
-OPTIONAL = {'temp', 'alpha'} | configuration.PRETRAIN_DATA_KEYS
 
 
 def train_step(model, batch, alpha, run):
@@ -23,7 +23,7 @@ def train_step(model, batch, alpha, run):
 
 
 def main(args):
-    run = engine.setup(args, REQUIRED, OPTIONAL)
+    run = engine.setup(args, TASK)
     config = run.config
 
     print('Creating dataset')

@@ -6,7 +6,10 @@ evaluation by ITC candidates re-ranked with ITM.
     python Retrieval.py --config configs/Retrieval_coco.yaml --checkpoint mscoco.pth --output_dir out --evaluate
 """
 import configuration
-configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
+import tasks
+
+TASK = tasks.RETRIEVAL  # its config keys and their checks, datasets, model: tasks.py
+configuration.precheck(__name__, TASK)  # config mistakes in a second, before torch loads
 
 import torch
 
@@ -14,11 +17,6 @@ import engine
 import utils
 from models.model_retrieval import ALBEF
 from models.retrieval_eval import chance_metrics, image_features, itm_eval, retrieval_scores, text_features
-
-REQUIRED = {'train_file', 'val_file', 'test_file', 'image_root', 'bert_config', 'image_res', 'batch_size_train',
-            'batch_size_test', 'queue_size', 'momentum', 'embed_dim', 'temp', 'k_test', 'alpha', 'distill',
-            'warm_up'}
-OPTIONAL = {'itc_only', 'rerank_pairs_per_pass'}
 
 
 def train_step(model, batch, alpha, run):
@@ -70,13 +68,13 @@ def evaluate_split(model, loader, run):
 
 
 def main(args):
-    run = engine.setup(args, REQUIRED, OPTIONAL)
+    run = engine.setup(args, TASK)
     config = run.config
 
     print('Creating retrieval dataset')
     # each rank encodes every world-th image of val and test (see evaluation)
-    train_loader, val_loader, test_loader = run.task_loaders('re', config['batch_size_train'],
-                                                             config['batch_size_test'])
+    train_loader, val_loader, test_loader = run.task_loaders(TASK.name, config['batch_size_train'],
+                                                                 config['batch_size_test'])
 
     print('Creating model')
     training = engine.prepare(run, ALBEF(config=config, text_encoder=engine.bert_weights(config),

@@ -6,14 +6,14 @@ sentence? Fine-tuning with momentum distillation; accuracy on val and test after
     python VE.py --config configs/VE.yaml --checkpoint output/VE/checkpoint_best.pth --output_dir out --evaluate
 """
 import configuration
-configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
+import tasks
+
+TASK = tasks.VE  # its config keys and their checks, datasets, model: tasks.py
+configuration.precheck(__name__, TASK)  # config mistakes in a second, before torch loads
 
 import engine
 import utils
 from models.model_ve import ALBEF
-
-REQUIRED = {'train_file', 'val_file', 'test_file', 'image_root', 'bert_config', 'image_res', 'batch_size_train',
-            'batch_size_test', 'alpha', 'distill', 'warm_up'}
 
 
 def unpack(batch):
@@ -27,12 +27,12 @@ def train_step(model, batch, alpha, run):
 
 
 def main(args):
-    run = engine.setup(args, REQUIRED)
+    run = engine.setup(args, TASK)
     config = run.config
 
     print('Creating SNLI-VE datasets')
-    train_loader, val_loader, test_loader = run.task_loaders('ve', config['batch_size_train'],
-                                                             config['batch_size_test'])
+    train_loader, val_loader, test_loader = run.task_loaders(TASK.name, config['batch_size_train'],
+                                                                 config['batch_size_test'])
 
     print('Creating model')
     training = engine.prepare(run, ALBEF(config=config, text_encoder=engine.bert_weights(config),

@@ -15,7 +15,10 @@ With `topk_answers: K` in the config, the K best answers of each question and th
 probabilities go to vqa_result_epoch<N>_top<K>.json as well.
 """
 import configuration
-configuration.precheck(__name__, __file__)  # config mistakes in a second, before torch loads
+import tasks
+
+TASK = tasks.VQA  # its config keys and their checks, datasets, model: tasks.py
+configuration.precheck(__name__, TASK)  # config mistakes in a second, before torch loads
 
 import json
 import os
@@ -28,10 +31,6 @@ from dataset import vqa_collate_fn
 from dataset.utils import collect_result
 from dataset.vqa_eval import NORMALIZATIONS, has_ground_truth, vqa_accuracy
 from models.model_vqa import ALBEF
-
-REQUIRED = {'train_file', 'test_file', 'answer_list', 'vqa_root', 'vg_root', 'bert_config', 'image_res',
-            'batch_size_train', 'batch_size_test', 'k_test', 'alpha', 'distill', 'warm_up', 'eos'}
-OPTIONAL = {'topk_answers', 'vqa_normalization'}
 
 
 def train_step(model, batch, alpha, run):
@@ -87,7 +86,7 @@ def write_results(run, results, epoch, topk):
 
 
 def main(args):
-    run = engine.setup(args, REQUIRED, OPTIONAL)
+    run = engine.setup(args, TASK)
     config = run.config
     normalization = config.get('vqa_normalization', 'official')
     if normalization not in NORMALIZATIONS:
@@ -95,8 +94,8 @@ def main(args):
                                  f'got {normalization!r}')
 
     print('Creating VQA datasets')
-    train_loader, test_loader = run.task_loaders('vqa', config['batch_size_train'], config['batch_size_test'],
-                                                 collate_fn=vqa_collate_fn)
+    train_loader, test_loader = run.task_loaders(TASK.name, config['batch_size_train'],
+                                                     config['batch_size_test'], collate_fn=vqa_collate_fn)
     test_dataset = test_loader.dataset
 
     print('Creating model')

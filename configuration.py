@@ -2,15 +2,16 @@
 command line is reported within a second instead of after the slow imports.
 
 It is the one home of config loading and validation: `load_yaml` reads a YAML file, `load_config`
-checks a task config against its script's schema (`REQUIRED` / `OPTIONAL`) and the keys every task
-shares (`COMMON_KEYS`, the `optimizer` and `schedular` sections).
+checks a task config against its record in tasks.py (its keys and the keys every task shares, the
+`optimizer` and `schedular` sections, and each value against the check declared beside its key).
 
-A task script calls `precheck(__name__, __file__)` before its other imports. When it runs as the
-main program with `--config`, that reads the YAML, checks its keys against the script's
-`REQUIRED` / `OPTIONAL` sets (read from the script's source, not imported) and the common keys,
-checks that the annotation files, the `--checkpoint` and the `--output_dir` fit, and otherwise
-lets the script start as usual, where the same checks run again with everything else. A problem
-ends the process with one line on stderr and exit status 2, as the scripts' own errors do.
+A task script calls `precheck(__name__, TASK)` before its other imports. When it runs as the
+main program with `--config`, that reads the YAML, checks it against the task's record in
+tasks.py (`check_config`: every key, every value, the values that must fit each other, the
+bert_config and text_encoder), checks that the annotation files, the `--checkpoint` and the
+`--output_dir` fit, and otherwise lets the script start as usual, where `engine.setup` runs the
+same checks again (`load_config`) with everything else. A problem ends the process with one line
+on stderr and exit status 2, as the scripts' own errors do.
 """
 # ---- Ctrl-C while a task script starts (this module is its first import) -----------------------
 # Until engine.launch installs its own handling, SIGINT (Ctrl-C) ends the script with one line and
@@ -41,11 +42,13 @@ if os.path.dirname(os.path.abspath(_main_file)) == os.path.dirname(os.path.abspa
 # -----------------------------------------------------------------------------------------------
 
 import argparse
-import ast
 import difflib
+import re
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+import tasks
 
 ANNOTATION_KEYS = ('train_file', 'val_file', 'test_file')
 
@@ -81,17 +84,11 @@ def load_yaml(path):
     return config
 
 
-# keys every task config may carry besides its own
-COMMON_KEYS = {
-    'bert_config', 'image_res', 'vision_width', 'vision_depth', 'vision_num_heads', 'patch_size',
-    'text_encoder', 'init_text_encoder', 'num_workers', 'print_freq', 'save_every_steps',
-    'skip_bad_images', 'check_images', 'augment', 'randaugment_autocontrast', 'optimizer', 'schedular', 'amp',
-    'accum_steps', 'grad_checkpointing', 'compile', 'log_to', 'trust_checkpoint', 'keep_checkpoints',
-    'num_threads',
-}
-OPTIMIZER_KEYS = {'opt', 'lr', 'weight_decay'}
-SCHEDULER_KEYS = {'sched', 'lr', 'epochs', 'min_lr', 'decay_rate', 'warmup_lr', 'warmup_epochs',
-                  'cooldown_epochs'}
+# the key tables (their checks: tasks.py), under the names the rest of the code knows
+COMMON_KEYS, PRETRAIN_DATA_KEYS = tasks.COMMON_KEYS, tasks.PRETRAIN_DATA_KEYS
+OPTIMIZER_KEYS, SCHEDULER_KEYS = tasks.OPTIMIZER_KEYS, tasks.SCHEDULER_KEYS
+HUB_NAME = re.compile(r'^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$')  # a Hugging Face model name
+VOCABULARY_FILES = ('vocab.txt', 'tokenizer.json')
 
 
 def check_keys(config, path, required, optional, section=''):
@@ -100,7 +97,7 @@ def check_keys(config, path, required, optional, section=''):
     known = set(required) | set(optional)
     for key in config:  # unknown keys first: a misspelt required key is reported with its fix
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ''
             raise ConfigError(f"{where}unknown key '{key}'{hint}")
     for key in sorted(required):
@@ -108,44 +105,86 @@ def check_keys(config, path, required, optional, section=''):
             raise ConfigError(f"{where}missing required key '{key}'")
 
 
-# config keys of the pre-training data (Pretrain.py, Pretrain_nlvr.py): a JSON train_file, tar
-# shards, or both (see dataset/shards.py)
-PRETRAIN_DATA_KEYS = {'train_file', 'train_shards', 'shuffle_buffer', 'samples_per_epoch', 'jpeg_draft'}
+def check_values(config, path, checks, section=''):
+    """Each value against its check (tasks.py): one line naming the file, the key, the value and what
+    is allowed."""
+    for key, value in config.items():
+        check = checks.get(key)
+        if check is not None and not check(value):
+            hint = ''
+            if isinstance(value, str):
+                try:
+                    float(value)
+                    hint = ' (a string: write numbers without quotes)'
+                except ValueError:
+                    pass
+            raise ConfigError(f'{path}: {section}{key}: expected {check.allowed}, got {value!r}{hint}')
 
 
-def _key_set(node):
-    """A set expression of a script's schema: set literals, `configuration.NAME` and their unions."""
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
-        return _key_set(node.left) | _key_set(node.right)
-    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == 'configuration':
-        return set(globals()[node.attr])
-    return set(ast.literal_eval(node))
+def world_size():
+    """The number of processes a launcher started (torchrun's WORLD_SIZE, SLURM's SLURM_NTASKS), else 1."""
+    for name in ('WORLD_SIZE', 'SLURM_NTASKS'):
+        if os.environ.get(name, '').isdigit():
+            return max(int(os.environ[name]), 1)
+    return 1
 
 
-def literal_sets(path, names):
-    """The set assignments `NAME = {...}` (literals, `configuration.NAME` and their unions) at the
-    top level of a Python file, read without importing it."""
-    with open(path, encoding='utf-8') as f:
-        tree = ast.parse(f.read(), path)
-    found = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
-                and node.targets[0].id in names:
-            found[node.targets[0].id] = _key_set(node.value)
-    return found
+def check_consistency(config, path, task, processes=1):
+    """The values that must fit each other: image_res and patch_size, vision_width and its heads,
+    queue_size and the global batch."""
+    res, patch = config.get('image_res'), config.get('patch_size', 16)
+    if isinstance(res, int) and res % patch:
+        low, high = res // patch * patch, -(-res // patch) * patch
+        raise ConfigError(f'{path}: image_res: {res} is not a multiple of patch_size {patch} (the ViT would never '
+                          f'see the last {res % patch} pixel rows and columns of each image): use '
+                          + (f'{low} or {high}' if low else f'{high}'))
+    width, heads = config.get('vision_width', 768), config.get('vision_num_heads', 12)
+    if width % heads:
+        raise ConfigError(f'{path}: vision_width: {width} is not a multiple of vision_num_heads {heads}')
+    queue, batch = config.get('queue_size'), config.get(task.train_batch)
+    if isinstance(queue, int) and isinstance(batch, int) and queue % (batch * processes):
+        ranks = f' x {processes} processes (WORLD_SIZE)' if processes > 1 else ''
+        raise ConfigError(f'{path}: queue_size: {queue} is not a multiple of the global batch {batch * processes} '
+                          f'({task.train_batch} {batch}{ranks}): every step replaces a whole batch in the queues')
 
 
-def check_config(config, path, required, optional=()):
-    """A task config's keys against its schema, the common keys and the two sections' keys."""
-    check_keys(config, path, set(required) | {'optimizer', 'schedular'}, COMMON_KEYS | set(optional))
-    check_keys(config['optimizer'], path, OPTIMIZER_KEYS, {'fused'}, 'optimizer.')
+def check_paths(config, path, text_encoder=None):
+    """The files and folders of the model config: bert_config, text_encoder (or --text_encoder)."""
+    bert_config = config.get('bert_config')
+    if isinstance(bert_config, str) and not os.path.isfile(bert_config):
+        raise ConfigError(f'{path}: bert_config: file not found: {bert_config}')
+    where = '--text_encoder' if text_encoder else f'{path}: text_encoder'
+    name = text_encoder or config.get('text_encoder')
+    if not isinstance(name, str):
+        return
+    if os.path.isdir(name):
+        if not any(os.path.isfile(os.path.join(name, f)) for f in VOCABULARY_FILES):
+            raise ConfigError(f"{where}: the folder {name} holds no vocabulary ({' or '.join(VOCABULARY_FILES)})")
+    elif name.startswith(('.', '/', '~')) or name.endswith('/') or not HUB_NAME.match(name) or '--' in name \
+            or '..' in name:
+        raise ConfigError(f'{where}: {name} is no folder (expected a folder holding vocab.txt, or a Hugging Face '
+                          f'model name such as bert-base-uncased)')
+
+
+def check_config(config, path, task, processes=1, text_encoder=None):
+    """A task config against the task's record (tasks.py): its keys, the sections' keys, every
+    value, the values that must fit each other, and the model's files."""
+    task = tasks.get(task)
+    check_keys(config, path, set(task.required) | {'optimizer', 'schedular'}, set(task.keys))
+    check_values(config, path, task.keys)
+    check_keys(config['optimizer'], path, OPTIMIZER_KEYS, tasks.OPTIMIZER_OPTIONAL, 'optimizer.')
+    check_values(config['optimizer'], path, {**OPTIMIZER_KEYS, **tasks.OPTIMIZER_OPTIONAL}, 'optimizer.')
     check_keys(config['schedular'], path, SCHEDULER_KEYS, (), 'schedular.')
+    check_values(config['schedular'], path, SCHEDULER_KEYS, 'schedular.')
+    check_consistency(config, path, task, processes)
+    check_paths(config, path, text_encoder)
 
 
-def load_config(path, required, optional=()):
-    """Read a task YAML and validate its keys against the task's schema."""
+def load_config(path, task, text_encoder=None):
+    """Read a task YAML and check it against the task's record (`check_config`), for the processes
+    the launcher started."""
     config = load_yaml(path)
-    check_config(config, path, required, optional)
+    check_config(config, path, task, world_size(), text_encoder)
     return config
 
 
@@ -155,12 +194,6 @@ def require_one_of(config, path, keys):
         raise ConfigError(f"{path}: needs {' or '.join(repr(k) for k in keys)}")
 
 
-def check_script_keys(config, path, script):
-    """The config's keys against a task script's schema (read from its source, not imported)."""
-    schema = literal_sets(script, ('REQUIRED', 'OPTIONAL'))
-    check_config(config, path, schema.get('REQUIRED', set()), schema.get('OPTIONAL', set()))
-
-
 def check_output_dir(args):
     """An output_dir holding checkpoints is only continued (--resume), started again (--overwrite:
     returns the earlier run's files, which are removed when this run writes its first file) or
@@ -168,6 +201,9 @@ def check_output_dir(args):
     out = args.output_dir
     if out and os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f'--output_dir {out} is a file, not a directory')
+    if getattr(args, 'overwrite', False) and args.resume:
+        raise ConfigError(f'--overwrite and --resume do not go together: --resume continues the run in {out}, '
+                          f'--overwrite starts it again (choose one)')
     names = sorted(os.listdir(out)) if out and os.path.isdir(out) else []
     checkpoints = [n for n in names if n.startswith('checkpoint') and n.endswith('.pth')]
     if not checkpoints or args.resume or getattr(args, 'evaluate', False):
@@ -183,12 +219,13 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def precheck(name, script, argv=None):
-    """Check the config and paths of `python SCRIPT --config ...` before the slow imports."""
+def precheck(name, task, argv=None):
+    """Check the config and paths of `python SCRIPT --config ...` (the script of `task`) before the
+    slow imports."""
     if name != '__main__':
         return
     parser = _Parser(add_help=False, allow_abbrev=False)
-    for flag in ('--config', '--output_dir', '--checkpoint'):
+    for flag in ('--config', '--output_dir', '--checkpoint', '--text_encoder'):
         parser.add_argument(flag)
     for flag in ('--resume', '--overwrite', '--evaluate'):
         parser.add_argument(flag, action='store_true')
@@ -199,8 +236,7 @@ def precheck(name, script, argv=None):
     if not args.config:
         return
     try:
-        config = load_yaml(args.config)
-        check_script_keys(config, args.config, script)
+        config = load_config(args.config, task, args.text_encoder)
         for key in ANNOTATION_KEYS:
             paths = config.get(key, [])
             for path in [paths] if isinstance(paths, str) else paths if isinstance(paths, list) else []:

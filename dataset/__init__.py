@@ -12,10 +12,13 @@ stretch) and `jpeg_draft` (default False; see `DraftRandomResizedCrop`).
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+
+import tasks
 from .base import AnnotationDataset, DataError, ImageError
 from .caption_dataset import pretrain_dataset, re_eval_dataset, re_train_dataset
 from .grounding_dataset import grounding_dataset
@@ -137,8 +140,9 @@ def build_transform(kind: str, image_res: int, autocontrast: str = 'original', u
 
 @dataclass(frozen=True)
 class Split:
-    """How `create_dataset` builds one of a task's datasets: `cls(config[file_key], transform,
-    *[config[k] for k in root_keys], **kwargs, **{arg: config[key] for arg, key in config_kwargs})`."""
+    """How `create_dataset` builds one of a task's datasets (a tasks.Split with its class):
+    `cls(config[file_key], transform, *[config[k] for k in root_keys], **kwargs, **{arg: config[key]
+    for arg, key in config_kwargs})`."""
     name: str
     file_key: str
     cls: type
@@ -146,6 +150,12 @@ class Split:
     root_keys: tuple[str, ...] = ()
     kwargs: dict = field(default_factory=dict)
     config_kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, spec: tasks.Split) -> Split:
+        module, _, name = spec.cls.rpartition('.')
+        return cls(spec.name, spec.file_key, getattr(importlib.import_module(module), name), spec.transform,
+                   spec.root_keys, dict(spec.kwargs), dict(spec.config_kwargs))
 
     def build(self, config: dict, ann_file: str | Sequence[str] | None = None,
               transform: Callable | None = None, **options: bool) -> AnnotationDataset:
@@ -160,32 +170,20 @@ class Split:
         return self.cls(files, transform, *roots, **self.kwargs, **extra, **options)
 
 
-# task -> its datasets, in the order create_dataset returns them
-TASKS: dict[str, tuple[Split, ...]] = {
-    'pretrain': (Split('train', 'train_file', pretrain_dataset, 'pretrain'),),
-    're': (Split('train', 'train_file', re_train_dataset, 'train', ('image_root',)),
-           Split('val', 'val_file', re_eval_dataset, 'test', ('image_root',)),
-           Split('test', 'test_file', re_eval_dataset, 'test', ('image_root',))),
-    'vqa': (Split('train', 'train_file', vqa_dataset, 'train', ('vqa_root', 'vg_root'), {'split': 'train'}),
-            Split('test', 'test_file', vqa_dataset, 'test', ('vqa_root', 'vg_root'), {'split': 'test'},
-                  {'answer_list': 'answer_list'})),
-    've': (Split('train', 'train_file', ve_dataset, 'train', ('image_root',)),
-           Split('val', 'val_file', ve_dataset, 'test', ('image_root',)),
-           Split('test', 'test_file', ve_dataset, 'test', ('image_root',))),
-    'nlvr': (Split('train', 'train_file', nlvr_dataset, 'train', ('image_root',)),
-             Split('val', 'val_file', nlvr_dataset, 'test', ('image_root',)),
-             Split('test', 'test_file', nlvr_dataset, 'test', ('image_root',))),
-    'grounding': (Split('train', 'train_file', grounding_dataset, 'grounding_train', ('image_root',), {'mode': 'train'}),
-                  Split('test', 'test_file', grounding_dataset, 'test', ('image_root',), {'mode': 'test'})),
-}
+# task name (tasks.py) -> its datasets, in the order create_dataset returns them
+TASKS: dict[str, tuple[Split, ...]] = {task.name: tuple(Split.of(spec) for spec in task.splits)
+                                       for task in tasks.TASKS}
 
 
 def create_dataset(dataset: str, config: dict, uint8: bool = False) -> AnnotationDataset | tuple[AnnotationDataset, ...]:
-    """The datasets of task `dataset`: 'pretrain' -> one dataset; 're', 've', 'nlvr' -> (train, val,
-    test); 'vqa', 'grounding' -> (train, test). With `uint8` the images come as uint8 tensors
-    (see `normalize`)."""
-    if dataset not in TASKS:
-        raise ValueError(f'unknown dataset {dataset!r}; expected one of {", ".join(TASKS)}')
+    """The datasets of task `dataset` (a name of tasks.py, or 're' for retrieval): 'pretrain' and
+    'pretrain_nlvr' -> one dataset; 'retrieval', 've', 'nlvr' -> (train, val, test); 'vqa',
+    'grounding' -> (train, test). With `uint8` the images come as uint8 tensors (see `normalize`)."""
+    try:
+        task = tasks.get(dataset)
+    except ValueError:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(tasks.names(with_aliases=True))}") \
+            from None
     if 'image_res' not in config:
         raise DataError("config has no 'image_res'")
     check = config.get('check_images')  # unset: the dataset class decides (see AnnotationDataset)
@@ -202,8 +200,8 @@ def create_dataset(dataset: str, config: dict, uint8: bool = False) -> Annotatio
     built = tuple(split.build(config, transform=build_transform(split.transform if augment else 'test',
                                                                 config['image_res'], autocontrast, uint8=uint8,
                                                                 jpeg_draft=draft), **options)
-                  for split in TASKS[dataset])
-    return built[0] if dataset == 'pretrain' else built
+                  for split in TASKS[task.name])
+    return built[0] if len(built) == 1 else built
 
 
 def vqa_collate_fn(batch: Sequence[tuple]) -> tuple[torch.Tensor, list[str], list[str], torch.Tensor, list[int]]:

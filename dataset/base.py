@@ -285,6 +285,8 @@ class AnnotationDataset(Dataset):
             if key not in item:
                 keys = ', '.join(repr(k) for k in item) or 'none'
                 return f"has no '{key}' (keys: {keys})"
+        if 'image' in item and not isinstance(item['image'], str):  # e.g. null: not a path to join
+            return type_problem(item, 'image', str, 'a string')
         return self.item_problem(item)
 
     def _load_file(self, file_index: int, path: str) -> None:

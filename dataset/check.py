@@ -1,10 +1,11 @@
 """Check a task's data before a run: every annotation file, item and image of a config.
 
-    python -m dataset.check configs/Retrieval_flickr.yaml [--task re] [--write-clean OUT_DIR]
+    python -m dataset.check configs/Retrieval_flickr.yaml [--task retrieval] [--write-clean OUT_DIR]
 
-Reads the YAML and checks its keys against the task script's (unknown and missing keys are an
-unusable config, as for the scripts), finds the task from its keys (or `--task`), reads every
-annotation file of every split, checks each item's keys and values as the dataset classes do, and
+Reads the YAML, finds the task whose keys (tasks.py) it fits best (or `--task`), checks it as that
+task's script does (an unknown or missing key, a value out of range, a missing bert_config: an
+unusable config), reads every annotation file of every split, checks each item's keys and
+values as the dataset classes do, and
 opens, verifies and fully decodes every image with PIL (a truncated file is unreadable; a 16-bit
 image is noted). It then measures how much of the training text the config's vocabulary
 (`text_encoder`) reads as [UNK]. Every problem is printed on its own line, then a summary. The
@@ -20,15 +21,12 @@ import sys
 from collections import Counter
 from typing import Sequence
 
-from configuration import ConfigError, check_script_keys, load_yaml
+import tasks
+from configuration import ConfigError, check_config, load_yaml, world_size
 
 from . import TASKS
 from .base import DataError, Problem, as_file_list, read_json_list
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the script that trains each task, whose REQUIRED / OPTIONAL key sets the config must satisfy
-TASK_SCRIPTS = {'pretrain': 'Pretrain.py', 're': 'Retrieval.py', 'vqa': 'VQA.py', 've': 'VE.py',
-                'nlvr': 'NLVR.py', 'grounding': 'Grounding.py'}
 UNK_LIMIT = 0.05  # above this share of [UNK] word pieces the scripts warn
 TEXT_KEYS = ('caption', 'sentence', 'question', 'text')
 
@@ -41,47 +39,23 @@ def load_config(path: str) -> dict:
         raise DataError(str(e)) from None
 
 
-def _first_item(config: dict) -> dict:
-    """The first annotation item of the config's train file(s), or {} if there is none to read."""
-    for path in as_file_list(config.get('train_file', [])):
-        try:
-            items = read_json_list(path)
-        except DataError:
-            continue
-        if items and isinstance(items[0], dict):
-            return items[0]
-    return {}
+def key_misfit(config: dict, task: tasks.Task) -> int:
+    """How far the config's keys are from the task's: its unknown keys plus its missing required keys."""
+    known = set(task.keys)
+    return sum(key not in known for key in config) + sum(key not in config for key in task.required)
 
 
 def infer_task(config: dict) -> str:
-    """The task of a config: from its keys, else from the keys of its first training item."""
-    if {'vqa_root', 'vg_root', 'answer_list'} & config.keys():
-        return 'vqa'
-    if {'det_file', 'refcoco_data', 'coco_file'} & config.keys():
-        return 'grounding'
-    if 'image_root' not in config:
-        return 'pretrain'
-    if 'k_test' in config:
-        return 're'
-    item = _first_item(config)
-    for key, task in (('images', 'nlvr'), ('label', 've'), ('image_id', 're'), ('text', 'grounding')):
-        if key in item:
-            return task
-    # the original NLVR.yaml has one batch_size (and eval_ema), VE.yaml batch_size_train/test
-    if 'eval_ema' in config or ('batch_size' in config and 'batch_size_train' not in config):
-        return 'nlvr'
-    if 'batch_size_train' in config:
-        return 've'
-    raise DataError("cannot tell the task from the config's keys or its first training item; pass --task")
+    """The task whose keys (tasks.py) the config fits best; the first in the table on a tie. A
+    misspelt key then reads as that task's unknown key, not as another task."""
+    return min(tasks.TASKS, key=lambda task: key_misfit(config, task)).name
 
 
-def config_key_problem(config: dict, path: str, task: str) -> str | None:
-    """The first unknown or missing key of the config, as the task's script reports it, or None."""
-    script = os.path.join(ROOT, TASK_SCRIPTS.get(task, ''))
-    if not os.path.isfile(script):
-        return None
+def config_problem(config: dict, path: str, task: str) -> str | None:
+    """The first problem of the config (keys, values, bert_config, text_encoder), as the task's
+    script reports it, or None."""
     try:
-        check_script_keys(config, path, script)
+        check_config(config, path, task, world_size())
     except ConfigError as e:
         return str(e)
     return None
@@ -232,7 +206,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='python -m dataset.check', description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('config', help='task YAML (configs/*.yaml)')
-    parser.add_argument('--task', choices=list(TASKS), help='default: inferred from the config')
+    parser.add_argument('--task', choices=tasks.names(with_aliases=True),
+                        help="default: the task whose keys the config's fit best")
     parser.add_argument('--write-clean', metavar='OUT_DIR',
                         help='write each annotation file without its bad items to OUT_DIR')
     parser.add_argument('--workers', type=int, default=8, help='threads opening images (default 8)')
@@ -244,11 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         config = load_config(args.config)
-        task = args.task or infer_task(config)
+        task = tasks.get(args.task).name if args.task else infer_task(config)
     except DataError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    problem = config_key_problem(config, args.config, task)
+    problem = config_problem(config, args.config, task)
     if problem:
         print(f'error: {problem}', file=sys.stderr)
         return 2

@@ -15,13 +15,14 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+import tasks
 from dataset.utils import pre_caption, pre_question
 from models import gradcam
 from models.api import TaskError
 
 from .index import IMAGE_EXTENSIONS, build_index
 
-LOOK_TASKS = ('retrieval', 'pretrain')   # the checkpoints with ITC projections and an ITM head
+LOOK_TASKS = tasks.serving('gradcam')    # the checkpoints with ITC projections and an ITM head (tasks.py)
 DISPLAY_SIZE = 256                       # smaller images are enlarged for the Grad-CAM panels
 
 

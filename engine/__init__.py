@@ -4,7 +4,7 @@ loaders (`run.train_loader`, `run.eval_loader`) and model, `prepare`s it (optimi
 --checkpoint / --resume, DDP) and hands it to `fit`. One home per concept:
 
     options.py     the shared flags and how they override the config (the effective config)
-    run.py         process and device setup: `setup(args, REQUIRED, OPTIONAL) -> Run`
+    run.py         process and device setup: `setup(args, task) -> Run` (task: its record in tasks.py)
     build.py       tokenizer, text-encoder weights, `prepare` (optimizer + schedule, checkpoint, wrapping)
     loop.py        `fit` (the epochs) and `train_one_epoch` (the steps), the epoch log
     signals.py     SIGINT / SIGTERM acted on between steps, on every rank at once

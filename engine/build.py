@@ -78,13 +78,45 @@ def prepare(run, model, find_unused_parameters=False, **load_kwargs):
                                 rank=run.rank, world_size=run.world_size, before_write=run.write_config)
     state = TrainState()
     if run.args.resume:
-        state = checkpointer.resume()
+        state = resume(run, checkpointer, model)
     elif run.args.checkpoint:
         trust = bool(getattr(run.args, 'trust_checkpoint', None) or run.config.get('trust_checkpoint'))
         load_kwargs.setdefault('allow_new_heads', not run.evaluating)
         load_checkpoint(model, run.args.checkpoint, trust=trust, **load_kwargs)
     wrapped, module = wrap_model(model, run, find_unused_parameters)
     return Training(wrapped, module, optimizer, lr_scheduler, checkpointer, state)
+
+
+# the config keys that set the model's shapes, named when a --resume checkpoint does not fit
+SHAPE_KEYS = ('image_res', 'patch_size', 'vision_width', 'vision_depth', 'vision_num_heads', 'embed_dim',
+              'queue_size', 'bert_config')
+
+
+def resume(run, checkpointer, model):
+    """checkpointer.resume(); a checkpoint whose weights do not fit the config's model ends in one
+    line naming the checkpoint, the config and the first differing keys (not torch's list of every
+    missing and unexpected tensor)."""
+    try:
+        return checkpointer.resume()
+    except RuntimeError as error:
+        if 'Error(s) in loading state_dict' not in str(error):
+            raise
+    path, ckpt = checkpointer.newest()
+    own, theirs = model.state_dict(), ckpt['model']
+    differing = [k for k in sorted(own.keys() ^ theirs.keys(), key=_natural)] + \
+                [k for k in own if k in theirs and own[k].shape != theirs[k].shape]
+    stored = ckpt.get('config') if isinstance(ckpt.get('config'), dict) else {}
+    keys = [f'{k}: {stored[k]!r} in the checkpoint, {run.config.get(k)!r} in the config' for k in SHAPE_KEYS
+            if k in stored and stored[k] != run.config.get(k)]
+    found = '; '.join(keys) if keys else 'first differing tensors: ' + ', '.join(differing[:3])
+    raise ConfigError(f'--resume: {path} holds another model than {run.args.config} describes ({found}); '
+                      f'resume with the config of that run ({run.path("config.yaml")}), or start a new '
+                      f'--output_dir') from None
+
+
+def _natural(key):
+    """Sort key: numbered layers in numeric order (blocks.3 before blocks.10)."""
+    return [(0, int(part), '') if part.isdigit() else (1, 0, part) for part in key.split('.')]
 
 
 def wrap_model(model, run, find_unused_parameters=False):

@@ -3,6 +3,8 @@ config (flag, else config key, else default) is a new dict, written to output_di
 into every checkpoint."""
 import argparse
 import copy
+import os
+import sys
 
 import torch
 
@@ -50,7 +52,7 @@ def get_args_parser(config, output_dir):
     speed.add_argument('--compile', default=None, action=argparse.BooleanOptionalAction,
                        help='torch.compile each ViT block and BERT layer (regional compilation); falls '
                             'back to eager mode if the compiler fails')
-    speed.add_argument('--eval_amp', action='store_true',
+    speed.add_argument('--eval_amp', action='store_true', default=None,
                        help='evaluate under the training --amp precision (default: float32)')
     speed.add_argument('--num_threads', type=int, default=None,
                        help='intra-op CPU threads of each process (default: the cores this process may use, '
@@ -58,11 +60,20 @@ def get_args_parser(config, output_dir):
     return parser
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and a pointer to --help, not the full usage."""
+
+    def error(self, message):
+        if os.environ.get('RANK', '0') == '0':  # under torchrun every process parses; one reports
+            print(f'error: {message} (--help lists the flags)', file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def task_parser(description, config, output_dir, evaluate=None):
     """A task script's parser: its docstring as the description, the shared flags with the script's
     default config and output_dir, and with `evaluate` (its help text) the --evaluate flag."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     parents=[get_args_parser(config, output_dir)])
+    parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    parents=[get_args_parser(config, output_dir)])
     if evaluate:
         parser.add_argument('--evaluate', action='store_true', help=evaluate)
     return parser
@@ -84,9 +95,9 @@ def effective_config(args, config, device):
 
 
 def speed_options(args, config, device):
-    """Resolve amp / accum_steps / grad_checkpointing / compile in `config`: the flag, else the
-    config key, else the default."""
-    for key in ('amp', 'accum_steps', 'grad_checkpointing', 'compile'):
+    """Resolve amp / accum_steps / grad_checkpointing / compile / eval_amp in `config`: the flag,
+    else the config key, else the default."""
+    for key in ('amp', 'accum_steps', 'grad_checkpointing', 'compile', 'eval_amp'):
         if getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
     if config.get('amp') is None:

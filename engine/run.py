@@ -1,4 +1,4 @@
-"""Process and device setup: `setup(args, required, optional)` reads and checks the task config,
+"""Process and device setup: `setup(args, task)` reads and checks the task config,
 joins the process group when a launcher started several processes, picks the device, seeds, sets
 the CPU threads and builds the tokenizer, and returns a `Run`: everything the rest of the script
 reads about this process. Nothing is written back into `args` or the caller's config."""
@@ -66,8 +66,9 @@ class Run:
 
     @contextlib.contextmanager
     def eval_precision(self):
-        """Evaluation precision: float32 (TF32 off) by default; with --eval_amp the training amp."""
-        if getattr(self.args, 'eval_amp', False):
+        """Evaluation precision: float32 (TF32 off) by default; with eval_amp (--eval_amp or the
+        config key) the training amp."""
+        if self.config.get('eval_amp'):
             with self.autocast():
                 yield
             return
@@ -100,9 +101,9 @@ class Run:
 
     # ---- the task's data, for this process (dataset/loaders.py) ----
     def task_loaders(self, task, train_batch_size, eval_batch_size, collate_fn=None):
-        """(training loader, one evaluation loader per split) of a fine-tuning task's datasets, in the
-        order `dataset.create_dataset(task, config)` returns them; `collate_fn` collates training
-        batches."""
+        """(training loader, one evaluation loader per split) of a fine-tuning task's datasets (task:
+        its name in tasks.py), in the order `dataset.create_dataset(task, config)` returns them;
+        `collate_fn` collates training batches."""
         train, *evaluation = create_dataset(task, self.config)
         return (self.train_loader(train, train_batch_size, collate_fn),
                 *(self.eval_loader(split, eval_batch_size) for split in evaluation))
@@ -128,9 +129,10 @@ class Run:
                                            pin_memory=self.device.type == 'cuda', collate_fn=collate_fn)
 
 
-def setup(args, required, optional=()):
-    """The Run of this process, from the flags and the task config's schema."""
-    config = configuration.load_config(args.config, required, optional)
+def setup(args, task):
+    """The Run of this process, from the flags and the config checked against the task's record
+    (tasks.py)."""
+    config = configuration.load_config(args.config, task, getattr(args, 'text_encoder', None))
     if str(args.device).startswith('cuda') and not torch.cuda.is_available():
         raise ConfigError('--device cuda: CUDA is not available on this machine (use --device cpu)')
     rank, world_size, local_rank = utils.init_distributed(args.device, args.dist_url, args.distributed)

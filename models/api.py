@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import tasks
 import utils
 from .checkpoint import (CheckpointError, SAFETENSORS_FILE, is_pretrain_layout, load_checkpoint, read_checkpoint,
                          strip_for_release)
@@ -42,7 +43,7 @@ RELEASED_TOKENIZER = 'bert-base-uncased'
 CONFIG_FILE = 'config.json'
 ANSWER_LIST_FILE = 'answer_list.json'
 
-TASKS = ('pretrain', 'retrieval', 'vqa', 've', 'nlvr', 'pretrain_nlvr')
+TASKS = tuple(task.name for task in tasks.TASKS if task.heads)  # the tasks a checkpoint can be read as
 # the model-config keys an export keeps (besides `task` and `bert_config`)
 MODEL_KEYS = ('image_res', 'patch_size', 'vision_width', 'vision_depth', 'vision_num_heads', 'embed_dim', 'temp',
               'mlm_probability', 'eos')
@@ -50,16 +51,16 @@ DEFAULTS = {'temp': 0.07, 'momentum': 0.995, 'mlm_probability': 0.15, 'alpha': 0
 MAX_WORDS = 30        # pre_caption's limit everywhere in ALBEF
 MAX_QUESTION_WORDS = 50  # pre_question's limit at VQA test time
 
-ITC_TASKS = ('pretrain', 'retrieval')
+# method -> (the tasks whose checkpoints serve it, from tasks.py; what it needs)
 NEEDS = {
-    'embed': (ITC_TASKS, 'image and text embeddings (ITC) need a pre-training or retrieval checkpoint '
-                         '(ALBEF.pth, mscoco.pth, flickr30k.pth)'),
-    'itm': (ITC_TASKS, 'image-text matching (ITM) needs a pre-training, retrieval or grounding checkpoint '
-                       '(ALBEF.pth, mscoco.pth, flickr30k.pth, refcoco.pth)'),
-    'gradcam': (ITC_TASKS, 'Grad-CAM maps need the ITM head of a pre-training, retrieval or grounding '
-                           'checkpoint (ALBEF.pth, mscoco.pth, refcoco.pth)'),
-    'answer': (('vqa',), 'answering questions needs a VQA checkpoint (vqa.pth)'),
-    've': (('ve',), 'visual entailment needs an SNLI-VE checkpoint'),
+    'embed': (tasks.serving('embed'), 'image and text embeddings (ITC) need a pre-training or retrieval '
+                                      'checkpoint (ALBEF.pth, mscoco.pth, flickr30k.pth)'),
+    'itm': (tasks.serving('itm'), 'image-text matching (ITM) needs a pre-training, retrieval or grounding '
+                                  'checkpoint (ALBEF.pth, mscoco.pth, flickr30k.pth, refcoco.pth)'),
+    'gradcam': (tasks.serving('gradcam'), 'Grad-CAM maps need the ITM head of a pre-training, retrieval or '
+                                          'grounding checkpoint (ALBEF.pth, mscoco.pth, refcoco.pth)'),
+    'answer': (tasks.serving('answer'), 'answering questions needs a VQA checkpoint (vqa.pth)'),
+    've': (tasks.serving('ve'), 'visual entailment needs an SNLI-VE checkpoint'),
 }
 VE_LABELS = ('contradiction', 'neutral', 'entailment')  # the class order of the VE head
 
@@ -79,17 +80,10 @@ class GradCam:
 
 # ---- reading the checkpoint ---------------------------------------------------------------------
 def infer_task(state_dict):
-    """The task of a state_dict, from its heads: 'vqa', 'pretrain_nlvr', 've', 'nlvr', 'pretrain'
-    or 'retrieval' (also grounding); None when it is none of them."""
-    if any(k.startswith('text_decoder.') for k in state_dict):
-        return 'vqa'
-    if 'ta_head.weight' in state_dict:
-        return 'pretrain_nlvr'
-    if 'cls_head.2.weight' in state_dict:
-        return {3: 've', 2: 'nlvr'}.get(state_dict['cls_head.2.weight'].shape[0])
-    if 'itm_head.weight' in state_dict:
-        return 'pretrain' if is_pretrain_layout(state_dict) else 'retrieval'
-    return None
+    """The task of a state_dict, from its heads (tasks.py): 'vqa', 'pretrain_nlvr', 've', 'nlvr',
+    'pretrain' or 'retrieval' (also grounding); None when it is none of them."""
+    task = tasks.of_heads(state_dict)
+    return task.name if task else None
 
 
 def _layers(state_dict, prefix):
@@ -169,7 +163,7 @@ def bert_config(state_dict, task, stored=None):
         key = state_dict[f'{prefix}encoder.layer.{fusion[0]}.crossattention.self.key.weight']
         config['encoder_width'] = key.shape[1]
         # the image-pair models split every fusion layer in two (models/model_nlvr.py)
-        pairs = task in ('nlvr', 'pretrain_nlvr')
+        pairs = tasks.get(task).image_pairs
         config['num_hidden_layers'] = fusion[0] + (len(layers) - fusion[0]) // (2 if pairs else 1)
     config.setdefault('num_attention_heads', max(1, config['hidden_size'] // 64))
     return config

@@ -21,19 +21,22 @@ from .api import ANSWER_LIST_FILE, CONFIG_FILE, MODEL_KEYS, TASKS, build_model, 
 from .checkpoint import SAFETENSORS_FILE, CheckpointError, load_checkpoint, strip_for_release
 
 
-def export(checkpoint, out, task=None, text_encoder=None, answer_list=None, trust_checkpoint=False):
+def export(checkpoint, out, task=None, text_encoder=None, answer_list=None, trust_checkpoint=False, overwrite=True):
     """Write the export directory `out` of `checkpoint`; returns the list of files written.
 
     Everything is checked before the first file is written: the weights must load into the task's
-    model, and the tokenizer must load."""
+    model, and the tokenizer must load; without `overwrite`, `out` must hold no export yet."""
     from safetensors.torch import save_file
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CheckpointError(f'--out {out}: exists and is not a directory')
+    if not overwrite and os.path.exists(os.path.join(out, SAFETENSORS_FILE)):
+        raise CheckpointError(f'--out {out} already holds an export ({SAFETENSORS_FILE}): pass --overwrite to '
+                              f'replace it, or choose another directory')
     resolved = resolve(checkpoint, task, text_encoder, answer_list, trust_checkpoint)
     tokenizer = load_tokenizer(resolved.tokenizer_source)
     state_dict = strip_for_release(resolved.state_dict)
     load_checkpoint(build_model(resolved.task, resolved.config, tokenizer), state_dict, allow_new_heads=False,
                     source=resolved.source)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CheckpointError(f'--out {out}: exists and is not a directory')
     # one tensor per key: safetensors stores no shared storage (tied embeddings, NLVR's shared
     # cross-attention keys and values are separate copies on disk and tied again by the model)
     tensors = {k: v.detach().clone().contiguous() for k, v in state_dict.items()}
@@ -79,10 +82,11 @@ def main(argv=None):
     parser.add_argument('--answer_list', default=None, help='VQA: the candidate answers (a JSON list)')
     parser.add_argument('--trust_checkpoint', action='store_true',
                         help='fully unpickle a checkpoint that holds Python objects besides tensors')
+    parser.add_argument('--overwrite', action='store_true', help='replace an export already in --out')
     args = parser.parse_args(argv)
     try:
         written = export(args.checkpoint, args.out, args.task, args.text_encoder, args.answer_list,
-                         args.trust_checkpoint)
+                         args.trust_checkpoint, overwrite=args.overwrite)
     except (CheckpointError, FileNotFoundError) as error:
         print(f'error: {error}', file=sys.stderr, flush=True)
         sys.exit(2)

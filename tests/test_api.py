@@ -349,6 +349,6 @@ def test_a_task_the_checkpoint_does_not_fit(demo):
     with pytest.raises(CheckpointError, match=rf'^{ve} does not fit models\.model_retrieval\.ALBEF \(no conversion\): '
                                               r'.*missing: .*itm_head\.weight'):
         models.load(ve, task='retrieval', device='cpu')
-    with pytest.raises(ValueError, match="task must be one of pretrain, retrieval, vqa, ve, nlvr, pretrain_nlvr, "
+    with pytest.raises(ValueError, match="task must be one of pretrain, pretrain_nlvr, retrieval, vqa, ve, nlvr, "
                                          "got 'grounding'"):
         models.load(ve, task='grounding')

@@ -9,11 +9,11 @@ import pytest
 from conftest import ROOT
 
 SCRIPTS = {'Pretrain', 'Pretrain_nlvr', 'Retrieval', 'VQA', 'VE', 'NLVR', 'Grounding'}
-BASE = {'utils', 'configuration'}
+BASE = {'utils', 'configuration', 'tasks'}
 LIBRARY = BASE | {'models', 'dataset', 'optim', 'scheduler'}
 # layer -> the top-level project modules its code may import
 MAY_IMPORT = {
-    'base': set(),
+    'base': {'tasks'},  # configuration.py reads the task table; tasks.py itself imports nothing
     'tracking': BASE,
     'library': LIBRARY,
     'engine': LIBRARY | {'tracking', 'engine'},
@@ -71,7 +71,7 @@ def test_every_layer_is_checked():
 
 @pytest.mark.parametrize('rel', list(checked_files()))
 def test_no_import_upwards(rel):
-    allowed = MAY_IMPORT[layer_of(rel)]
+    allowed = MAY_IMPORT[layer_of(rel)] - ({'tasks'} if rel == 'tasks.py' else set())
     wrong = [f'{rel}:{line} imports {top}' for line, top in project_imports(os.path.join(ROOT, rel))
              if top not in allowed and top != rel.split(os.sep)[0]]
     assert not wrong, f'{wrong} (docs/ARCHITECTURE.md: layer {layer_of(rel)} may import {sorted(allowed)})'
@@ -93,7 +93,7 @@ def test_setup_writes_nothing_back_into_args(demo_config, tmp_path):
     args = VE.get_parser().parse_args(['--config', demo_config('VE'), '--output_dir', str(tmp_path / 'out'),
                                        '--device', 'cpu', '--amp', 'off', '--log_to', 'none'])
     before = copy.deepcopy(vars(args))
-    run = engine.setup(args, VE.REQUIRED)
+    run = engine.setup(args, VE.TASK)
     assert vars(args) == before
     assert (run.rank, run.world_size, run.device.type, run.amp) == (0, 1, 'cpu', 'off')
     assert run.tokenizer is not None and run.config['log_to'] == 'none' and run.config['accum_steps'] == 1
@@ -106,3 +106,35 @@ def test_every_script_defaults_to_output_task(script):
     module = importlib.import_module(script)
     default = module.get_parser().get_default('output_dir')
     assert default.startswith('output/') and len(default) > len('output/'), default
+
+
+# ---- one home for the tasks ---------------------------------------------------------------------
+def task_lists(path, names):
+    """(line, names) of every tuple, list, set or dict literal of the file that holds two or more of
+    `names` (task names, their aliases, their scripts) as strings: a list of the tasks."""
+    with open(path, encoding='utf-8') as f:
+        tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+        elements = node.keys if isinstance(node, ast.Dict) else node.elts if isinstance(
+            node, (ast.Tuple, ast.List, ast.Set)) else []
+        found = [e.value for e in elements if isinstance(e, ast.Constant) and e.value in names]
+        if len(found) >= 2:
+            yield node.lineno, found
+
+
+def test_only_tasks_py_lists_the_tasks():
+    """Adding a task means its record in tasks.py, its script, its model and its dataset module:
+    no other file keeps a list of the tasks."""
+    import tasks
+    names = set(tasks.names(with_aliases=True)) | {t.script for t in tasks.TASKS} | {
+        t.script.removesuffix('.py') for t in tasks.TASKS}
+    lists = [f'{rel}:{line} {found}' for rel in checked_files() if rel != 'tasks.py'
+             for line, found in task_lists(os.path.join(ROOT, rel), names)]
+    assert not lists, f'{lists}: read the tasks from tasks.py instead'
+
+
+def test_the_task_list_check_sees_a_list(tmp_path):
+    path = tmp_path / 'x.py'
+    path.write_text("A = {'re': 1, 've': 2}\nB = ('pretrain', 'x')\nif t in ('nlvr', 'pretrain_nlvr'): pass\n")
+    assert list(task_lists(str(path), {'re', 've', 'nlvr', 'pretrain_nlvr', 'pretrain'})) == \
+        [(1, ['re', 've']), (3, ['nlvr', 'pretrain_nlvr'])]

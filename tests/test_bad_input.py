@@ -80,7 +80,7 @@ def test_unknown_key_names_the_closest(demo_config, out, capsys, tmp_path):
 def test_randaugment_autocontrast_unknown(demo_config, out, capsys, tmp_path):
     config = write_config(demo_config, tmp_path, randaugment_autocontrast='stretch')
     assert fail(['--config', config], out, capsys) == \
-        "config randaugment_autocontrast must be one of original, pil, got 'stretch'"
+        f"{config}: randaugment_autocontrast: expected one of original, pil, got 'stretch'"
 
 
 def test_annotation_file_missing(demo_config, out, capsys, tmp_path):

@@ -91,3 +91,15 @@ def test_config_bert():
     assert config.hidden_act == 'gelu' and config.layer_norm_eps == 1e-12
     assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == 0.1
     assert config.initializer_range == 0.02
+
+
+def test_the_checks_accept_every_original_config(monkeypatch):
+    """configs/*.yaml (the original's) pass every key and value check of their task (tasks.py), on
+    8 processes as the original ran them."""
+    import configuration
+    from dataset.check import infer_task
+    monkeypatch.chdir(os.path.dirname(CONFIGS))  # bert_config is relative to the repository
+    for name in sorted(EXPECTED):
+        path = os.path.join(CONFIGS, name + '.yaml')
+        config = configuration.load_yaml(path)
+        configuration.check_config(config, path, infer_task(config), processes=8)

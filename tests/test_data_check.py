@@ -137,15 +137,43 @@ def test_bad_config_exits_2_with_one_line(tmp_path, capsys, text, message):
 
 
 @pytest.mark.parametrize('name, task', [
-    ('Pretrain', 'pretrain'), ('NLVR_pretrain', 'pretrain'), ('Retrieval_coco', 're'), ('Retrieval_flickr', 're'),
-    ('VQA', 'vqa'), ('VE', 've'), ('NLVR', 'nlvr'), ('Grounding', 'grounding')])
+    ('Pretrain', 'pretrain'), ('NLVR_pretrain', 'pretrain_nlvr'), ('Retrieval_coco', 'retrieval'),
+    ('Retrieval_flickr', 'retrieval'), ('VQA', 'vqa'), ('VE', 've'), ('NLVR', 'nlvr'), ('Grounding', 'grounding')])
 def test_infer_task_of_the_original_configs(name, task):
     assert infer_task(load_config(os.path.join(CONFIGS, f'{name}.yaml'))) == task
 
 
-def test_infer_task_from_first_item(tmp_path):
-    nlvr = write_json(tmp_path / 'n.json', [{'images': ['a', 'b'], 'sentence': 's', 'label': 'True'}])
-    ve = write_json(tmp_path / 'v.json', [{'image': '1', 'sentence': 's', 'label': 'neutral'}])
-    # both have batch_size_train here, so only the items tell them apart
-    assert infer_task({'image_root': '.', 'train_file': [nlvr], 'batch_size_train': 2}) == 'nlvr'
-    assert infer_task({'image_root': '.', 'train_file': ve, 'batch_size': 2}) == 've'
+def test_infer_task_is_the_closest_schema():
+    """The task whose keys the config fits best: a misspelt or missing key does not change it."""
+    retrieval = task_config('Retrieval_flickr')
+    retrieval['image_rot'] = retrieval.pop('image_root')
+    assert infer_task(retrieval) == 'retrieval'
+    ve = task_config('VE')
+    del ve['batch_size_test']
+    assert infer_task(ve) == 've'
+    nlvr = {**task_config('NLVR'), 'batch_size_train': 2}
+    assert infer_task(nlvr) == 'nlvr'
+
+
+def test_a_valid_retrieval_config_is_accepted(demo_config, capsys):
+    """batch_size_test and the rest of Retrieval.py's keys: the checker and the scripts read one
+    schema (tasks.py)."""
+    config = demo_config('Retrieval')
+    for task in ([], ['--task', 're'], ['--task', 'retrieval']):
+        assert main([config, '--no-progress', *task]) == 0
+        captured = capsys.readouterr()
+        assert captured.err.splitlines()[0] == f'checking the retrieval data of {config}'
+        assert captured.out.splitlines()[-1].startswith('OK: ')
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda c: c.update(image_rot=c.pop('image_root')), "{path}: unknown key 'image_rot' (did you mean 'image_root'?)"),
+    (lambda c: c.update(bert_config='configs/none.json'), '{path}: bert_config: file not found: configs/none.json'),
+    (lambda c: c.update(k_test=0), '{path}: k_test: expected a positive integer, got 0'),
+])
+def test_the_checker_reports_the_config_as_the_script_does(retrieval, tmp_path, capsys, edit, message):
+    config = dict(retrieval['dict'])
+    edit(config)
+    path = write_config(tmp_path / 'edited.yaml', config)
+    assert main([path, '--no-progress']) == 2
+    assert capsys.readouterr().err == f'error: {message.format(path=path)}\n'

@@ -509,7 +509,8 @@ def test_config_mistakes_are_reported_before_torch_is_imported(script, tmp_path)
 
 def test_precheck_paths(demo_config, tmp_path, earlier_run, capsys):
     import configuration
-    script = os.path.join(ROOT, 'Pretrain.py')
+    import tasks
+    script = tasks.PRETRAIN
 
     def refused(argv):
         with pytest.raises(SystemExit) as exit_info:
