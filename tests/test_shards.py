@@ -262,7 +262,7 @@ def test_bad_samples_and_truncated_shards_are_skipped_and_counted(tmp_path, capl
     items = list(stream)
     captions = [item[0][1] for item in items]
     assert len(captions) == 8 and 'caption 0 2' not in captions
-    assert sum(skipped for _, skipped in items) == 2  # the broken JPEG and the truncated shard
+    assert sum(info[0] for _, info in items) == 2  # the broken JPEG and the truncated shard
     messages = ' '.join(r.getMessage() for r in caplog.records)
     assert 'cannot decode image' in messages and 's0_2.jpg' in messages and f'skipped the rest of shard {urls[1]}' in messages
 
@@ -338,6 +338,9 @@ def test_pretrain_on_library_written_shards_loss_falls(demo_config, tmp_path):
     loss = [sum(float(v) for k, v in s.items() if k.startswith('train_loss')) for s in stats]
     assert len(stats) == 8 and loss[-1] < loss[0] - 0.2, stats
     assert all(s['train_skipped_images'] == 0 for s in stats)
+    # what each epoch trained, in log.txt: 7 x 8 of the 60, each once; the 4 left out start the next
+    assert all((s['train_samples'], s['train_distinct_samples'], s['train_left_out_samples'],
+                s['train_shards_cut_short']) == (56, 56, 4, 0) for s in stats), stats
 
 
 def test_text_assignment_pretraining_on_shards(demo_world, demo_config, tmp_path, capsys):
