@@ -112,6 +112,20 @@ def test_a_different_order_every_epoch(web_shards, monkeypatch):
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
 
 
+def test_resume_mid_epoch_on_uneven_shards_continues_the_same_batches(web_shards):
+    urls = expand(os.path.join(web_shards, '*.tar'))
+
+    def batches(start):
+        stream = ShardStream(urls, None, batch_size=8, num_workers=2, rank=1, world_size=2, seed=5, sizes=SIZES,
+                             shuffle_buffer=10)
+        stream.set_epoch(1, start)
+        loader = torch.utils.data.DataLoader(stream, batch_size=8, num_workers=2, drop_last=True,
+                                             collate_fn=lambda pairs: [p[0][1] for p in pairs])
+        return list(loader)
+    full = batches(0)
+    assert len(full) == 303 // 16 and batches(5 * 8) == full[5:]
+
+
 def test_json_items_join_the_deal(web_shards, monkeypatch):
     urls = expand(os.path.join(web_shards, '{00005..00006}.tar'))
     items = [(None, f'json item {i}') for i in range(25)]
