@@ -2,9 +2,12 @@
 a pre-training config's `train_file` and their images, written with webdataset's ShardWriter."""
 from __future__ import annotations
 
+import argparse
 import io
 import logging
 import os
+import sys
+from typing import Sequence
 
 import webdataset as wds
 from PIL import Image
@@ -64,3 +67,26 @@ def convert(config: dict, out: str, shard_size: int = 10_000, progress: bool = T
     summary['shards'] = shards
     summary['pattern'] = os.path.join(out, f'{{000000..{max(shards - 1, 0):06d}}}.tar')
     return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m dataset.shards', description=(
+        "Convert a pre-training config's JSON annotations (train_file) and images into tar shards."))
+    parser.add_argument('config', help='pre-training YAML (its train_file is converted)')
+    parser.add_argument('--out', required=True, help='folder for the shards (000000.tar, 000001.tar, ...)')
+    parser.add_argument('--shard-size', type=int, default=10_000, help='samples per shard (default 10000)')
+    args = parser.parse_args(argv)
+    from .check import load_config
+    logging.basicConfig(level=logging.WARNING, format='%(message)s')
+    if args.shard_size < 1:
+        print('error: --shard-size must be at least 1', file=sys.stderr)
+        return 2
+    try:
+        summary = convert(load_config(args.config), args.out, args.shard_size)
+    except DataError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    print(f"{summary['samples']} samples written to {summary['shards']} shards in {args.out}; "
+          f"images missing: {summary['missing']}, unreadable: {summary['unreadable']}")
+    print(f"train_shards: '{summary['pattern']}'")
+    return 0

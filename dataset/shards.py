@@ -37,7 +37,6 @@ webdataset's ShardWriter), with a progress bar and a summary.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import io
@@ -58,7 +57,7 @@ from webdataset.tariterators import base_plus_ext
 
 from .base import DataError, _one_line
 from .dealing import EpochPlan, Share, quotas_of, seed_of as _seed
-from .shard_writer import convert
+from .shard_writer import convert, main  # noqa: F401 - `python -m dataset.shards` runs main
 from .utils import pre_caption
 
 logger = logging.getLogger(__name__)
@@ -440,29 +439,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             return None
         os.makedirs(folder, exist_ok=True)
         return open(os.path.join(folder, f'samples_rank{self.rank}_worker{logical}.tsv'), 'a')
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m dataset.shards', description=(
-        "Convert a pre-training config's JSON annotations (train_file) and images into tar shards."))
-    parser.add_argument('config', help='pre-training YAML (its train_file is converted)')
-    parser.add_argument('--out', required=True, help='folder for the shards (000000.tar, 000001.tar, ...)')
-    parser.add_argument('--shard-size', type=int, default=10_000, help='samples per shard (default 10000)')
-    args = parser.parse_args(argv)
-    from .check import load_config
-    logging.basicConfig(level=logging.WARNING, format='%(message)s')
-    if args.shard_size < 1:
-        print('error: --shard-size must be at least 1', file=sys.stderr)
-        return 2
-    try:
-        summary = convert(load_config(args.config), args.out, args.shard_size)
-    except DataError as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 2
-    print(f"{summary['samples']} samples written to {summary['shards']} shards in {args.out}; "
-          f"images missing: {summary['missing']}, unreadable: {summary['unreadable']}")
-    print(f"train_shards: '{summary['pattern']}'")
-    return 0
 
 
 if __name__ == '__main__':
