@@ -170,9 +170,10 @@ class pretrain_dataset(AnnotationDataset):
     def _load_file(self, file_index: int, path: str) -> None:
         """A big annotation file is parsed once, in a forked child process, incrementally (a chunk
         of items at a time, dataset.annotation_cache), into a CaptionTable saved under `cache_dir`
-        (keyed by the file's path, size and modification time); every later start, and every other process of the machine, memory-maps it (no JSON parsing, and
-        the pages are shared). The parent never holds the parsed dicts, so its memory stays the
-        table's. Errors are the same one-line DataErrors."""
+        (keyed by the file's path, size and modification time); every later start, and every other
+        process of the machine, memory-maps it (no JSON parsing, and the pages are shared). Neither
+        the parent nor the child ever holds the whole file's dicts. Errors are the same one-line
+        DataErrors."""
         if not self.strict or not os.path.isfile(path) or os.path.getsize(path) <= self.cache_above \
                 or not hasattr(os, 'fork'):
             return super()._load_file(file_index, path)

@@ -233,10 +233,11 @@ def shard_loader(dataset, batch_size, config, rank=0, world_size=1, seed=0, pin_
                          samples_per_epoch=config.get('samples_per_epoch'),
                          shuffle_buffer=config.get('shuffle_buffer', DEFAULT_SHUFFLE_BUFFER), json_dataset=dataset)
     used = stream.steps * batch_size * world_size
+    rest = f', leaving {stream.available - used} for the next' if used < stream.available else ''
     print(f'{stream.samples_per_epoch} samples per epoch ({sum(sizes)} in {len(urls)} shards'
           f'{f", {len(dataset)} from train_file" if dataset is not None else ""}): {stream.steps} steps of '
           f'{batch_size} x {world_size} processes, {num_workers} loader workers each; each epoch trains '
-          f'{used} of them once{f", leaving {stream.available - used} for the next" if used < stream.available else ""}')
+          f'{used} of them once{rest}')
     return StreamLoader(stream, num_workers=num_workers, collate_fn=StreamCollate(collate_fn),
                         pin_memory=pin_memory, worker_init_fn=_worker_init)
 

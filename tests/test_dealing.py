@@ -182,7 +182,8 @@ def test_shard_lists_name_what_is_wrong(tmp_path, web_shards):
     assert str(info.value) == f'train_shards: no file matches {tmp_path}/cc12m/*.tar'
     with pytest.raises(DataError) as info:
         expand(str(tmp_path / '{000000..000002}.tar'))
-    assert str(info.value) == f'train_shards: shard not found: {tmp_path}/000000.tar (from {tmp_path}/{{000000..000002}}.tar)'
+    assert str(info.value) == (f'train_shards: shard not found: {tmp_path}/000000.tar '
+                               f'(from {tmp_path}/{{000000..000002}}.tar)')
     (tmp_path / 'page.tar').write_text('<html>not a tar</html>\n' * 40)
     with pytest.raises(DataError) as info:
         shard_sizes([str(tmp_path / 'page.tar')], cache_dir=str(tmp_path / 'cache'))
