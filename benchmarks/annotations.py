@@ -1,24 +1,23 @@
 """Memory and start-up time of the pre-training annotations: ours against a list of dicts.
 
-    python benchmarks/annotations.py --items 14000000
-    python benchmarks/annotations.py --items 14000000 --baseline-items 2000000   # baseline scaled up
+    python benchmarks/annotations.py --items 4000000     # at 2M and 4M, extrapolated to 14M
 
-Writes a synthetic pre-training JSON file of --items items (web-style paths, 10,000 files per
-folder, captions of 6 to 16 words; image files are not created), then builds, each in its own
-process so that its memory is its own:
+Writes synthetic pre-training JSON files of --items / 2 and --items items (web-style paths, 10,000
+files per folder, captions of 6 to 16 words; image files are not created), then builds at each
+size, each build in its own process so that its memory is its own:
 
   list of dicts   what the original holds: `self.ann += json.load(open(file))`
   ours, first     dataset.caption_dataset.pretrain_dataset with an empty cache: the file is
-                  parsed once in a forked child into a CaptionTable of numpy arrays, saved as
-                  .npy files (no image check above 100,000 items)
+                  parsed incrementally (a chunk of items at a time) in a forked child into a
+                  CaptionTable of numpy arrays saved as .npy files (no image check above 100,000 items)
   ours, cached    the same again: the saved table is memory-mapped (every later start, and every
                   other process of the machine)
 
-and prints side by side: the build time, the resident memory the annotations add once built (and at the peak while
-building; both over the process after its imports), and how much each of 2 forked loader workers' private memory grows while it reads
---reads random items (copy-on-write copies of pages whose reference counts change). With --baseline-items M
-the baseline runs on the first M items and its numbers are scaled by items / M (marked
-'extrapolated'): a list of 14M dicts takes about 17 GB. The baseline process is limited to
+and prints, at both sizes and extrapolated linearly to --target items (default 14M): the peak
+memory while building (over the process after its imports; for "ours, first" the converter
+child's), the CPU seconds and wall seconds of the build, the memory resident once built, and how
+much each of 2 forked loader workers' private memory grows while it reads --reads random items
+(copy-on-write copies of pages whose reference counts change). The baseline process is limited to
 --baseline-memory GiB of address space, so running out gives an error, not a frozen machine.
 """
 import argparse
@@ -26,6 +25,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,19 +70,25 @@ def private_mib():
     return total / 1024
 
 
+def cpu_seconds():
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+
+
 def measure(kind, path, reads):
     """Runs in a child process: build, then fork 2 readers; prints one JSON line."""
     sys.path.insert(0, ROOT)
     from dataset.caption_dataset import pretrain_dataset  # imports torch: both processes pay it
     base_rss = rss_mib()
     start = time.perf_counter()
+    cpu0 = cpu_seconds()
     if kind == 'baseline':
         ann = []
         ann += json.load(open(path, 'r'))
     else:
-        ann = pretrain_dataset(path, None).ann
+        ann = pretrain_dataset(path, None, check_images=False).ann
     get = ann.__getitem__
     build = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu0  # this process and the forked converter (a waited-for child)
     rss = rss_mib() - base_rss
     peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     peak = peak / 1024 - base_rss  # the forked converter's peak too
@@ -109,7 +115,7 @@ def measure(kind, path, reads):
         with os.fdopen(read_end) as f:
             growth.append(float(f.read()))
         os.waitpid(pid, 0)
-    print(json.dumps({'items': n, 'build_s': build, 'rss_mib': rss, 'peak_mib': peak, 'worker_growth_mib': growth,
+    print(json.dumps({'items': n, 'build_s': build, 'cpu_s': cpu, 'rss_mib': rss, 'peak_mib': peak, 'worker_growth_mib': growth,
                       'table_mib': table}))
 
 
@@ -125,10 +131,26 @@ def run(kind, path, reads, memory_gib=None, cache=None):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def at_size(items, folder, reads, baseline_memory):
+    """The three builds at one size: {name: result}."""
+    path = os.path.join(folder, f'pretrain_{items}.json')
+    if not os.path.isfile(path):
+        t = time.perf_counter()
+        write_annotations(path, items)
+        print(f'wrote {items:,} items ({os.path.getsize(path) / 2 ** 20:.0f} MiB) in {time.perf_counter() - t:.0f}s',
+              flush=True)
+    cache = tempfile.mkdtemp(prefix='albef_cache_', dir=folder)
+    results = {'list of dicts': run('baseline', path, reads, baseline_memory),
+               'ours, first': run('ours', path, reads, cache=cache),
+               'ours, cached': run('ours', path, reads, cache=cache)}
+    shutil.rmtree(cache, ignore_errors=True)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--items', type=int, default=1_000_000)
-    parser.add_argument('--baseline-items', type=int, default=None, help='run the baseline on this many and scale')
+    parser.add_argument('--items', type=int, default=1_000_000, help='the larger size; the smaller is half of it')
+    parser.add_argument('--target', type=int, default=14_000_000, help='the size extrapolated to')
     parser.add_argument('--baseline-memory', type=float, default=14.0, help='GiB of address space for the baseline')
     parser.add_argument('--reads', type=int, default=200_000, help='random items each forked worker reads')
     parser.add_argument('--dir', default=None, help='folder for the synthetic files (default: a temporary one)')
@@ -139,46 +161,37 @@ def main():
 
     folder = args.dir or tempfile.mkdtemp(prefix='albef_ann_')
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f'pretrain_{args.items}.json')
-    if not os.path.isfile(path):
-        t = time.perf_counter()
-        write_annotations(path, args.items)
-        print(f'wrote {args.items:,} items ({os.path.getsize(path) / 2 ** 20:.0f} MiB) in {time.perf_counter() - t:.0f}s')
-    base_items = args.baseline_items or args.items
-    base_path = path
-    if base_items != args.items:
-        base_path = os.path.join(folder, f'pretrain_{base_items}.json')
-        if not os.path.isfile(base_path):
-            write_annotations(base_path, base_items)
-    cache = tempfile.mkdtemp(prefix='albef_cache_', dir=folder)
-    results = {'ours, first': run('ours', path, args.reads, cache=cache),
-               'ours, cached': run('ours', path, args.reads, cache=cache)}
-    baseline = run('baseline', base_path, args.reads, args.baseline_memory)
-    scale = args.items / base_items
-    if 'error' not in baseline and scale != 1:
-        baseline = {k: (v * scale if k in ('build_s', 'rss_mib', 'peak_mib') else v) for k, v in baseline.items()}
-        baseline['note'] = f'extrapolated x{scale:.1f} from {base_items:,} items'
-    results['list of dicts'] = baseline
+    small, large = args.items // 2, args.items
+    runs = {n: at_size(n, folder, args.reads, args.baseline_memory) for n in (small, large)}
 
-    print(f'\n{args.items:,} pre-training items; each forked worker reads {args.reads:,} random items')
-    print(f"{'':16s} {'build s':>9s} {'RSS MiB':>9s} {'peak MiB':>9s} {'worker +MiB':>13s} {'table MiB':>10s}")
-    for name, r in results.items():
-        if 'error' in r:
-            print(f'{name:16s} failed: {r["error"]}')
-            continue
-        growth = '/'.join(f'{g:.0f}' for g in r['worker_growth_mib'])
-        table = f"{r['table_mib']:10.0f}" if r.get('table_mib') else f"{'':10s}"
-        print(f"{name:16s} {r['build_s']:9.1f} {r['rss_mib']:9.0f} {r['peak_mib']:9.0f} {growth:>13s} {table}"
-              + (f"   ({r['note']})" if 'note' in r else ''))
-    base = results['list of dicts']
-    for name in ('ours, first', 'ours, cached'):
-        ours = results[name]
-        if 'error' not in ours and 'error' not in base:
-            print(f"list of dicts / {name}: build {base['build_s'] / ours['build_s']:.1f}x, resident (the table "
-                  f"once touched, shared by every process) {base['rss_mib'] / max(ours['table_mib'], 1e-9):.1f}x, "
-                  f"peak {base['peak_mib'] / max(ours['peak_mib'], 1):.1f}x")
-    print('RSS of ours counts only the pages touched so far; table MiB is what it holds once all are read '
-          '(memory-mapped file pages, shared by the processes and workers of the machine)')
+    def value(name, n, key):
+        r = runs[n][name]
+        return None if 'error' in r else r[key]
+
+    def extrapolated(name, key):  # linear through the two sizes
+        a, b = value(name, small, key), value(name, large, key)
+        return None if a is None or b is None else b + (b - a) * (args.target - large) / (large - small)
+
+    print(f'\npre-training items; each forked worker reads {args.reads:,} random items; '
+          f'{args.target:,} extrapolated linearly from {small:,} and {large:,}')
+    for key, title in (('peak_mib', 'peak MiB while building (the converter child for "ours, first")'),
+                       ('cpu_s', 'CPU s to build (this process and its converter child)'),
+                       ('build_s', 'wall s to build'), ('rss_mib', 'MiB resident once built'),
+                       ('table_mib', 'MiB of the table (memory-mapped, shared)')):
+        print(f'\n{title}')
+        print(f"{'':16s} {small:>12,} {large:>12,} {args.target:>12,}")
+        for name in ('list of dicts', 'ours, first', 'ours, cached'):
+            if key == 'table_mib' and name == 'list of dicts':
+                continue
+            cells = [value(name, small, key), value(name, large, key), extrapolated(name, key)]
+            print(f'{name:16s} ' + ' '.join(f'{c:12.1f}' if c is not None else f"{'failed':>12s}" for c in cells))
+    for n in (small, large):
+        for name, r in runs[n].items():
+            if 'error' in r:
+                print(f'{name} at {n:,}: failed: {r["error"]}')
+        growth = {name: '/'.join(f'{g:.0f}' for g in r['worker_growth_mib'])
+                  for name, r in runs[n].items() if 'error' not in r}
+        print(f'private memory growth of each of 2 forked workers at {n:,} (MiB): {growth}')
 
 
 if __name__ == '__main__':

@@ -12,8 +12,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from .annotation_cache import write_table
 from .base import (AnnotationDataset, DataError, ImageError, ImageRootDataset, StringColumn, _one_line, list_problem,
-                   type_problem)
+                   read_json_list, type_problem)
 from .utils import pre_caption
 
 
@@ -167,16 +168,17 @@ class pretrain_dataset(AnnotationDataset):
         super().__init__(ann_file, transform, **options)
 
     def _load_file(self, file_index: int, path: str) -> None:
-        """A big annotation file is parsed once, in a forked child process, into a CaptionTable
-        saved under `cache_dir` (keyed by the file's path, size and modification time); every
-        later start, and every other process of the machine, memory-maps it (no JSON parsing, and
-        the pages are shared). The parent never holds the parsed dicts, so its memory stays the
-        table's. Errors are the same one-line DataErrors."""
+        """A big annotation file is parsed once, in a forked child process, incrementally (a chunk
+        of items at a time, dataset.annotation_cache), into a CaptionTable saved under `cache_dir`
+        (keyed by the file's path, size and modification time); every later start, and every other
+        process of the machine, memory-maps it (no JSON parsing, and the pages are shared). Neither
+        the parent nor the child ever holds the whole file's dicts. Errors are the same one-line
+        DataErrors."""
         if not self.strict or not os.path.isfile(path) or os.path.getsize(path) <= self.cache_above \
                 or not hasattr(os, 'fork'):
             return super()._load_file(file_index, path)
         stat = os.stat(path)
-        key = hashlib.sha256(f'v1\0{os.path.realpath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}'.encode()).hexdigest()
+        key = hashlib.sha256(f'v2\0{os.path.realpath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}'.encode()).hexdigest()
         folder = os.path.join(self.cache_dir, 'annotations', key[:24])
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         import fcntl
@@ -201,14 +203,19 @@ class pretrain_dataset(AnnotationDataset):
                 import resource
                 import time
                 start, rss = time.perf_counter(), _rss_mib()
-                self._tables = []
-                super()._load_file(file_index, path)
                 tmp = f'{folder}.tmp{os.getpid()}'
-                self._tables[-1].save(tmp)
+                self._starts.append(self._count)  # store_items names the file by its position
+                try:
+                    items = write_table(path, tmp, self._store_chunk)
+                except DataError:
+                    raise
+                except ValueError:  # not one valid JSON list: read whole, for the exact error
+                    read_json_list(path)
+                    raise
                 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 with open(os.path.join(tmp, 'conversion.json'), 'w') as f:  # for the record
-                    json.dump({'file': path, 'items': len(self._tables[-1]), 'seconds': time.perf_counter() - start,
-                               'peak_memory_growth_mib': peak - rss}, f)
+                    json.dump({'file': path, 'items': items, 'seconds': time.perf_counter() - start,
+                               'cpu_seconds': time.process_time(), 'peak_memory_growth_mib': peak - rss}, f)
                 os.replace(tmp, folder)
             except BaseException as error:  # noqa: B902 - everything goes back to the parent
                 os.write(write_end, (str(error) or type(error).__name__).encode())
@@ -222,6 +229,11 @@ class pretrain_dataset(AnnotationDataset):
         if status != 0:
             shutil.rmtree(f'{folder}.tmp{pid}', ignore_errors=True)
             raise DataError(message or f'{path}: converting the annotations failed')
+
+    def _store_chunk(self, items: list) -> CaptionTable:
+        self._tables = []
+        self.store_items(items, validated=False)
+        return self._tables.pop()
 
     def store_items(self, items: list, validated: bool) -> None:
         # validated in bulk (C-speed type sets); the per-item check runs only to name a bad item

@@ -185,31 +185,83 @@ def make_loader(dataset, batch_size: int, *, train: bool, sampler=None, num_work
                    worker_init_fn=_worker_init)
 
 
+class StreamCollate:
+    """Collate a shard stream's (item, info) pairs into (batch, (skipped, ids, short shards, ids
+    delivered before a resume)); see dataset.shards.ShardStream."""
+
+    def __init__(self, collate_fn=None):
+        self.collate_fn = collate_fn or torch.utils.data.default_collate
+
+    def __call__(self, pairs):
+        items, infos = zip(*pairs)
+        return self.collate_fn(list(items)), (sum(i[0] for i in infos), [i[1] for i in infos],
+                                              [e for i in infos for e in i[2]], [k for i in infos for k in i[3]])
+
+
 class StreamLoader:
     """Training batches from a `dataset.shards.ShardStream`: a DataLoader made afresh each epoch
     (its workers read the epoch and start position); the stream stands in for the sampler
-    (`loader.sampler.set_epoch(epoch, start)`), as the training loop expects."""
+    (`loader.sampler.set_epoch(epoch, start)`), as the training loop expects. Iterating yields
+    (batch, bad samples skipped); it also counts, for `epoch_counts`, the samples trained, which of
+    them are distinct and the shards found shorter than their count (each reported once per run)."""
 
     def __init__(self, stream, **loader_kwargs):
         self.stream = self.sampler = self.dataset = stream
         self.batch_size = stream.batch_size
         self.loader_kwargs = loader_kwargs
+        self.reported = set()
+        self._reset()
+
+    def _reset(self):
+        self.trained = 0
+        self.marks = np.zeros(self.stream.available + len(self.stream.urls), dtype=np.uint8)  # samples, shards
 
     def __len__(self):
         return self.stream.steps
 
     def __iter__(self):
+        self._reset()
         # its own generator: making the iterator must not draw from the global one (exact resume)
-        return iter(_Loader(self.stream, batch_size=self.batch_size, drop_last=True,
-                            generator=torch.Generator().manual_seed(self.stream.seed), **self.loader_kwargs))
+        loader = _Loader(self.stream, batch_size=self.batch_size, drop_last=True,
+                         generator=torch.Generator().manual_seed(self.stream.seed), **self.loader_kwargs)
+        for batch, (skipped, ids, short, earlier) in loader:
+            self.trained += len(ids) + len(earlier)
+            self.marks[ids + earlier] = 1
+            for shard, found, counted in short:
+                self.marks[self.stream.available + shard] = 1
+                if shard not in self.reported:
+                    self.reported.add(shard)
+                    print(f'warning: shard {self.stream.urls[shard]} has {found} samples, its count says '
+                          f'{counted} (cut short after it was counted?); the epoch trains others in their place',
+                          file=sys.stderr, flush=True)
+            yield batch, skipped
+
+    def epoch_counts(self):
+        """The epoch's counts over all processes (a collective: every rank calls it): samples
+        trained, distinct samples among them, samples left out (the remainder, trained first
+        next epoch) and shards cut short."""
+        counts = torch.tensor([self.trained], dtype=torch.int64)
+        marks = torch.from_numpy(self.marks)
+        if dist.is_available() and dist.is_initialized():
+            device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu'
+            counts, marks = counts.to(device), marks.to(device)
+            dist.all_reduce(counts)
+            dist.all_reduce(marks, op=dist.ReduceOp.MAX)
+        available = self.stream.available
+        return {'samples': int(counts[0]), 'distinct_samples': int(marks[:available].sum()),
+                'left_out_samples': available - self.stream.steps * self.batch_size * self.stream.world_size,
+                'shards_cut_short': int(marks[available:].sum())}
 
 
 def shard_loader(dataset, batch_size, config, rank=0, world_size=1, seed=0, pin_memory=False, collate_fn=None):
     """The `train_shards` loader (with a JSON `dataset`, its items join the shards' samples)."""
     from . import build_transform
-    from .shards import DEFAULT_SHUFFLE_BUFFER, ShardStream, expand, shard_sizes
+    from .shards import DEFAULT_SHUFFLE_BUFFER, ShardStream, check_first_samples, expand, shard_sizes
     urls = expand(config['train_shards'])
-    sizes = shard_sizes(urls, progress=True) if rank == 0 else None
+    sizes = None
+    if rank == 0:
+        check_first_samples(urls[0])
+        sizes = shard_sizes(urls, progress=True)
     if world_size > 1:
         shared = [sizes]
         dist.broadcast_object_list(shared, src=0)
@@ -222,10 +274,13 @@ def shard_loader(dataset, batch_size, config, rank=0, world_size=1, seed=0, pin_
                          world_size=world_size, seed=seed, sizes=sizes,
                          samples_per_epoch=config.get('samples_per_epoch'),
                          shuffle_buffer=config.get('shuffle_buffer', DEFAULT_SHUFFLE_BUFFER), json_dataset=dataset)
+    used = stream.steps * batch_size * world_size
+    rest = f', leaving {stream.available - used} for the next' if used < stream.available else ''
     print(f'{stream.samples_per_epoch} samples per epoch ({sum(sizes)} in {len(urls)} shards'
           f'{f", {len(dataset)} from train_file" if dataset is not None else ""}): {stream.steps} steps of '
-          f'{batch_size} x {world_size} processes, {num_workers} loader workers each')
-    return StreamLoader(stream, num_workers=num_workers, collate_fn=CountSkipped(collate_fn),
+          f'{batch_size} x {world_size} processes, {num_workers} loader workers each; each epoch trains '
+          f'{used} of them once{rest}')
+    return StreamLoader(stream, num_workers=num_workers, collate_fn=StreamCollate(collate_fn),
                         pin_memory=pin_memory, worker_init_fn=_worker_init)
 
 

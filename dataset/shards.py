@@ -4,27 +4,27 @@ A shard is a tar file of samples grouped by key, as img2dataset and webdataset's
 `TarWriter`/`ShardWriter` write them: `KEY.jpg` (or `.jpeg`, `.png`, `.webp`), `KEY.txt` (the
 caption) and an optional `KEY.json` (with `"captions": [...]` one of them is drawn at random each
 time, like a list caption in a JSON annotation file). The config key `train_shards` is one
-brace-expanded pattern or a list of them (`data/cc3m/{00000..00331}.tar`; anything webdataset's
-`gopen` opens works: local paths, URLs, `pipe:` commands).
+pattern or a list of them: brace patterns (`data/cc3m/{00000..00331}.tar`), globs
+(`/data/cc12m/*.tar`, sorted) or anything webdataset's `gopen` opens (URLs, `pipe:` commands).
 
-How one epoch is split (`ShardStream`): the shard list is shuffled with the run's seed and the
-epoch (the same order on every process), then dealt out to the G = processes x loader workers
-streams, stream g taking shards g, g + G, ...; the (number of shards mod G) shards left over are
-read by every stream, each keeping every G-th of their samples. Either way each sample belongs to
-one stream, so the processes together see it once per epoch (exactly once when the shards hold
-about equally many samples, as img2dataset and ShardWriter write them: each stream's share is then
-what its quota of batches needs). Each stream shuffles its samples in a buffer of
-`shuffle_buffer` samples (undecoded bytes), then decodes them. The epoch has `samples_per_epoch`
-samples (default: all of them, counted once per shard and cached) and every process takes the same
-number of steps, samples_per_epoch // (processes x batch_size); a stream that runs out of samples
-before its share starts over on its shards.
+How one epoch is split: samples, not shards, are dealt out to the G = processes x loader workers
+streams, each taking exactly the samples its batches need (`dataset.dealing`), from the per-shard
+counts (img2dataset's `<shard>_stats.json`, else one pass over the tar headers, cached). Every
+sample the epoch uses is delivered once; the remainder (fewer than one global batch) starts the
+next epoch. Each stream shuffles its samples in a buffer of `shuffle_buffer` samples (undecoded
+bytes), then decodes them. Every process takes the same number of steps,
+samples_per_epoch // (processes x batch_size) (default: all samples).
 
-Bad data never stops the run and is never silent: a sample whose image does not decode (or that has
-no image or caption) and a shard that cannot be read to its end are skipped, logged as a warning
-and counted; the count reaches the epoch's log line as `train_skipped_images`.
+Bad data never stops the run and is never silent: a sample whose image does not decode (or that
+has no image or caption) and a shard that cannot be read to its end are skipped, logged and
+counted; a shard with fewer samples than its count is reported with both numbers. A stream left
+short of its quota reads on through the rest of the epoch's samples (those are then trained twice,
+which the epoch's counts show), so no process ever waits on another. Iterating yields
+((image, caption), (skipped, sample id, short shards, ids delivered before a resume)), which
+`dataset.loaders.StreamLoader` turns into the epoch's counts.
 
 Resume: the stream position of a checkpoint is (epoch, step). On resume each stream replays the
-epoch's shard order and shuffle buffer from the start, passing over the samples it had already
+epoch's deal and shuffle buffer from the start, passing over the samples it had already
 delivered without decoding them, so with the same number of processes and loader workers the run
 continues with exactly the batches (and augmentations) it would have had: bit-identical. With a
 different number of processes or workers the split differs and the rest of the epoch is a fresh
@@ -37,7 +37,7 @@ webdataset's ShardWriter), with a progress bar and a summary.
 """
 from __future__ import annotations
 
-import argparse
+import glob
 import hashlib
 import io
 import itertools
@@ -47,7 +47,6 @@ import os
 import random
 import sys
 import tarfile
-import zlib
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -57,6 +56,8 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 from .base import DataError, _one_line
+from .dealing import EpochPlan, Share, quotas_of, seed_of as _seed
+from .shard_writer import convert, main  # noqa: F401 - `python -m dataset.shards` runs main
 from .utils import pre_caption
 
 logger = logging.getLogger(__name__)
@@ -64,22 +65,38 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 DEFAULT_SHUFFLE_BUFFER = 1000
 SAMPLE_LOG_ENV = 'ALBEF_SAMPLE_LOG'  # a folder: every stream writes the keys it delivers there
-
-
-def expand(patterns: str | Sequence[str]) -> list[str]:
-    """The shard URLs of a `train_shards` value (brace patterns expanded, in order)."""
-    if isinstance(patterns, (str, os.PathLike)):
-        patterns = [patterns]
-    urls = [url for pattern in patterns for url in wds.shardlists.expand_urls(str(pattern))]
-    if not urls:
-        raise DataError('train_shards: no shard given')
-    return urls
+HELD_WARNINGS = 20  # warnings a stream holds back until its first good sample (all bad: one error)
 
 
 def _local(url: str) -> str | None:
     if url.startswith('file:'):
         return url[5:]
     return None if ':' in url.split('/')[0] or url.startswith('pipe:') else url
+
+
+def expand(patterns: str | Sequence[str]) -> list[str]:
+    """The shard URLs of a `train_shards` value: brace patterns expanded in order, local globs
+    sorted. A local file that does not exist, or a glob that matches nothing, is an error naming
+    the pattern (checked here, before any progress bar starts)."""
+    if isinstance(patterns, (str, os.PathLike)):
+        patterns = [patterns]
+    urls = []
+    for pattern in map(str, patterns):
+        for url in wds.shardlists.expand_urls(pattern):
+            path = _local(url)
+            if path is not None and glob.has_magic(path):
+                matches = sorted(glob.glob(path))
+                if not matches:
+                    raise DataError(f'train_shards: no file matches {url}')
+                urls += [url[:len(url) - len(path)] + match for match in matches]
+                continue
+            if path is not None and not os.path.isfile(path):
+                raise DataError(f'train_shards: shard not found: {path}'
+                                + (f' (from {pattern})' if pattern != url else ''))
+            urls.append(url)
+    if not urls:
+        raise DataError('train_shards: no shard given')
+    return urls
 
 
 def count_samples(url: str) -> int:
@@ -91,18 +108,62 @@ def count_samples(url: str) -> int:
             raise DataError(f'train_shards: shard not found: {path}')
         stats = os.path.splitext(path)[0] + '_stats.json'
         if os.path.isfile(stats):
-            with open(stats) as f:
-                return int(json.load(f)['successes'])
-    keys = set()
+            try:
+                with open(stats) as f:
+                    return int(json.load(f)['successes'])
+            except (ValueError, KeyError, TypeError) as error:
+                raise DataError(f"train_shards: {stats}: expected img2dataset's stats with a number "
+                                f"'successes' ({_one_line(error)})") from None
+    keys, members = set(), 0
     try:
         with wds.gopen(url, 'rb') as stream, tarfile.open(fileobj=stream, mode='r|*') as tar:
             for member in tar:
+                members += 1
                 key, ext = base_plus_ext(member.name)
                 if key is not None and ext and ext.lower() in IMAGE_EXTS:
                     keys.add(key)
-    except Exception as error:  # a truncated shard: count what is readable, as the stream will
+    except Exception as error:
+        if not members:
+            raise DataError(f'train_shards: {url} is not a tar file ({_one_line(error)})') from None
+        # a truncated shard: count what is readable, as the stream will
         logger.warning('shard %s is readable only up to its %d-th sample: %s', url, len(keys), _one_line(error))
     return len(keys)
+
+
+def parts_of(sample: dict, key: str) -> tuple[str, list]:
+    """(image extension, captions) of a raw sample; DataError naming what it lacks."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise DataError(f'{key}: no image ({", ".join(IMAGE_EXTS)}) in the sample')
+    captions = None
+    if 'json' in sample:
+        try:
+            meta = json.loads(sample['json'])
+        except ValueError as error:
+            raise DataError(f'{key}: invalid json: {_one_line(error)}') from None
+        captions = meta.get('captions') if isinstance(meta, dict) else None
+        if captions is None and isinstance(meta, dict) and isinstance(meta.get('caption'), str):
+            captions = [meta['caption']]
+    if not captions:
+        if 'txt' not in sample:
+            raise DataError(f'{key}: no caption (txt, or json with "caption" or "captions") in the sample')
+        captions = [sample['txt'].decode('utf-8', errors='replace')]
+    return ext, captions
+
+
+def check_first_samples(url: str, count: int = 10) -> None:
+    """Start-up check of the first `count` samples of a shard (no image decoded): if none has an
+    image and a caption, nothing will train (a wrong extension, say): one error naming the first."""
+    problems = []
+    for sample in itertools.islice(wds.tarfile_samples([{'url': url}], handler=lambda e: False), count):
+        try:
+            parts_of(sample, f"{url}:{sample.get('__key__')}")
+            return
+        except DataError as error:
+            problems.append(error)
+    if problems:
+        raise DataError(f'train_shards: none of the first {len(problems)} samples can be trained on; '
+                        f'the first: {problems[0]}')
 
 
 def shard_sizes(urls: Sequence[str], cache_dir: str | None = None, progress: bool = False) -> list[int]:
@@ -118,11 +179,19 @@ def shard_sizes(urls: Sequence[str], cache_dir: str | None = None, progress: boo
     if os.path.isfile(cache):
         with open(cache) as f:
             return json.load(f)
-    iterable = urls
+    bar = None
     if progress:
         import utils
-        iterable = utils.progress(urls, desc='counting shard samples', unit='shard')
-    sizes = [count_samples(url) for url in iterable]
+        bar = utils.progress(total=len(urls), desc='counting shard samples', unit='shard')
+    try:
+        sizes = []
+        for url in urls:
+            sizes.append(count_samples(url))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:  # ends its line: an error goes on a line of its own
+            bar.close()
     try:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f'{cache}.tmp{os.getpid()}'
@@ -132,10 +201,6 @@ def shard_sizes(urls: Sequence[str], cache_dir: str | None = None, progress: boo
     except OSError as error:
         logger.warning('cannot cache the shard sizes in %s: %s', cache_dir, _one_line(error))
     return sizes
-
-
-def _seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], 'little')
 
 
 class _Seeded:
@@ -160,12 +225,14 @@ class _Seeded:
 
 class ShardStream(torch.utils.data.IterableDataset):
     """Pre-training samples (image, caption) from tar shards, and optionally the items of a JSON
-    `pretrain_dataset` too, split over processes and loader workers (see the module docstring).
+    `pretrain_dataset` too, dealt out over processes and loader workers (see the module docstring).
 
-    Iterating yields ((image, caption), skipped), `skipped` being the bad samples and unreadable
-    shards passed over since the previous item (dataset.loaders.CountSkipped sums them). Use it with a
-    DataLoader of `batch_size` and `num_workers` as given here, and call `set_epoch(epoch, start)`
-    (start: samples of this process already trained in this epoch) before each epoch.
+    Iterating yields ((image, caption), info), info = (bad samples and unreadable shards skipped
+    since the previous item, the sample's id, shards found shorter than their count as
+    (shard, found, counted), ids delivered before a resume); dataset.loaders.StreamLoader sums them.
+    Use it with a DataLoader of `batch_size` and `num_workers` as given here, and call
+    `set_epoch(epoch, start)` (start: samples of this process already trained in this epoch)
+    before each epoch.
     """
 
     def __init__(self, urls: Sequence[str], transform: Callable | None, *, batch_size: int, num_workers: int,
@@ -175,10 +242,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.urls, self.transform = list(urls), transform
         self.batch_size, self.num_workers = batch_size, max(1, num_workers)
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.sizes = list(sizes) if sizes is not None else None
+        self.sizes = list(sizes) if sizes is not None else shard_sizes(self.urls)
         self.shuffle_buffer, self.max_words, self.json_dataset = max(1, shuffle_buffer), max_words, json_dataset
-        available = (sum(self.sizes) if self.sizes is not None else 0) + len(json_dataset or ())
-        self.samples_per_epoch = samples_per_epoch or available
+        self.num_json = len(json_dataset) if json_dataset is not None else 0
+        self.available = sum(self.sizes) + self.num_json
+        self.samples_per_epoch = min(samples_per_epoch or self.available, self.available)
         self.steps = self.samples_per_epoch // (world_size * batch_size)
         if self.steps < 1:
             raise DataError(f'train_shards: {self.samples_per_epoch} samples per epoch are fewer than one batch '
@@ -191,46 +259,49 @@ class ShardStream(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start_step = epoch, start // self.batch_size
 
-    # ---- the raw stream of one of the G streams -------------------------------------------------
-    def _shard_samples(self, urls: Sequence[str], keep: Callable[[int], bool], counter: list) -> Iterator[dict]:
-        errors: list[BaseException] = []
+    def plan(self, num_workers: int, epoch: int | None = None) -> EpochPlan:
+        """The epoch's deal over world_size x num_workers streams."""
+        quotas = quotas_of(self.steps, self.batch_size, self.world_size, num_workers)
+        return EpochPlan(self.sizes, self.num_json, quotas, self.seed, self.epoch if epoch is None else epoch)
 
-        def handler(error: BaseException) -> bool:
-            errors.append(error)
-            return True  # webdataset stops reading the shard and goes on
-        index = 0
-        for url in urls:
-            for sample in wds.tarfile_samples([{'url': url}], handler=handler):
-                if keep(index):
+    # ---- the raw stream of one of the G streams -------------------------------------------------
+    def _shard_samples(self, plan: EpochPlan, ranges: Sequence, counter: list, events: list,
+                       warn: Callable[[str], None]) -> Iterator[dict]:
+        """The samples first..end-1 (counting those with an image) of each (shard, first, end)."""
+        for shard, first, end in ranges:
+            url, errors = self.urls[shard], []
+            index, samples = 0, wds.tarfile_samples([{'url': url}], handler=lambda e: errors.append(e) or True)
+            for sample in samples:
+                if not any(ext in sample for ext in IMAGE_EXTS):
+                    if first <= index < end:  # counted by the one stream whose range holds this position
+                        counter[0] += 1
+                        warn(f"skipped: {url}:{sample.get('__key__')}: no image ({', '.join(IMAGE_EXTS)}) "
+                             f"in the sample")
+                    continue
+                if index >= end:
+                    break
+                if index >= first:
+                    sample['__id__'] = plan.ident(shard, index)
                     yield sample
                 index += 1
+            samples.close()  # stopped early: the file is closed now
             if errors:  # one shard may report its error at several levels: counted once
                 counter[0] += 1
-                logger.warning('skipped the rest of shard %s: %s', url, _one_line(errors[0]))
-                errors.clear()
+                warn(f'skipped the rest of shard {url}: {_one_line(errors[0])}')
+            if index < end:
+                events.append((shard, index, self.sizes[shard]))
 
-    def _raw(self, g: int, G: int, pass_: int, counter: list) -> Iterator[Any]:
-        order = list(self.urls)
-        random.Random(_seed(self.seed, self.epoch, pass_, 'shards')).shuffle(order)
-        # whole shards dealt out in turn; the len % G left over are read by every stream, each
-        # keeping every G-th of their samples (so the streams get about equal shares)
-        whole = len(order) // G * G
-        mine, rest = order[:whole][g::G], order[whole:]
-        size_of = dict(zip(self.urls, self.sizes or [0] * len(self.urls)))
-        expected = sum(size_of[url] for url in mine) + sum(size_of[url] for url in rest) // G
-        shards = itertools.chain(self._shard_samples(mine, lambda i: True, counter) if mine else (),
-                                 self._shard_samples(rest, lambda i: i % G == g, counter) if rest else ())
-        indices: list[int] = []
-        if self.json_dataset is not None and len(self.json_dataset):
-            perm = np.random.default_rng(_seed(self.seed, self.epoch, pass_, 'json')).permutation(len(self.json_dataset))
-            indices = perm[g::G].tolist()
-        rng = random.Random(_seed(self.seed, self.epoch, pass_, g, G, 'mix'))
-        j, shards_left = 0, True
+    def _raw(self, plan: EpochPlan, share: Share, mix_seed: int, counter: list, events: list,
+             warn: Callable[[str], None]) -> Iterator[Any]:
+        shards = self._shard_samples(plan, share.ranges, counter, events, warn)
+        expected, indices = share.shard_samples, share.json.tolist()
+        rng = random.Random(mix_seed)
+        j, shards_left = 0, bool(share.ranges)
         while shards_left or j < len(indices):
             # interleave the two sources in proportion to what each has left
             left_json = len(indices) - j
             if left_json and (not shards_left or rng.random() * (left_json + max(expected, 1)) < left_json):
-                yield ('json', indices[j])
+                yield ('json', indices[j], plan.shard_total + indices[j])
                 j += 1
                 continue
             sample = next(shards, None)
@@ -260,22 +331,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             with _Seeded(_seed(self.seed, self.epoch, 'json', index)):
                 return f'json:{index}', self.json_dataset[index]
         key = f"{sample.get('__url__', '')}:{sample.get('__key__', '')}"
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        if ext is None:
-            raise DataError(f'{key}: no image ({", ".join(IMAGE_EXTS)}) in the sample')
-        captions = None
-        if 'json' in sample:
-            try:
-                meta = json.loads(sample['json'])
-            except ValueError as error:
-                raise DataError(f'{key}: invalid json: {_one_line(error)}') from None
-            captions = meta.get('captions') if isinstance(meta, dict) else None
-            if captions is None and isinstance(meta, dict) and isinstance(meta.get('caption'), str):
-                captions = [meta['caption']]
-        if not captions:
-            if 'txt' not in sample:
-                raise DataError(f'{key}: no caption (txt) in the sample')
-            captions = [sample['txt'].decode('utf-8', errors='replace')]
+        ext, captions = parts_of(sample, key)
         with _Seeded(_seed(self.seed, self.epoch, key)):
             caption = random.choice(captions) if len(captions) > 1 else captions[0]
             try:
@@ -297,22 +353,34 @@ class ShardStream(torch.utils.data.IterableDataset):
         # resume at step s, worker 0 plays the part of the worker whose turn step s was
         logical = ((info.id if info is not None else 0) + self.start_step) % W
         g, G = self.rank * W + logical, self.world_size * W
-
-        def turns(steps: int) -> int:  # how many of steps 0..steps-1 are this worker's
-            return max(0, (steps - logical + W - 1) // W)
-        skip = turns(self.start_step) * self.batch_size
-        wanted = (turns(self.steps) - turns(self.start_step)) * self.batch_size
+        plan = self.plan(W)
+        quota = plan.quotas[g]
+        skip = quotas_of(self.start_step, self.batch_size, 1, W)[logical]
+        wanted = quota - skip
         log = self._sample_log(logical)
-        counter = [0]  # unreadable shards, counted by the webdataset handler
-        reported, pass_ = 0, 0
+        counter, events = [0], []  # bad samples and unreadable shards; short shards
+        held: list[str] = []  # warnings before the first good sample: all bad ends in one error
+        held_count = [0]
+
+        def warn(message: str) -> None:
+            if held_count[0] < 0:
+                logger.warning('%s', message)
+                return
+            held_count[0] += 1
+            if len(held) < HELD_WARNINGS:
+                held.append(message)
+        reported, pass_, earlier = 0, 0, []
         while wanted > 0:
+            share = plan.share(g) if pass_ == 0 else plan.refill(g)
             rng = random.Random(_seed(self.seed, self.epoch, pass_, g, G, 'buffer'))
+            raw = self._raw(plan, share, _seed(self.seed, self.epoch, pass_, g, G, 'mix'), counter, events, warn)
             good_in_pass = 0
-            for sample in self._shuffled(self._raw(g, G, pass_, counter), rng):
+            for sample in self._shuffled(raw, rng):
                 if skip:
                     # delivered before the checkpoint: passed over without decoding
                     if self._probably_good(sample):
                         skip -= 1
+                        earlier.append(self._ident(sample))
                     if not skip:
                         reported = counter[0]  # those skips are in the checkpoint's count already
                     continue
@@ -320,23 +388,35 @@ class ShardStream(torch.utils.data.IterableDataset):
                     key, item = self._decode(sample)
                 except DataError as error:
                     counter[0] += 1
-                    logger.warning('skipped: %s', error)
+                    warn(f'skipped: {error}')
                     continue
                 good_in_pass += 1
+                if held_count[0] >= 0:  # the first good sample: the held warnings go out
+                    for message in held:
+                        logger.warning('%s', message)
+                    if held_count[0] > len(held):
+                        logger.warning('... and %d more skipped', held_count[0] - len(held))
+                    held_count[0] = -1
                 if log is not None:
                     log.write(f'{self.epoch}\t{key}\n')
                     log.flush()
-                yield item, counter[0] - reported
-                reported = counter[0]
+                yield item, (counter[0] - reported, self._ident(sample), tuple(events), tuple(earlier))
+                reported, earlier = counter[0], []
+                events.clear()
                 wanted -= 1
                 if wanted == 0:
                     break
-            if wanted and not good_in_pass and not skip:
+            if wanted and not good_in_pass and not skip and pass_ > 0:
+                first = f': {held_count[0]} skipped, the first: {held[0]}' if held else ''
                 raise DataError(f'train_shards: no readable sample for stream {g} of {G} '
-                                f'({len(self.urls)} shards)')
+                                f'({len(self.urls)} shards){first}')
             pass_ += 1
         if log is not None:
             log.close()
+
+    @staticmethod
+    def _ident(sample: Any) -> int:
+        return sample[2] if isinstance(sample, tuple) else sample['__id__']
 
     def _probably_good(self, sample: Any) -> bool:
         """Whether a sample passed over on resume had been delivered, judged from its parts and
@@ -359,82 +439,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             return None
         os.makedirs(folder, exist_ok=True)
         return open(os.path.join(folder, f'samples_rank{self.rank}_worker{logical}.tsv'), 'a')
-
-
-# ---- converter: JSON annotations + images -> shards --------------------------------------------
-def convert(config: dict, out: str, shard_size: int = 10_000, progress: bool = True) -> dict:
-    """Write the pre-training items of `config` (train_file) into `out`/%06d.tar. Returns the
-    summary {'samples', 'shards', 'missing', 'unreadable', 'pattern'}."""
-    from .caption_dataset import pretrain_dataset
-    if 'train_file' not in config:
-        raise DataError("config has no 'train_file' (the JSON annotations to convert)")
-    dataset = pretrain_dataset(config['train_file'], None, check_images=False)
-    os.makedirs(out, exist_ok=True)
-    summary = {'samples': 0, 'missing': 0, 'unreadable': 0}
-    bar = None
-    if progress:
-        import utils
-        bar = utils.progress(total=len(dataset), desc='writing shards', unit='sample')
-    with wds.ShardWriter(os.path.join(out, '%06d.tar'), maxcount=shard_size, verbose=0) as sink:
-        for index in range(len(dataset)):
-            item = dataset.ann[index]
-            path = item['image']
-            try:
-                with open(path, 'rb') as f:
-                    data = f.read()
-                with Image.open(io.BytesIO(data)) as img:
-                    fmt = (img.format or '').lower()
-                    img.verify()
-            except FileNotFoundError:
-                summary['missing'] += 1
-                logger.warning('image not found: %s (%s)', path, dataset.where(index))
-                data = None
-            except Exception as error:
-                summary['unreadable'] += 1
-                logger.warning('cannot read image %s (%s): %s', path, dataset.where(index), _one_line(error))
-                data = None
-            if data is not None:
-                ext = {'jpeg': 'jpg', 'png': 'png', 'webp': 'webp'}.get(fmt)
-                if ext is None:  # another format: stored as a JPEG
-                    buffer = io.BytesIO()
-                    with Image.open(io.BytesIO(data)) as img:
-                        img.convert('RGB').save(buffer, format='JPEG', quality=95)
-                    data, ext = buffer.getvalue(), 'jpg'
-                captions = item['caption'] if isinstance(item['caption'], list) else [item['caption']]
-                sink.write({'__key__': f'{index:09d}', ext: data, 'txt': captions[0],
-                            'json': {'captions': captions, 'image': path}})
-                summary['samples'] += 1
-            if bar is not None:
-                bar.update(1)
-        shards = sink.shard
-    if bar is not None:
-        bar.close()
-    summary['shards'] = shards
-    summary['pattern'] = os.path.join(out, f'{{000000..{max(shards - 1, 0):06d}}}.tar')
-    return summary
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m dataset.shards', description=(
-        "Convert a pre-training config's JSON annotations (train_file) and images into tar shards."))
-    parser.add_argument('config', help='pre-training YAML (its train_file is converted)')
-    parser.add_argument('--out', required=True, help='folder for the shards (000000.tar, 000001.tar, ...)')
-    parser.add_argument('--shard-size', type=int, default=10_000, help='samples per shard (default 10000)')
-    args = parser.parse_args(argv)
-    from .check import load_config
-    logging.basicConfig(level=logging.WARNING, format='%(message)s')
-    if args.shard_size < 1:
-        print('error: --shard-size must be at least 1', file=sys.stderr)
-        return 2
-    try:
-        summary = convert(load_config(args.config), args.out, args.shard_size)
-    except DataError as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 2
-    print(f"{summary['samples']} samples written to {summary['shards']} shards in {args.out}; "
-          f"images missing: {summary['missing']}, unreadable: {summary['unreadable']}")
-    print(f"train_shards: '{summary['pattern']}'")
-    return 0
 
 
 if __name__ == '__main__':

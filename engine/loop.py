@@ -126,7 +126,10 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
     stats = {name: float(f'{meter.global_avg:.{digits}g}') if name == 'lr' else round(meter.global_avg, digits)
              for name, meter in logger.meters.items()}
     if config.get('skip_bad_images') or config.get('train_shards'):  # shards always skip and count
-        stats['skipped_images'] = int(utils.all_reduce_sum(torch.tensor(skipped)).item())
+        count = torch.tensor(skipped, device=run.device)  # on the GPU under NCCL
+        stats['skipped_images'] = int(utils.all_reduce_sum(count).item())
+    if hasattr(loader, 'epoch_counts'):  # a stream's loader counts what the epoch trained (a collective)
+        stats.update(loader.epoch_counts())
     return stats
 
 

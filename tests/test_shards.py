@@ -262,7 +262,7 @@ def test_bad_samples_and_truncated_shards_are_skipped_and_counted(tmp_path, capl
     items = list(stream)
     captions = [item[0][1] for item in items]
     assert len(captions) == 8 and 'caption 0 2' not in captions
-    assert sum(skipped for _, skipped in items) == 2  # the broken JPEG and the truncated shard
+    assert sum(info[0] for _, info in items) == 2  # the broken JPEG and the truncated shard
     messages = ' '.join(r.getMessage() for r in caplog.records)
     assert 'cannot decode image' in messages and 's0_2.jpg' in messages and f'skipped the rest of shard {urls[1]}' in messages
 
@@ -339,6 +339,9 @@ def test_pretrain_on_library_written_shards_loss_falls(demo_config, tmp_path):
     loss = [sum(float(v) for k, v in s.items() if k.startswith('train_loss')) for s in stats]
     assert len(stats) == 8 and loss[-1] < loss[0] - 0.2, stats
     assert all(s['train_skipped_images'] == 0 for s in stats)
+    # what each epoch trained, in log.txt: 7 x 8 of the 60, each once; the 4 left out start the next
+    assert all((s['train_samples'], s['train_distinct_samples'], s['train_left_out_samples'],
+                s['train_shards_cut_short']) == (56, 56, 4, 0) for s in stats), stats
 
 
 def test_text_assignment_pretraining_on_shards(demo_world, demo_config, tmp_path, capsys):
@@ -376,9 +379,28 @@ def two_nodes(config, out, log, *extra):
     return outputs
 
 
-def test_two_nodes_see_each_sample_once_and_resume(demo_config, tmp_path):
-    # one epoch of 3 steps (60 samples, batch 10 on each node), a checkpoint after step 2
-    config = demo_config('Pretrain_shards', **SMALL, save_every_steps=2, schedular={'epochs': 1})
+def img2dataset_shards(demo_world, folder, sizes):
+    """The demo's 60 samples repacked as img2dataset writes them: 00000.tar ... with uneven sizes,
+    each with its 00000_stats.json."""
+    samples = [s for url in demo_shards(demo_world) for s in wds.tarfile_samples([{'url': url}])]
+    os.makedirs(folder, exist_ok=True)
+    start = 0
+    for shard, size in enumerate(sizes):
+        with wds.TarWriter(os.path.join(folder, f'{shard:05d}.tar')) as sink:
+            for sample in samples[start:start + size]:
+                sink.write({k: v for k, v in sample.items() if k == '__key__' or not k.startswith('__')})
+        with open(os.path.join(folder, f'{shard:05d}_stats.json'), 'w') as f:
+            json.dump({'count': size, 'successes': size, 'failed_to_download': 0, 'failed_to_resize': 0}, f)
+        start += size
+    return os.path.join(folder, '*.tar')
+
+
+def test_two_nodes_see_each_sample_once_and_resume(demo_world, demo_config, tmp_path):
+    # one epoch of 3 steps (60 samples in img2dataset shards of uneven sizes, batch 10 on each
+    # node), a checkpoint after step 2
+    shards = img2dataset_shards(demo_world, str(tmp_path / 'web'), [17, 9, 21, 13])
+    config = demo_config('Pretrain_shards', **SMALL, train_shards=shards, save_every_steps=2,
+                         schedular={'epochs': 1})
     out, log = tmp_path / 'out', tmp_path / 'samples'
     outputs = two_nodes(config, out, log)
     assert 'process 1 of 2 on cpu (gloo)' in outputs[1]
@@ -390,6 +412,8 @@ def test_two_nodes_see_each_sample_once_and_resume(demo_config, tmp_path):
     seen = per_rank[0] + per_rank[1]
     assert len(per_rank[0]) == len(per_rank[1]) == 30 and len(set(seen)) == 60
     assert {k.rsplit(':', 1)[1] for k in seen} == {f'train_{i:05d}' for i in range(60)}
+    stats = read_log(out)[0]  # counted on both nodes, summed over the process group
+    assert (stats['train_samples'], stats['train_distinct_samples'], stats['train_left_out_samples']) == (60, 60, 0)
 
     # resume from the mid-epoch checkpoint (step 2 of 3) alone: the same final weights
     resumed = tmp_path / 'resumed'
