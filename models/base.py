@@ -105,11 +105,11 @@ class ALBEFBase(nn.Module):
             for param, param_m in zip(model.parameters(), model_m.parameters()):
                 online.append(param.detach())
                 momentum.append(param_m.detach())
-        # theta_m <- m theta_m + (1 - m) theta over all parameters at once (a few fused kernels
-        # instead of two per parameter); m theta_m and (1 - m) theta are rounded separately, then
-        # summed, as the original's per-parameter loop does: bit-identical (a test)
-        torch._foreach_mul_(momentum, self.momentum)
-        torch._foreach_add_(momentum, torch._foreach_mul(online, 1. - self.momentum))
+        # theta_m <- m theta_m + (1 - m) theta = theta_m + (1 - m) (theta - theta_m), over all
+        # parameters in one pass: it reads both and writes theta_m once, with no temporary (the
+        # original's per-parameter loop writes theta_m twice plus a theta-sized temporary). Equal to
+        # the original within float32 rounding (a test), not bit for bit: the rounding order differs.
+        torch._foreach_lerp_(momentum, online, 1. - self.momentum)
 
     def set_grad_checkpointing(self, enable=True):
         """Recompute the activations of the online ViT blocks and BERT layers in the backward pass

@@ -1,4 +1,4 @@
-"""The GPU-minded parts of the training step, checked on the CPU: the fused momentum update, the
+"""The GPU-minded parts of the training step, checked on the CPU: the one-pass momentum update, the
 float32 contrastive similarities under bf16, the batch move, regional compilation without
 recompiles, DistributedDataParallel with broadcast_buffers=False, and benchmarks/gpu_check.sh's
 dry run."""
@@ -17,7 +17,10 @@ import utils
 from conftest import ROOT
 
 
-def test_foreach_momentum_update_is_bit_identical_to_the_per_parameter_loop(make_model):
+def test_momentum_update_in_one_lerp_equals_the_per_parameter_loop(make_model):
+    """One torch._foreach_lerp_ over all parameters computes the original's loop
+    m * theta_m + (1 - m) * theta at float32 rounding (not bit for bit: the rounding order
+    differs); rtol 1e-6 is a few units in the last place."""
     model = make_model('pretrain')
     with torch.no_grad():  # online and momentum weights apart, as after some training
         for online, _ in model.model_pairs:
@@ -30,7 +33,8 @@ def test_foreach_momentum_update_is_bit_identical_to_the_per_parameter_loop(make
     model._momentum_update()
     updated = [p_m for _, momentum in model.model_pairs for p_m in momentum.parameters()]
     assert len(updated) == len(expected) > 50
-    assert all(torch.equal(a, b) for a, b in zip(updated, expected))
+    for a, b in zip(updated, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     model.momentum_paused = True  # accumulation: no update on the later micro-batches
     before = [p.clone() for p in updated]
     model._momentum_update()
