@@ -165,3 +165,29 @@ def test_retrieval_evaluation_split_across_ranks_equals_one_process(demo_config,
         logs.append(json.loads((out / 'log.txt').read_text().splitlines()[0]))
     assert logs[0] == logs[1]
     assert {'val_r_mean', 'test_r_mean', 'test_txt_r1'} <= set(logs[0])
+
+
+def test_normalize_copies_nothing_from_the_host_after_its_first_call():
+    """dataset.normalize keeps MEAN and STD on the images' device: after the first call it
+    dispatches the four arithmetic operators and creates no tensor from host data (on CUDA each
+    such tensor is a blocking copy, twice a step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import dataset
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    first = dataset.normalize(images)
+    for _ in range(2):
+        with Record() as record:
+            out = dataset.normalize(images)
+        assert record.ops == ['_to_copy', 'div', 'sub', 'div']  # uint8 -> float32, / 255, - mean, / std
+        assert torch.equal(out, first)
+    assert torch.equal(first[:, 1], (images[:, 1].float() / 255 - dataset.MEAN[1]) / dataset.STD[1])
