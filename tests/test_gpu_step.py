@@ -191,3 +191,38 @@ def test_normalize_copies_nothing_from_the_host_after_its_first_call():
         assert record.ops == ['_to_copy', 'div', 'sub', 'div']  # uint8 -> float32, / 255, - mean, / std
         assert torch.equal(out, first)
     assert torch.equal(first[:, 1], (images[:, 1].float() / 255 - dataset.MEAN[1]) / dataset.STD[1])
+
+
+def test_the_per_step_signal_check_never_waits_for_the_other_ranks_during_the_step(monkeypatch):
+    """With several processes the loop's check after each optimizer step reads the all-reduce the
+    previous check started (finished in the background meanwhile) and starts the next one, so all
+    ranks stop at the same step, one step after the signal; the check between epochs waits for
+    the answer. Here the all-reduce is simulated: the other rank contributes `peer`."""
+    from engine import signals
+    peer, launched = [0], []
+
+    class Work:
+        def __init__(self, flag):
+            self.flag, self.peer, self.waited = flag, peer[0], False
+
+        def wait(self):
+            self.waited = True
+            self.flag.clamp_(min=self.peer)  # MAX with the other rank's flag
+
+    def all_reduce(flag, op=None, group=None, async_op=False):
+        assert async_op and op == signals.dist.ReduceOp.MAX and group == 'cpu group'
+        launched.append(Work(flag))
+        return launched[-1]
+
+    monkeypatch.setattr(signals.dist, 'all_reduce', all_reduce)
+    stops = signals.StopSignals()
+    stops.active, stops.group = True, 'cpu group'
+    run = argparse.Namespace(distributed=True)
+    assert stops.requested(run, pipelined=True) == 0 and len(launched) == 1 and not launched[0].waited
+    peer[0] = 15  # SIGTERM reaches the other rank during the next step
+    assert stops.requested(run, pipelined=True) == 0  # the previous step's answer
+    assert launched[0].waited and len(launched) == 2 and not launched[1].waited
+    assert stops.requested(run, pipelined=True) == 15 and len(launched) == 2  # one step later, no new reduce
+    peer[0] = 0
+    stops.signum = 2  # this rank's own signal, asked between epochs: answered at once
+    assert stops.requested(run) == 2 and len(launched) == 3 and launched[2].waited and stops.pending is None
