@@ -21,8 +21,8 @@ Paths: `default` (this repository), `plain` (benchmarks/train_step.py's PlainALB
 computes). A meta tensor has no values, so the plain path's per-sample host reads (the
 `.item()` of each negative, the queue pointer) are replaced by their batched equivalents here: its
 FLOPs are exact, its operator count is a lower bound (the original adds about 3 per sample).
-Token packing needs the mask's values on the host: `--pack` counts the step with the packing
-index built from the CPU mask (what a GPU step does when the mask is given on the CPU).
+The default path skips padding (token packing: its index built on the host from the loader's CPU
+mask, as on a GPU); `default-padded` runs every token through every layer, as under --compile.
 """
 import argparse
 import importlib.util
@@ -142,10 +142,9 @@ class _autocast_or_nothing(torch.autocast):
         return None if self.meta else super().__exit__(*exc)
 
 
-torch.autocast = _autocast_or_nothing  # (the models' float32 sections open an autocast context)
 
 
-def count(ts, path, size, batch_size, pack=False):
+def count(ts, path, size, batch_size, padded=False):
     from models.xbert import BertLayer, BertModel
     config = ts.model_config(size)
     if size == 'base':
@@ -159,10 +158,10 @@ def count(ts, path, size, batch_size, pack=False):
     calls = Counter()
     hooks = [m.register_forward_pre_hook(lambda m, a: calls.update(['bert'])) for m in model.modules()
              if isinstance(m, BertLayer)]
-    if pack:
+    if padded:  # as under --compile (engine.build.compile_regions): every token through every layer
         for m in model.modules():
-            if isinstance(m, BertModel) and hasattr(m, 'pack_on_device'):
-                m.pack_on_device = True
+            if isinstance(m, BertModel):
+                m.pack_tokens = False
     momentum = Operators()
     update = model._momentum_update
 
@@ -173,12 +172,16 @@ def count(ts, path, size, batch_size, pack=False):
     context = ts.plain_path() if path == 'plain' else ts._nothing()
     ops = Operators()
     flops = FlopCounterMode(display=False)
-    with context, flops, ops:
-        losses = model(image, text, alpha=0.4)
-        sum(losses).backward()
+    saved, torch.autocast = torch.autocast, _autocast_or_nothing  # (the models' float32 sections use it)
+    try:
+        with context, flops, ops:
+            losses = model(image, text, alpha=0.4)
+            sum(losses).backward()
+    finally:
+        torch.autocast = saved
     for h in hooks:
         h.remove()
-    return {'path': path + ('+pack' if pack else ''), 'size': size, 'batch': batch_size,
+    return {'path': path + ('-padded' if padded else ''), 'size': size, 'batch': batch_size,
             'text_length': int(text.input_ids.size(1)), 'mean_tokens': float(lengths.float().mean()),
             'gflop_per_pair': flops.get_total_flops() / batch_size / 1e9, 'operators': ops.count,
             'bert_layer_calls': calls['bert'], 'momentum_bytes_written': momentum.bytes_written,
@@ -190,20 +193,20 @@ def main():
     parser.add_argument('--root', default=os.path.dirname(HERE), help='the checkout whose models are counted')
     parser.add_argument('--size', choices=('tiny', 'small', 'base'), default='base')
     parser.add_argument('--batch', type=int, default=None, help='default: 64 (base), 32 (small), 16 (tiny)')
-    parser.add_argument('--paths', default='plain,default')
+    parser.add_argument('--paths', default='plain,default-padded,default',
+                        help="comma-separated: plain, default, default-padded (no token packing, as --compile)")
     parser.add_argument('--json', help='append the rows as JSON lines to this file')
     args = parser.parse_args()
     ts = load_tree(os.path.abspath(args.root))
     batch = args.batch or ts.SIZES[args.size]['batch']
     rows = []
     for path in args.paths.split(','):
-        pack = path.endswith('+pack')
-        rows.append(count(ts, path.replace('+pack', ''), args.size, batch, pack=pack))
+        rows.append(count(ts, path.replace('-padded', ''), args.size, batch, padded=path.endswith('-padded')))
     print(f'{args.size} pre-training step, batch {batch}, captions of 8-25 word pieces padded to '
           f'{rows[0]["text_length"]} (mean {rows[0]["mean_tokens"]:.1f}); tree {os.path.abspath(args.root)}')
-    print(f"{'path':13} {'GFLOP/pair':>10} {'operators':>9} {'BERT layer calls':>16} {'momentum MB written':>19}")
+    print(f"{'path':14} {'GFLOP/pair':>10} {'operators':>9} {'BERT layer calls':>16} {'momentum MB written':>19}")
     for r in rows:
-        print(f"{r['path']:13} {r['gflop_per_pair']:10.1f} {r['operators']:9d} {r['bert_layer_calls']:16d} "
+        print(f"{r['path']:14} {r['gflop_per_pair']:10.1f} {r['operators']:9d} {r['bert_layer_calls']:16d} "
               f"{r['momentum_bytes_written'] / 1e6:19.0f}")
     if args.json:
         with open(args.json, 'a') as f:

@@ -36,13 +36,14 @@ class ALBEF(ContrastiveALBEF):
         input_ids = to_device(input_ids, image.device)
         labels = to_device(labels.flatten(), image.device).index_select(0, masked.clamp(min=0))
         labels = labels.masked_fill(masked < 0, -100)  # padding of a fixed-size index (see masked_positions)
+        host_mask = text.attention_mask.cpu()  # (the loader's copy: which tokens are padding, known on the host)
         text = to_device(text, image.device)
         # One text pass over the captions and their masked copies, one fusion pass over the ITM
         # pairs and the masked captions (each image's keys and values projected once for both),
         # and the same on the momentum side: 4 passes of the BERT layers where the original runs 7.
         # No image mask: every image token is attended, as with the original's all-ones mask.
         loss_ita, loss_itm, mlm_states, mlm_states_m = self.contrastive_forward(
-            image, text, alpha, mlm_input_ids=input_ids, itm_noise=itm_noise)
+            image, text, alpha, mlm_input_ids=input_ids, itm_noise=itm_noise, host_mask=host_mask)
         with torch.no_grad():
             logits_m = self._masked_head(self.text_encoder_m, mlm_states_m, masked)
         logits = self._masked_head(self.text_encoder, mlm_states, masked)

@@ -226,3 +226,25 @@ def test_the_per_step_signal_check_never_waits_for_the_other_ranks_during_the_st
     peer[0] = 0
     stops.signum = 2  # this rank's own signal, asked between epochs: answered at once
     assert stops.requested(run) == 2 and len(launched) == 3 and launched[2].waited and stops.pending is None
+
+
+def test_step_cost_counts_one_text_and_one_fusion_pass_packing_and_one_momentum_write():
+    """benchmarks/step_cost.py at the tiny size on the meta device: the default step calls each BERT
+    layer once per side (online, momentum: 2 text + 2 fusion layers each), the original's path 16
+    times in all; skipping padding (index built on the host, as on a GPU) cuts FLOPs; the momentum
+    update writes each momentum weight once (4 bytes each)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('step_cost', os.path.join(ROOT, 'benchmarks', 'step_cost.py'))
+    step_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_cost)
+    ts = step_cost.load_tree(ROOT)
+    rows = {path: step_cost.count(ts, path.replace('-padded', ''), 'tiny', 8, padded=path.endswith('-padded'))
+            for path in ('plain', 'default-padded', 'default')}
+    assert [rows[p]['bert_layer_calls'] for p in rows] == [16, 8, 8]
+    assert rows['default']['gflop_per_pair'] < 0.9 * rows['default-padded']['gflop_per_pair']
+    assert rows['default-padded']['gflop_per_pair'] < 0.6 * rows['plain']['gflop_per_pair']
+    assert rows['default-padded']['operators'] < 0.6 * rows['plain']['operators']
+    model = ts.ALBEF(config=ts.model_config('tiny'), tokenizer=ts.FakeTokenizer(), init_deit=False)
+    weights = sum(p.numel() for _, momentum in model.model_pairs for p in momentum.parameters())
+    assert rows['default']['momentum_bytes_written'] == 4 * weights
+    assert rows['default']['momentum_operators'] == 1
