@@ -248,3 +248,31 @@ def test_step_cost_counts_one_text_and_one_fusion_pass_packing_and_one_momentum_
     weights = sum(p.numel() for _, momentum in model.model_pairs for p in momentum.parameters())
     assert rows['default']['momentum_bytes_written'] == 4 * weights
     assert rows['default']['momentum_operators'] == 1
+
+
+def test_packing_built_by_the_caller_with_rows_kept_whole_gives_the_padded_outputs(make_model, tokenizer):
+    """The packing a GPU step gets from the host (xbert.Packing of the CPU mask, rows the host
+    cannot know, the ITM negatives, kept whole): at every real token the outputs of the padded
+    path, in both the text and the fusion layers."""
+    from models.xbert import Packing
+    bert = make_model('pretrain').text_encoder.bert.train()
+    for module in bert.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    text = tokenizer(['a red circle', 'two small blue squares on the left', 'green'], padding='longest',
+                     return_tensors='pt')
+    host = text.attention_mask.clone()
+    host[2] = 1  # a row whose length the host does not know: all its tokens are computed
+    image = torch.randn(3, 5, bert.config.encoder_width)
+
+    def run(**kwargs):
+        return bert(text.input_ids, attention_mask=text.attention_mask, encoder_hidden_states=image,
+                    return_dict=True, **kwargs).last_hidden_state
+
+    packed = run(packing=Packing(host, 'cpu'))
+    bert.pack_tokens = False
+    padded = run()
+    real = text.attention_mask.bool()
+    assert (~real).any() and not torch.equal(packed, padded)  # padding positions differ (zeros where packed)
+    torch.testing.assert_close(packed[real], padded[real], rtol=1e-5, atol=1e-5)
+    assert torch.equal(packed[0][~real[0]], torch.zeros_like(packed[0][~real[0]]))
