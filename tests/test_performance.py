@@ -257,5 +257,7 @@ def test_loader_workers_fill_the_cores_with_one_opencv_thread_each(monkeypatch):
     assert loaders.default_num_workers() == 32
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '128')
     assert loaders.default_num_workers() == 1
-    loader = loaders.make_loader(_OpenCVThreads(), 2, train=False, num_workers=1)
+    # the worker init every loader uses (timeout: OpenCV's own thread pool can hang after fork)
+    loader = torch.utils.data.DataLoader(_OpenCVThreads(), batch_size=2, num_workers=1, timeout=60,
+                                         worker_init_fn=loaders._worker_init)
     assert next(iter(loader)).tolist() == [1, 1]
