@@ -149,6 +149,25 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     assert report['parts']['step_compile'] == 'not run (dry run)'
     assert any(line.startswith('speed-up:') for line in report['rerank']['fp32'])
     assert report['sync_check'] == {'sync_check': 'skipped: no CUDA device'}
+    assert all(r['flop_per_pair'] > 0 for r in report['train_step'])  # counted for the exact inputs
+    assert report['parts']['profile'] == report['parts']['loader'] == 'ok'
+    assert len(report['profile']['top_15']) == 15 and report['profile']['host_ms_per_step'] > 0
+    assert report['loader']['workers'] == 2 and report['loader']['loader_pairs_per_s'] > 0
+
+
+def test_gpu_check_stops_at_once_naming_what_its_python_lacks(tmp_path):
+    """A python without torch (here: without its site-packages) gets one line and exit status 2
+    before any part runs."""
+    python = tmp_path / 'python'
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')
+    python.chmod(0o755)
+    out = tmp_path / 'gpu_check.json'
+    result = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'gpu_check.sh'), '--dry-run', str(out)],
+                            cwd=ROOT, env={**os.environ, 'PYTHON': str(python)}, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and result.stdout == '' and not out.exists()
+    assert result.stderr.count('\n') == 1 and result.stderr.startswith(f'error: {python} lacks torch, numpy, ')
+    assert 'ruamel.yaml, webdataset' in result.stderr and 'gpu_wheels.sh' in result.stderr
 
 
 def test_retrieval_evaluation_split_across_ranks_equals_one_process(demo_config, tmp_path):
