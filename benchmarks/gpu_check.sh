@@ -58,13 +58,13 @@ if [ "$DRY" = 1 ]; then
   # tiny sizes on the CPU; compiling is left out (minutes of C++ compilation on a CPU)
   DEV=cpu; SIZE=tiny; AMP=off; B1=4; B2=8; STEPS=1; WARM=1; PATHS="default plain"
   STEPLIMIT=600; COMPILELIMIT=0; MEMLIMIT=600; RETLIMIT=600; SYNCLIMIT=600; PROFLIMIT=600; LOADLIMIT=600
-  LOAD_ARGS="--workers 2 --images 16 --rounds 1 --batch 8"; BUDGET=${GPU_CHECK_BUDGET:-3600}
+  LOAD_ARGS="--workers 2 --images 16 --rounds 1 --batch 8"; BUDGET=${GPU_CHECK_BUDGET:-3600}; PROFSTEPS=1
   RET_ARGS="--device cpu --size small --images 40 --texts 200 --k_test 8 --queries 1"
 else
   # time limits (s) that add up to about 8 minutes; most parts end well before theirs
   DEV=cuda; SIZE=base; AMP=bf16; B1=64; B2=128; STEPS=10; WARM=3; PATHS="default plain compile"
   STEPLIMIT=60; COMPILELIMIT=150; MEMLIMIT=35; RETLIMIT=30; SYNCLIMIT=40; PROFLIMIT=45; LOADLIMIT=45
-  LOAD_ARGS="--workers 14 --images 448 --rounds 2"
+  LOAD_ARGS="--workers 14 --images 448 --rounds 2"; PROFSTEPS=3
   RET_ARGS="--device cuda --size base"
 fi
 
@@ -97,7 +97,7 @@ for path in $PATHS; do
   part "step_$path" "$limit" "$PY" $STEP "$path" --batch "$B1" --steps "$STEPS" --warmup "$WARM" --flops
   if [ "$path" = plain ]; then  # the parts that say where the time goes, before compiling
     part profile "$PROFLIMIT" "$PY" benchmarks/step_profile.py --size "$SIZE" --amp "$AMP" --device "$DEV" \
-      --batch "$B1" --steps 3 --warmup "$WARM"
+      --batch "$B1" --steps "$PROFSTEPS" --warmup "$WARM"
     part sync "$SYNCLIMIT" "$PY" benchmarks/sync_check.py --size "$SIZE" --amp "$AMP"
     part loader "$LOADLIMIT" "$PY" benchmarks/data_loader.py --sizes 640x480 $LOAD_ARGS
   fi
