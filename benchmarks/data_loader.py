@@ -2,6 +2,7 @@
 
     python benchmarks/data_loader.py                      # 640x480 and 1280x960, 200 images each
     python benchmarks/data_loader.py --images 400 --rounds 5
+    python benchmarks/data_loader.py --workers 14 --sizes 640x480   # the real loader, 14 workers
 
 Generates JPEGs (quality 90, smooth random content so they compress like photos) at each size,
 as files and as tar shards (webdataset's ShardWriter), then times, in one process (= one worker),
@@ -20,10 +21,12 @@ alternating the paths for --rounds rounds and printing medians side by side:
 
 Tokenisation is left out (it runs in the workers' collate, per batch, on both paths); so is the
 image normalisation on the device. The ratios are per worker: the loader's throughput is that
-times the number of workers.
+times the number of workers; the last table divides --target pairs/s (default 1,500, the GPU step's
+goal) by each rate: the loader workers, hence cores, one GPU needs.
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -113,13 +116,48 @@ def shard_pipeline(urls, count, draft):
     return run
 
 
+def loader_rate(args):
+    """pairs/s of dataset.loaders.train_loader over the JSON path (decode, crop, RandomAugment,
+    uint8, tokenised captions in the workers' collate) with args.workers workers, one image size."""
+    from dataset.loaders import train_loader
+    size = args.sizes.split(',')[0]
+    width, height = map(int, size.split('x'))
+    base = args.dir or tempfile.mkdtemp(prefix='albef_loader_')
+    folder = os.path.join(base, size)
+    paths = make_images(os.path.join(folder, 'images'), (width, height), args.images)
+    json_pipeline(paths, folder, False)  # writes pretrain.json
+    from dataset import build_transform
+    from dataset.caption_dataset import pretrain_dataset
+    dataset = pretrain_dataset(os.path.join(folder, 'pretrain.json'), build_transform('pretrain', 256, uint8=True))
+    loader = train_loader(dataset, args.batch, {'num_workers': args.workers}, seed=0)
+    start, pairs = None, 0
+    for rnd in range(args.rounds + 1):  # round 0 starts the workers and is not timed
+        if rnd == 1:
+            start = time.perf_counter()
+        for (images, _), _skipped in loader:
+            pairs += images.size(0) if rnd else 0
+    rate = pairs / (time.perf_counter() - start)
+    row = {'size': size, 'workers': args.workers, 'loader_pairs_per_s': rate}
+    print(json.dumps(row))
+    if args.json:
+        with open(args.json, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--images', type=int, default=200, help='images per size')
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--sizes', default='640x480,1280x960')
     parser.add_argument('--dir', default=None)
+    parser.add_argument('--target', type=int, default=1500, help='pairs/s one GPU consumes (for the workers needed)')
+    parser.add_argument('--workers', type=int, default=0,
+                        help='instead: pairs/s of the real JSON loader (DataLoader) with this many workers')
+    parser.add_argument('--batch', type=int, default=64, help='with --workers: the batch size')
+    parser.add_argument('--json', help='append the results as JSON lines to this file')
     args = parser.parse_args()
+    if args.workers:
+        return loader_rate(args)
     base = args.dir or tempfile.mkdtemp(prefix='albef_loader_')
     names = ['original', 'json', 'json+draft', 'shards', 'shards+draft']
     table = {}
@@ -148,6 +186,14 @@ def main():
     print('ratio to the original:')
     for size, row in table.items():
         print(f'{size:12s}' + ''.join(f"{row[n] / row['original']:13.2f}x" for n in names))
+    print(f'loader workers (= cores) per GPU for {args.target:,} pairs/s (the GPU step\'s goal):')
+    for size, row in table.items():
+        print(f'{size:12s}' + ''.join(f'{math.ceil(args.target / row[n]):14d}' for n in names))
+    if args.json:
+        with open(args.json, 'a') as f:
+            for size, row in table.items():
+                f.write(json.dumps({'size': size, 'per_worker': row, 'target_pairs_per_s': args.target,
+                                    'workers_needed': {n: math.ceil(args.target / row[n]) for n in names}}) + '\n')
 
 
 if __name__ == '__main__':

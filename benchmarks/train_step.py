@@ -207,8 +207,31 @@ def step(model, optimizer, image, text, amp, device):
     return losses
 
 
-def time_path(path, size, amp, steps, warmup, device, batch_size, grad_checkpointing=False):
+def count_flops(path, config, image, text, amp, device):
+    """FLOPs of one step of `path` for exactly these inputs (torch.utils.flop_counter, forward +
+    backward), counted on an eager model; `compile` pads every token (no token packing)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model, optimizer = build('plain' if path == 'plain' else 'default', config, device)
+    if path == 'compile':
+        for module in model.modules():
+            if isinstance(module, BertModel):
+                module.pack_tokens = False
+    counter = FlopCounterMode(display=False)
+    with (plain_path() if path == 'plain' else _nothing()), counter:
+        step(model, optimizer, image, text, amp, device)
+    del model, optimizer
+    return counter.get_total_flops()
+
+
+def time_path(path, size, amp, steps, warmup, device, batch_size, grad_checkpointing=False, flops=False):
     config = model_config(size)
+    if device.type == 'cuda':  # TF32 matrix products for float32 (the plain path), as in training
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    flop_per_pair = None
+    if flops:
+        image, text = fixed_batch(config, batch_size)
+        text_in = text.to(device) if path == 'plain' else text
+        flop_per_pair = count_flops(path, config, image.to(device), text_in, amp, device) / batch_size
     model, optimizer = build(path, config, device, grad_checkpointing=grad_checkpointing)
     image, text = fixed_batch(config, batch_size)
     image = image.to(device)
@@ -234,7 +257,7 @@ def time_path(path, size, amp, steps, warmup, device, batch_size, grad_checkpoin
     return {'path': path, 'size': size, 'amp': amp, 'device': str(device), 'batch': batch_size,
             'grad_checkpointing': grad_checkpointing,
             'ms_per_step': 1000 * elapsed / steps, 'samples_per_s': batch_size * steps / elapsed,
-            'peak_memory_gib': peak / 2 ** 30}
+            'peak_memory_gib': peak / 2 ** 30, 'flop_per_pair': flop_per_pair}
 
 
 class _nothing:
@@ -259,6 +282,7 @@ def main():
     parser.add_argument('--grad_checkpointing', action='store_true', help='in the default and compile paths')
     parser.add_argument('--json', help='append the results as JSON lines to this file')
     parser.add_argument('--one', help=argparse.SUPPRESS)  # internal: time one path in this process
+    parser.add_argument('--flops', action='store_true', help='with --one: also count the FLOPs of one step')
     args = parser.parse_args()
     device = torch.device(args.device)
     batch = args.batch or SIZES[args.size]['batch']
@@ -266,7 +290,7 @@ def main():
     if args.one:
         amp = 'off' if args.one == 'plain' else args.amp
         print(json.dumps(time_path(args.one, args.size, amp, args.steps, args.warmup, device, batch,
-                                   args.grad_checkpointing and args.one != 'plain')))
+                                   args.grad_checkpointing and args.one != 'plain', flops=args.flops)))
         return
 
     runs = {path: [] for path in args.paths.split(',')}

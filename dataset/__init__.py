@@ -51,11 +51,19 @@ class ToUint8:
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
+_STATISTICS = {}  # device -> (mean, std), each (3, 1, 1) float32, made on the first call only
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 images [B, 3, H, W] (on any device) -> float32, CLIP-normalised: bit for bit what
-    ToTensor() and Normalize(MEAN, STD) give on the CPU."""
-    mean = torch.tensor(MEAN, device=images.device)[:, None, None]
-    std = torch.tensor(STD, device=images.device)[:, None, None]
+    ToTensor() and Normalize(MEAN, STD) give on the CPU. MEAN and STD are copied to each device
+    once and kept there: a copy from the host per call would make the host wait for the GPU
+    (torch.tensor(..., device='cuda') is a blocking copy)."""
+    stats = _STATISTICS.get(images.device)
+    if stats is None:
+        stats = _STATISTICS[images.device] = tuple(torch.tensor(v, device=images.device)[:, None, None]
+                                                   for v in (MEAN, STD))
+    mean, std = stats
     return images.to(torch.float32).div(255).sub(mean).div(std)
 
 

@@ -26,9 +26,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .base import DataError
 
-MAX_WORKERS = 8  # the default num_workers: the CPUs of each process, at most this many
-
-
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch) * 1_000_033 + index
 
@@ -108,13 +105,13 @@ def local_processes() -> int:
 
 
 def default_num_workers() -> int:
-    """The CPUs this process may use, shared with the other processes of its node, at most
-    MAX_WORKERS and at least 1."""
+    """The CPUs this process may use, shared with the other processes of its node, at least 1
+    (not capped: one GPU's step can use 12 to 28 cores' worth of JPEG decoding; see the README)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, cpus // local_processes()))
+    return max(1, cpus // local_processes())
 
 
 def num_workers_of(config: dict) -> int:
@@ -132,6 +129,13 @@ def _worker_init(worker_id):
     # and ends its workers itself (shutdown_workers); if it dies, they notice within seconds (DataLoader's watchdog)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # one OpenCV thread per worker (RandomAugment): the workers already fill the cores, and
+    # OpenCV's own thread pool per worker would oversubscribe them
+    try:
+        import cv2
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
 
 
 class _Loader(DataLoader):

@@ -158,10 +158,14 @@ def compile_regions(model, **compile_kwargs):
     The blocks of one encoder share their code, so one compiled graph serves them all (after one
     compile per distinct layer kind: text, fusion, decoder); the losses, sampling and queues stay in
     eager mode, so nothing there (alpha, the number of masked tokens) triggers a recompilation. The
-    modules keep their names: state_dict keys and checkpoints are unchanged. Returns the modules.
+    modules keep their names: state_dict keys and checkpoints are unchanged. Token packing is
+    turned off (`BertModel.pack_tokens`): the layers then see one shape, the padded one, and never
+    recompile for the number of real tokens. Returns the modules.
     """
     regions = []
     for module in model.modules():
+        if hasattr(module, 'pack_tokens'):
+            module.pack_tokens = False
         for name in ('blocks', 'layer'):
             children = getattr(module, name, None)
             if isinstance(children, torch.nn.ModuleList):

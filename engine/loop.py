@@ -112,7 +112,7 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
             saved_step = save_position()
         # a signal stops between optimizer steps; at the epoch's last step the epoch is finished first
         if SIGNALS.active and state.step % accum == 0 and state.step < num_steps \
-                and (signum := SIGNALS.requested(run)):
+                and (signum := SIGNALS.requested(run, pipelined=True)):
             if checkpointer and state.step > saved_step:
                 saved_step = save_position()
             written = checkpointer and checkpointer.last_saved == checkpointer.path('checkpoint_last.pth') \

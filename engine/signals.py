@@ -27,6 +27,7 @@ class StopSignals:
 
     def __init__(self):
         self.signum, self.count, self.active, self.previous, self.group = 0, 0, False, {}, None
+        self.pending = None  # (work, flag) of the all-reduce in flight (see requested)
 
     def _handle(self, signum, frame):
         self.count += 1
@@ -39,7 +40,7 @@ class StopSignals:
         self.signum = self.signum or signum
 
     def install(self):
-        self.signum, self.count, self.active = 0, 0, False
+        self.signum, self.count, self.active, self.pending = 0, 0, False, None
         try:
             self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread: the handlers stay as they are
@@ -48,7 +49,7 @@ class StopSignals:
     def uninstall(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-        self.previous, self.active, self.group = {}, False, None
+        self.previous, self.active, self.group, self.pending = {}, False, None, None
 
     def start(self, run):
         """Training begins: defer signals from now on (only where `launch` installed the handlers)."""
@@ -59,15 +60,36 @@ class StopSignals:
             self.group = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else dist.group.WORLD
         self.active = True
 
-    def requested(self, run):
-        """The signal number to stop for (0: go on), the same on every rank."""
+    def requested(self, run, pipelined=False):
+        """The signal number to stop for (0: go on), the same on every rank.
+
+        With several processes the ranks agree over an all-reduce on a CPU group. `pipelined` (the
+        loop's check after every optimizer step): the answer is that of the all-reduce the
+        previous check started, which gloo finished in the background during the step (DDP keeps
+        the ranks within a step of each other), and a new one starts for the next check, so the
+        host never waits at a barrier for the flag; a signal is acted on one step later. Without
+        it (between epochs) the check waits for the ranks' answer now. Every rank must make the
+        same calls, in the same order.
+        """
         if not self.active:
             return 0
         if not run.distributed:
             return self.signum
+        answer = self._collect()
+        if answer:
+            return answer
         flag = torch.tensor([self.signum], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return int(flag.item())
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self.pending = work, flag
+        return 0 if pipelined else self._collect()
+
+    def _collect(self):
+        """The result of the all-reduce in flight (0 if none), waiting for it if need be."""
+        if self.pending is None:
+            return 0
+        (work, flag), self.pending = self.pending, None
+        work.wait()
+        return int(flag.item())  # a CPU tensor: no device synchronisation
 
 
 SIGNALS = StopSignals()

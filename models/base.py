@@ -14,7 +14,7 @@ from torch import nn
 from utils import concat_all_gather
 from .losses import distill_targets, hard_negative_weights, itc_loss, sample_negatives
 from .vit import VisionTransformer, load_deit, DEIT_BASE_URL
-from .xbert import BertConfig, BertModel
+from .xbert import BertConfig, BertModel, Packing
 
 VISION_DEFAULTS = {'vision_width': 768, 'vision_depth': 12, 'vision_num_heads': 12, 'patch_size': 16}
 
@@ -105,11 +105,11 @@ class ALBEFBase(nn.Module):
             for param, param_m in zip(model.parameters(), model_m.parameters()):
                 online.append(param.detach())
                 momentum.append(param_m.detach())
-        # theta_m <- m theta_m + (1 - m) theta over all parameters at once (a few fused kernels
-        # instead of two per parameter); m theta_m and (1 - m) theta are rounded separately, then
-        # summed, as the original's per-parameter loop does: bit-identical (a test)
-        torch._foreach_mul_(momentum, self.momentum)
-        torch._foreach_add_(momentum, torch._foreach_mul(online, 1. - self.momentum))
+        # theta_m <- m theta_m + (1 - m) theta = theta_m + (1 - m) (theta - theta_m), over all
+        # parameters in one pass: it reads both and writes theta_m once, with no temporary (the
+        # original's per-parameter loop writes theta_m twice plus a theta-sized temporary). Equal to
+        # the original within float32 rounding (a test), not bit for bit: the rounding order differs.
+        torch._foreach_lerp_(momentum, online, 1. - self.momentum)
 
     def set_grad_checkpointing(self, enable=True):
         """Recompute the activations of the online ViT blocks and BERT layers in the backward pass
@@ -194,14 +194,28 @@ class ContrastiveALBEF(ALBEFBase):
         with torch.autocast(feat.device.type, enabled=False):
             return feat.float() @ feat_all.float() / self.temp
 
-    def contrastive_forward(self, image, text, alpha, idx=None, distill=True):
+    def contrastive_forward(self, image, text, alpha, idx=None, distill=True, mlm_input_ids=None, itm_noise=None,
+                            host_mask=None):
         """Returns (loss_ita, loss_itm, image_embeds, image_embeds_m) for one batch.
 
         `idx` (B,) are image indices (retrieval); None means pre-training's diagonal positives.
+        With `mlm_input_ids` (B, L: the masked copy of text.input_ids, on the device) the masked
+        captions share the text and fusion passes (see _joint_passes) and the last two entries are
+        instead the MLM fusion outputs (B, L, width), online and momentum. `itm_noise`: the ITM
+        negatives' random draws, made beforehand (see draw_itm_noise). `host_mask`: a CPU copy of
+        text.attention_mask, from which the text and fusion passes on another device learn which
+        tokens to skip (xbert.Packing) without reading the device.
         """
+        if host_mask is not None and image.device.type == 'cpu':
+            host_mask = None  # the passes find the tokens from the mask itself
+        bs = image.size(0)
         image_embeds, image_feat = self._image_features(self.visual_encoder, self.vision_proj, image)
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
-        text_embeds, text_feat = self._text_features(self.text_encoder, self.text_proj, text)
+        text_packing = None
+        if host_mask is not None and mlm_input_ids is not None:
+            text_packing = Packing(torch.cat([host_mask, host_mask]), image.device)
+        text_embeds, text_feat, mlm_embeds = self._text_pass(self.text_encoder, self.text_proj, text, mlm_input_ids,
+                                                             text_packing)
 
         if idx is not None:
             idx = idx.view(-1, 1)
@@ -213,16 +227,21 @@ class ContrastiveALBEF(ALBEFBase):
             self._momentum_update()
             image_embeds_m, image_feat_m = self._image_features(self.visual_encoder_m, self.vision_proj_m, image)
             image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
-            _, text_feat_m = self._text_features(self.text_encoder_m, self.text_proj_m, text)
+            _, text_feat_m, mlm_embeds_m = self._text_pass(self.text_encoder_m, self.text_proj_m, text,
+                                                          mlm_input_ids, text_packing)
             text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
             if idx is None:
-                sim_targets = torch.zeros(image.size(0), image_feat_all.size(1), device=image.device)
+                sim_targets = torch.zeros(bs, image_feat_all.size(1), device=image.device)
                 sim_targets.fill_diagonal_(1)
             if distill:
                 sim_i2t_targets = distill_targets(self._similarities(image_feat_m, text_feat_all), sim_targets, alpha)
                 sim_t2i_targets = distill_targets(self._similarities(text_feat_m, image_feat_all), sim_targets, alpha)
             else:
                 sim_i2t_targets = sim_t2i_targets = sim_targets
+            if mlm_input_ids is not None:  # the momentum model's MLM rows: its one fusion pass
+                packing = Packing(host_mask, image.device) if host_mask is not None else None
+                mlm_out_m = self._fusion_states(self.text_encoder_m, mlm_embeds_m, text.attention_mask,
+                                                image_embeds_m, None, packing)
 
         sim_i2t = self._similarities(image_feat, text_feat_all)
         sim_t2i = self._similarities(text_feat, image_feat_all)
@@ -231,13 +250,53 @@ class ContrastiveALBEF(ALBEFBase):
 
         self._dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
 
-        loss_itm = self._itm_loss(image_embeds, image_atts, text_embeds, text.attention_mask,
-                                  sim_i2t, sim_t2i, idx)
-        return loss_ita, loss_itm, image_embeds, image_embeds_m
+        if mlm_input_ids is None:
+            loss_itm = self._itm_loss(image_embeds, image_atts, text_embeds, text.attention_mask,
+                                      sim_i2t, sim_t2i, idx)
+            return loss_ita, loss_itm, image_embeds, image_embeds_m
+        loss_itm, mlm_out = self._itm_loss(image_embeds, image_atts, text_embeds, text.attention_mask,
+                                           sim_i2t, sim_t2i, idx, noise=itm_noise, extra_rows=mlm_embeds,
+                                           host_mask=host_mask)
+        return loss_ita, loss_itm, mlm_out, mlm_out_m
 
-    def _itm_loss(self, image_embeds, image_atts, text_embeds, text_atts, sim_i2t, sim_t2i, idx):
+    def _text_pass(self, text_encoder, text_proj, text, mlm_input_ids=None, packing=None):
+        """(text_embeds, text_feat, mlm_embeds): the text layers run once over the captions and,
+        when given, their masked copies stacked under them (2B rows; rows do not interact)."""
+        if mlm_input_ids is None:
+            return (*self._text_features(text_encoder, text_proj, text), None)
+        bs = mlm_input_ids.size(0)
+        both = torch.cat([text.input_ids, mlm_input_ids])
+        mask = torch.cat([text.attention_mask, text.attention_mask])
+        states = self._text_bert(text_encoder)(both, attention_mask=mask, return_dict=True, mode='text',
+                                               packing=packing).last_hidden_state
+        text_embeds, mlm_embeds = states[:bs], states[bs:]
+        return text_embeds, F.normalize(text_proj(text_embeds[:, 0, :]), dim=-1), mlm_embeds
+
+    def _fusion_states(self, text_encoder, text_embeds, text_atts, image_embeds, image_index=None, packing=None):
+        """The fusion layers' outputs (rows, L, width); row b attends to image image_index[b]."""
+        return self._text_bert(text_encoder)(
+            encoder_embeds=text_embeds, attention_mask=text_atts, encoder_hidden_states=image_embeds,
+            encoder_attention_mask=None, return_dict=True, mode='fusion',
+            encoder_index=image_index, packing=packing).last_hidden_state
+
+    @staticmethod
+    def draw_itm_noise(batch_size, device):
+        """The exponential noise of the two ITM negative draws (see losses.sample_negatives), in
+        the order _itm_loss uses it: a negative image for each text, then a text for each image.
+        Drawn ahead, it lets pre-training draw its MLM masks (on the CPU generator) after it, as
+        the original does, while the masked text already goes through the first text pass."""
+        return [torch.empty(batch_size, batch_size, device=device).exponential_(1) for _ in range(2)]
+
+    def _itm_loss(self, image_embeds, image_atts, text_embeds, text_atts, sim_i2t, sim_t2i, idx,
+                  noise=None, extra_rows=None, host_mask=None):
         """ITM over B positive pairs and 2B hard negatives (a negative image for each text, a
-        negative text for each image), in the original's order [positives; negatives]."""
+        negative text for each image), in the original's order [positives; negatives].
+
+        `extra_rows` (B, L, width; pre-training's masked captions, with the same mask as the
+        captions) go through the same fusion pass, each with its own image; their outputs are
+        then returned too: (loss_itm, fusion outputs of the extra rows). With `host_mask` (the
+        CPU copy of text_atts) the pass skips the padding of every row whose caption the host
+        knows; the negative captions are drawn on the device, so their rows keep their padding."""
         bs = image_embeds.size(0)
         with torch.no_grad():
             if idx is None:
@@ -246,24 +305,39 @@ class ContrastiveALBEF(ALBEFBase):
                 same = torch.eq(idx, idx.t())
             weights_i2t = hard_negative_weights(sim_i2t[:, :bs], same, self.itm_eps)
             weights_t2i = hard_negative_weights(sim_t2i[:, :bs], same, self.itm_eps)
-            neg_image = sample_negatives(weights_t2i)  # a negative image for each text
-            neg_text = sample_negatives(weights_i2t)   # a negative text for each image
+            if noise is None:
+                neg_image = sample_negatives(weights_t2i)  # a negative image for each text
+                neg_text = sample_negatives(weights_i2t)   # a negative text for each image
+            else:
+                neg_image, neg_text = (sample_negatives(w, n) for w, n in zip((weights_t2i, weights_i2t), noise))
 
-        # One fusion pass over all 3B pairs. Every pair's image is one of the B images of the batch,
-        # so each fusion layer projects the B images' keys and values once and the pairs index
-        # them (`encoder_index`), instead of projecting 3B copies in two passes as the original
-        # does. Rows do not interact: the outputs are the original's (with dropout active the
-        # random masks are drawn in a different order).
+        # One fusion pass over all 3B pairs (and the extra rows). Every pair's image is one of the B
+        # images of the batch, so each fusion layer projects the B images' keys and values once and
+        # the rows index them (`encoder_index`), instead of projecting 3B copies in two passes as
+        # the original does (and the B images again for the MLM pass). Rows do not interact: the
+        # outputs are the original's (with dropout active the random masks are drawn in a
+        # different order).
         arange = torch.arange(bs, device=image_embeds.device)
-        text_embeds_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]], dim=0)
-        text_atts_all = torch.cat([text_atts, text_atts, text_atts[neg_text]], dim=0)
-        image_index = torch.cat([arange, neg_image, arange])
+        rows = [text_embeds, text_embeds, text_embeds[neg_text]]
+        atts = [text_atts, text_atts, text_atts[neg_text]]
+        image_index = [arange, neg_image, arange]
+        if extra_rows is not None:
+            rows.append(extra_rows)
+            atts.append(text_atts)
+            image_index.append(arange)
         # image_atts is all ones: no encoder mask attends to every image token just the same, and
         # lets the attention kernel skip the mask
-        vl_output = self.itm_head(self._fusion(text_embeds_all, text_atts_all, image_embeds, None, image_index))
+        packing = None
+        if host_mask is not None:
+            host_rows = [host_mask, host_mask, torch.ones_like(host_mask)] + [host_mask] * (extra_rows is not None)
+            packing = Packing(torch.cat(host_rows), image_embeds.device)
+        states = self._fusion_states(self.text_encoder, torch.cat(rows), torch.cat(atts), image_embeds,
+                                     torch.cat(image_index), packing)
+        vl_output = self.itm_head(states[:3 * bs, 0, :])
         # built on the device: 1 for the B positives, 0 for the 2B negatives
         itm_labels = (torch.arange(3 * bs, device=image_embeds.device) < bs).long()
-        return F.cross_entropy(vl_output, itm_labels)
+        loss_itm = F.cross_entropy(vl_output, itm_labels)
+        return loss_itm if extra_rows is None else (loss_itm, states[3 * bs:])
 
 
 class ClassifierALBEF(ALBEFBase):

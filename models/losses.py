@@ -73,7 +73,7 @@ def hard_negative_weights(sim, exclude, eps=0.0):
     return F.softmax(sim + eps, dim=1).masked_fill(exclude, 0)
 
 
-def sample_negatives(weights):
+def sample_negatives(weights, noise=None):
     """One index per row of `weights` (non-negative, not necessarily normalised), drawn with
     probability proportional to the weight, without reading anything back to the host.
 
@@ -81,7 +81,9 @@ def sample_negatives(weights):
     its validity checks, which on CUDA read two values back to the host every call. On the CPU
     it draws exactly what multinomial, and the original's row-by-row loop, draw for the same
     seed (a test); on CUDA the stream differs, the distribution does not. A row of zeros (no
-    possible negative) gives index 0 where multinomial raises an error.
+    possible negative) gives index 0 where multinomial raises an error. `noise`: the Exp(1) draws,
+    if made beforehand (same shape as `weights`).
     """
-    noise = torch.empty_like(weights).exponential_(1)
+    if noise is None:
+        noise = torch.empty_like(weights).exponential_(1)
     return torch.argmax(weights / noise, dim=-1)

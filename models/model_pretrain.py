@@ -23,11 +23,9 @@ class ALBEF(ContrastiveALBEF):
         device without the host waiting for it. Text already on the device is copied back once."""
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
+        # the ITM negatives' noise first, then the MLM masks: the original's order of random draws
+        itm_noise = self.draw_itm_noise(image.size(0), image.device)
         input_ids = text.input_ids.cpu().clone()  # masked in place below; the caller's text is untouched
-        text = to_device(text, image.device)
-        loss_ita, loss_itm, image_embeds, image_embeds_m = self.contrastive_forward(image, text, alpha)
-
-        # ---- masked language modelling, distilled from the momentum model -----------------------
         labels = input_ids.clone()
         probability_matrix = torch.full(labels.shape, self.mlm_probability)
         input_ids, labels = self.mask(input_ids, self.text_encoder.config.vocab_size, image.device,
@@ -38,19 +36,23 @@ class ALBEF(ContrastiveALBEF):
         input_ids = to_device(input_ids, image.device)
         labels = to_device(labels.flatten(), image.device).index_select(0, masked.clamp(min=0))
         labels = labels.masked_fill(masked < 0, -100)  # padding of a fixed-size index (see masked_positions)
-        # no image mask: every image token is attended, as with the original's all-ones mask
+        host_mask = text.attention_mask.cpu()  # (the loader's copy: which tokens are padding, known on the host)
+        text = to_device(text, image.device)
+        # One text pass over the captions and their masked copies, one fusion pass over the ITM
+        # pairs and the masked captions (each image's keys and values projected once for both),
+        # and the same on the momentum side: 4 passes of the BERT layers where the original runs 7.
+        # No image mask: every image token is attended, as with the original's all-ones mask.
+        loss_ita, loss_itm, mlm_states, mlm_states_m = self.contrastive_forward(
+            image, text, alpha, mlm_input_ids=input_ids, itm_noise=itm_noise, host_mask=host_mask)
         with torch.no_grad():
-            logits_m = self._masked_logits(self.text_encoder_m, input_ids, text.attention_mask, image_embeds_m,
-                                           None, masked)
-        logits = self._masked_logits(self.text_encoder, input_ids, text.attention_mask, image_embeds, None, masked)
+            logits_m = self._masked_head(self.text_encoder_m, mlm_states_m, masked)
+        logits = self._masked_head(self.text_encoder, mlm_states, masked)
         loss_mlm = mlm_loss(logits, labels, F.softmax(logits_m, dim=-1), alpha)
         return loss_mlm, loss_ita, loss_itm
 
     @staticmethod
-    def _masked_logits(text_encoder, input_ids, attention_mask, image_embeds, image_atts, positions):
-        """MLM logits (len(positions), vocab) at the given flat token positions."""
-        hidden = text_encoder.bert(input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                                   encoder_attention_mask=image_atts, return_dict=True).last_hidden_state
+    def _masked_head(text_encoder, hidden, positions):
+        """MLM logits (len(positions), vocab) at the given flat token positions of hidden (B, L, D)."""
         return text_encoder.cls(hidden.flatten(0, 1).index_select(0, positions.clamp(min=0)))
 
     def mask(self, input_ids, vocab_size, device, targets=None, masked_indices=None, probability_matrix=None):

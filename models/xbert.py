@@ -91,12 +91,16 @@ class Packing:
     Outputs at the real tokens are unchanged (padded keys get exactly zero attention weight and
     nothing reads a padded token's output); hidden states at padding positions come back as zeros.
     Finding the N real tokens reads the mask on the host, so it is used where that costs nothing:
-    in training, with the mask on the CPU.
+    in training, with the mask on the CPU (the loader's copy, for a model on a GPU: `device` is
+    then where the index goes, copied from pinned memory without the host waiting).
     """
 
-    def __init__(self, mask):
+    def __init__(self, mask, device=None):
         self.batch, self.length = mask.shape
         self.index = mask.flatten().nonzero().squeeze(1)
+        if device is not None and torch.device(device) != self.index.device:
+            pinned = self.index.pin_memory() if torch.device(device).type == 'cuda' else self.index
+            self.index = pinned.to(device, non_blocking=True)
 
     def pack(self, x):  # (B, L, D) -> (N, D)
         return x.flatten(0, 1).index_select(0, self.index)
@@ -535,8 +539,9 @@ class BertModel(BertPreTrainedModel):
     `mode` (ALBEF's ITM runs text-encoder outputs through the fusion layers that way).
 
     `pack_tokens` (class default True; set it on an instance to change one model): in training
-    with the mask on the CPU, the linear layers run on the real tokens only (see Packing). False
-    runs every token, padding included, through every layer.
+    with the mask on the CPU, or with a `packing` built by the caller from a CPU copy of the mask
+    (a model on a GPU), the linear layers run on the real tokens only (see Packing). False runs
+    every token, padding included, through every layer (regional compilation sets it: one shape).
     """
 
     pack_tokens = True
@@ -586,9 +591,11 @@ class BertModel(BertPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 encoder_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, is_decoder=False,
-                mode='multi_modal', encoder_index=None):
+                mode='multi_modal', encoder_index=None, packing=None):
         """`encoder_index` (optional, B): row b attends to encoder_hidden_states[encoder_index[b]], so
-        images shared by many texts (retrieval re-ranking) are projected once per layer."""
+        images shared by many texts (retrieval re-ranking) are projected once per layer. `packing`
+        (optional, a Packing of the (B, L) rows, its index on the model's device): the tokens the
+        linear layers run on in training, for a mask that is not on the CPU."""
         if input_ids is not None:
             input_shape, device = input_ids.shape, input_ids.device
         elif encoder_embeds is not None:
@@ -619,12 +626,13 @@ class BertModel(BertPreTrainedModel):
             embedding_output = self.embeddings(input_ids, token_type_ids, position_ids)
         if encoder_index is not None and isinstance(encoder_hidden_states, (list, tuple)):
             raise ValueError('encoder_index cannot be combined with a list of encoder_hidden_states')
-        packing = None
-        if (self.pack_tokens and self.training and attention_mask.dim() == 2 and attention_mask.device.type == 'cpu'
+        if not (self.pack_tokens and self.training and attention_mask.dim() == 2
                 and not (is_decoder or output_attentions or output_hidden_states or self._capturing())):
+            packing = None
+        elif packing is None and attention_mask.device.type == 'cpu':
             packing = Packing(attention_mask)
-            if packing.index.numel() == attention_mask.numel():  # no padding to skip
-                packing = None
+        if packing is not None and packing.index.numel() == attention_mask.numel():  # no padding to skip
+            packing = None
         out = self.encoder(embedding_output, extended_mask, encoder_hidden_states, encoder_mask,
                            bool(output_attentions), bool(output_hidden_states), mode, encoder_index, packing)
         out.pooler_output = self.pooler(out.last_hidden_state) if self.pooler is not None else None

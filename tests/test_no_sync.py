@@ -51,7 +51,7 @@ ALLOWED = {
     # positions of the MLM head, and the token packing, which xbert uses only when the attention
     # mask is a CPU tensor (training on a CPU), never on a GPU.
     ('models/model_pretrain.py', 'masked_positions'): 'MLM positions, from the CPU copy of the text',
-    ('models/xbert.py', 'Packing.__init__'): 'token packing, only with the mask on the CPU',
+    ('models/xbert.py', 'Packing.__init__'): 'token packing, from the CPU copy of the mask (the loader\'s)',
 }
 
 

@@ -90,16 +90,17 @@ def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def assert_state(model, expected, exact_prefixes=()):
-    """Every state_dict entry equals the reference state; EMA results under `exact_prefixes`
-    bit for bit (the original's `m * theta_m + (1 - m) * theta` evaluation order)."""
+def assert_state(model, expected, momentum_prefixes=()):
+    """Every state_dict entry equals the reference state at float32 tolerance. (The EMA results
+    under `momentum_prefixes` were once held bit for bit, while our update kept the original's
+    `m * theta_m + (1 - m) * theta` rounding order; it is now one torch._foreach_lerp_,
+    theta_m + (1 - m) (theta - theta_m), so they are held to the float32 tolerance that bit-exact
+    check stood for, tighter than TOL: a few units in the last place.)"""
     actual = model.state_dict()
     assert set(actual) == set(expected)
     for key, value in actual.items():
-        if key.startswith(exact_prefixes) and value.is_floating_point():
-            assert torch.equal(value, expected[key]), key
-        else:
-            torch.testing.assert_close(value, expected[key], **TOL, msg=lambda m: f'{key}: {m}')
+        tol = dict(rtol=1e-6, atol=1e-7) if key.startswith(momentum_prefixes) and value.is_floating_point() else TOL
+        torch.testing.assert_close(value, expected[key], **tol, msg=lambda m: f'{key}: {m}')
 
 
 def set_mode(model, train):

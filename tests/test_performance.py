@@ -237,3 +237,27 @@ def test_speed_option_defaults_and_flags():
     engine.options.speed_options(argparse.Namespace(amp='bf16', accum_steps=2, grad_checkpointing=True), config,
                          torch.device('cpu'))
     assert config['amp'] == 'bf16' and config['accum_steps'] == 2 and config['grad_checkpointing'] is True
+
+
+class _OpenCVThreads(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        import cv2
+        return cv2.getNumThreads()
+
+
+def test_loader_workers_fill_the_cores_with_one_opencv_thread_each(monkeypatch):
+    """num_workers defaults to this process's share of the node's cores, uncapped; each loader
+    worker runs OpenCV (RandomAugment) on one thread."""
+    from dataset import loaders
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(64)))
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    assert loaders.default_num_workers() == 32
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '128')
+    assert loaders.default_num_workers() == 1
+    # the worker init every loader uses (timeout: OpenCV's own thread pool can hang after fork)
+    loader = torch.utils.data.DataLoader(_OpenCVThreads(), batch_size=2, num_workers=1, timeout=60,
+                                         worker_init_fn=loaders._worker_init)
+    assert next(iter(loader)).tolist() == [1, 1]

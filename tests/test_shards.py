@@ -171,7 +171,7 @@ def test_num_workers_default(monkeypatch):
     from dataset.loaders import num_workers_of
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(24)))
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
-    assert num_workers_of({}) == 8  # 12 CPUs per process, capped
+    assert num_workers_of({}) == 12  # 12 CPUs per process, not capped
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '8')
     assert num_workers_of({}) == 3 and num_workers_of({'num_workers': 0}) == 0
     with pytest.raises(DataError, match="num_workers: expected a whole number >= 0, got 'four'"):
