@@ -155,6 +155,10 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
+def _bare_name(text):
+    return not any(c in text for c in ('/', os.sep, '.'))
+
+
 def precheck(name, script, argv=None):
     """Check the config and paths of `python SCRIPT --config ...` before the slow imports."""
     if name != '__main__':
@@ -178,7 +182,8 @@ def precheck(name, script, argv=None):
             for path in [paths] if isinstance(paths, str) else paths if isinstance(paths, list) else []:
                 if isinstance(path, str) and not os.path.isfile(path):
                     raise ConfigError(f'annotation file not found: {path}')
-        if args.checkpoint and not os.path.isfile(args.checkpoint):
+        # a bare name (no folder, no extension) is left to models/fetch.py: a released one or the list
+        if args.checkpoint and not os.path.isfile(args.checkpoint) and not _bare_name(args.checkpoint):
             raise ConfigError(f'checkpoint not found: {args.checkpoint}')
         check_output_dir(args)
     except ConfigError as error:
