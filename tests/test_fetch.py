@@ -132,7 +132,8 @@ def test_unknown_names_list_the_known_ones(cache, capsys):
         models.load('refcocoplus')
     assert fetch.main(['--list']) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 9 and lines[0].startswith('ALBEF                pre-trained on 14M images: not cached (http')
+    assert len(lines) == 9
+    assert lines[0].startswith('ALBEF                pre-trained on 14M images: not cached (http')
 
 
 def test_no_network_names_the_url_and_where_to_put_the_file(cache, monkeypatch, capsys):
