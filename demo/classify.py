@@ -14,7 +14,8 @@ CLASSIFY_TEXT = """**Classify**: zero-shot classification. Each class name is pu
 ("a photo of a {}."), the texts' ITC embeddings are averaged into one per class, and the image's
 probabilities are the softmax of its cosine with each class over the model's temperature. With
 *re-rank by ITM*, the best classes by ITC are scored again by the image-text matching head (its match
-probability averaged over the templates) and put first in that order."""
+probability averaged over the templates), put first in that order and shown with that probability;
+the table keeps every score."""
 
 
 def parse_classes(text):
@@ -39,7 +40,8 @@ def world_templates(folder):
 
 
 def classify(models, image, classes, templates, k, rerank):
-    """(the k best classes {name: probability}, rows [rank, class, probability, ITC, ITM])."""
+    """(the k best classes {name: ITC probability, or ITM probability when re-ranked (then only the
+    re-ranked ones)}, rows [rank, class, probability, ITC, ITM] of all k)."""
     if models.model is None or models.model_note:
         raise _error(models.model_note or 'no retrieval or pre-training checkpoint is loaded')
     image, names = _rgb(image), parse_classes(classes)
@@ -50,7 +52,10 @@ def classify(models, image, classes, templates, k, rerank):
     rows = [[rank, name, round(p, 6), round(s, 6), None if m is None else round(m, 6)]
             for rank, (name, p, s, m) in enumerate(zip(prediction.classes, prediction.probs, prediction.similarities,
                                                        prediction.itm or [None] * len(names)), 1)]
-    return dict(zip(prediction.classes, prediction.probs)), rows
+    if prediction.itm is None:
+        return dict(zip(prediction.classes, prediction.probs)), rows
+    # re-ranked: the ITM probabilities, which set the order (the Label sorts by its numbers)
+    return {name: m for name, m in zip(prediction.classes, prediction.itm) if m is not None}, rows
 
 
 def classify_tab(models):
@@ -72,7 +77,8 @@ def classify_tab(models):
                 button = gr.Button('Classify', variant='primary', elem_id='classify-run',
                                    interactive=models.model is not None and not models.model_note)
             with gr.Column(scale=1):
-                label = gr.Label(num_top_classes=10, label='classes', elem_id='classify-label')
+                label = gr.Label(num_top_classes=10, label='classes (ITM probability when re-ranked)',
+                                 elem_id='classify-label')
                 table = gr.Dataframe(headers=['rank', 'class', 'probability', 'ITC', 'ITM'], label='scores',
                                      interactive=False, elem_id='classify-table')
 

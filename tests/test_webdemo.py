@@ -194,9 +194,11 @@ def test_classify_gives_the_api_top_k_and_reranks_by_itm(client, direct, folder)
     assert [row[:2] for row in table['data']] == [[1, expected.classes[0]], [2, expected.classes[1]],
                                                   [3, expected.classes[2]]]
     assert [row[3] for row in table['data']] == pytest.approx(expected.similarities, abs=1e-5)
-    _, table = client.predict(gradio_client.handle_file(image), ' red circle,blue square , green triangle, '
-                              'white circle,', '\n'.join(templates), 4, 2, api_name='/classify')
+    label, table = client.predict(gradio_client.handle_file(image), ' red circle,blue square , green triangle, '
+                                  'white circle,', '\n'.join(templates), 4, 2, api_name='/classify')
     reranked = direct['retrieval'].classify(image, classes, templates, k=4, rerank=2)[0]
+    assert [(c['label'], c['confidence']) for c in label['confidences']] == \
+        [(name, pytest.approx(p, abs=1e-5)) for name, p in zip(reranked.classes[:2], reranked.itm[:2])]
     assert [row[1] for row in table['data']] == reranked.classes
     assert [row[4] for row in table['data']][:2] == pytest.approx(reranked.itm[:2], abs=1e-5)
     assert [row[4] for row in table['data']][2:] == [None, None]
