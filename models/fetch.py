@@ -111,6 +111,7 @@ def download(url, path, progress=True, desc=None, retries=None, timeout=60):
     partial = path + '.partial'
     total, error = None, None
     for _ in range(1 + (RETRIES if retries is None else retries)):
+        before = _size(partial)
         try:
             total = _download_once(url, partial, progress, desc or os.path.basename(path), timeout)
             error = None
@@ -119,7 +120,9 @@ def download(url, path, progress=True, desc=None, retries=None, timeout=60):
             raise FetchError(f'cannot download {url}: HTTP {failure.code} {failure.reason}') from None
         except (OSError, http.client.HTTPException) as failure:  # no network, or the connection dropped
             error = failure
-    size = os.path.getsize(partial) if os.path.isfile(partial) else 0
+            if _size(partial) == before:  # nothing came: no network; waiting again would not help
+                break
+    size = _size(partial)
     if error is None and total is not None and size != total:
         error = f'got {size} of {total} bytes'  # more than Content-Length
     if error is not None:
@@ -128,6 +131,10 @@ def download(url, path, progress=True, desc=None, retries=None, timeout=60):
         raise FetchError(f'cannot download {url} ({reason}): download it by hand to {path}{kept}') from None
     os.replace(partial, path)
     return path
+
+
+def _size(path):
+    return os.path.getsize(path) if os.path.isfile(path) else 0
 
 
 def _download_once(url, partial, progress, desc, timeout):
@@ -182,7 +189,7 @@ def main(argv=None):
             return 0
         for name in args.names:
             print(fetch(name, progress=not args.quiet), flush=True)
-    except FetchError as error:
+    except OSError as error:  # FetchError, or a cache folder that cannot be written
         print(f'error: {error}', file=sys.stderr, flush=True)
         return 2
     return 0
