@@ -109,18 +109,17 @@ def temperature(loaded):
 
 
 @torch.no_grad()
-def itm_probabilities(loaded, images, texts_per_class, candidates, batch_size=64):
+def itm_probabilities(loaded, image_feats, texts_per_class, candidates, batch_size=64):
     """(N, R): ITM match probability of image n with class candidates[n, r], averaged over that
-    class's texts (`texts_per_class[c]`, one per template). `images` is a (N, 3, H, W) batch."""
+    class's texts (`texts_per_class[c]`, one per template); `image_feats` (N, patches, D) from the ViT."""
     from .api import MAX_WORDS
-    from .retrieval_eval import image_features, itm_logits, text_features
+    from .retrieval_eval import itm_logits, text_features
     classes = candidates.unique().tolist()
     texts = loaded._texts([t for c in classes for t in texts_per_class[c]])
     text_feats, _, text_atts = text_features(loaded.model, texts, loaded.tokenizer, loaded.device,
                                              max_length=MAX_WORDS)
     per_class = len(texts_per_class[classes[0]])
     row = {c: i for i, c in enumerate(classes)}
-    image_feats = image_features(loaded.model, images.to(loaded.device))[0]
     # pair p: image pair_image[p] with text pair_text[p]; every (image, candidate, template)
     n, r = candidates.shape
     image_index = torch.arange(n).repeat_interleave(r * per_class)
@@ -139,15 +138,15 @@ def rank(loaded, images, class_embeds, texts_per_class, rerank=0):
     probs (N, C); itm (N, C), NaN where not re-ranked)."""
     from .retrieval_eval import image_features
     with torch.no_grad():
-        image_embeds = image_features(loaded.model, images.to(loaded.device))[1].float().cpu()
-    sims = image_embeds @ class_embeds.T
+        image_feats, image_embeds = image_features(loaded.model, images.to(loaded.device))
+    sims = image_embeds.float().cpu() @ class_embeds.T
     probs = F.softmax(sims / temperature(loaded), dim=1)
     order = sims.argsort(dim=1, descending=True, stable=True)
     itm = torch.full_like(sims, float('nan'))
     r = min(int(rerank), sims.size(1))
     if r > 0:
         candidates = order[:, :r]
-        scores = itm_probabilities(loaded, images, texts_per_class, candidates)
+        scores = itm_probabilities(loaded, image_feats, texts_per_class, candidates)
         itm.scatter_(1, candidates, scores)
         order[:, :r] = candidates.gather(1, scores.argsort(dim=1, descending=True, stable=True))
     return order, sims, probs, itm
