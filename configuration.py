@@ -219,6 +219,10 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
+def _bare_name(text):
+    return not any(c in text for c in ('/', os.sep, '.'))
+
+
 def precheck(name, task, argv=None):
     """Check the config and paths of `python SCRIPT --config ...` (the script of `task`) before the
     slow imports."""
@@ -242,7 +246,8 @@ def precheck(name, task, argv=None):
             for path in [paths] if isinstance(paths, str) else paths if isinstance(paths, list) else []:
                 if isinstance(path, str) and not os.path.isfile(path):
                     raise ConfigError(f'annotation file not found: {path}')
-        if args.checkpoint and not os.path.isfile(args.checkpoint):
+        # a bare name (no folder, no extension) is left to models/fetch.py: a released one or the list
+        if args.checkpoint and not os.path.isfile(args.checkpoint) and not _bare_name(args.checkpoint):
             raise ConfigError(f'checkpoint not found: {args.checkpoint}')
         check_output_dir(args)
     except ConfigError as error:

@@ -15,7 +15,7 @@ import numpy as np
 from .annotation_cache import write_table
 from .base import (AnnotationDataset, DataError, ImageError, ImageRootDataset, StringColumn, _one_line, list_problem,
                    read_json_list, type_problem)
-from .utils import pre_caption
+from .utils import cache_dir as default_cache_dir, pre_caption
 
 
 class CaptionTable:
@@ -162,8 +162,7 @@ class pretrain_dataset(AnnotationDataset):
     def __init__(self, ann_file: str | Sequence[str], transform: Callable | None, max_words: int = 30,
                  cache_dir: str | None = None, **options: bool) -> None:
         self.max_words = max_words
-        self.cache_dir = cache_dir or os.environ.get('ALBEF_CACHE') or os.path.join(
-            os.path.expanduser('~'), '.cache', 'albef')
+        self.cache_dir = cache_dir or default_cache_dir()
         self._tables: list[CaptionTable] = []
         super().__init__(ann_file, transform, **options)
 

@@ -58,7 +58,7 @@ from webdataset.tariterators import base_plus_ext
 from .base import DataError, _one_line
 from .dealing import EpochPlan, Share, quotas_of, seed_of as _seed
 from .shard_writer import convert, main  # noqa: F401 - `python -m dataset.shards` runs main
-from .utils import pre_caption
+from .utils import cache_dir as default_cache_dir, pre_caption
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def check_first_samples(url: str, count: int = 10) -> None:
 def shard_sizes(urls: Sequence[str], cache_dir: str | None = None, progress: bool = False) -> list[int]:
     """The sample count of every shard, cached in `cache_dir` (default $ALBEF_CACHE, else
     ~/.cache/albef) under the URL list and, for local files, their sizes and modification times."""
-    cache_dir = cache_dir or os.environ.get('ALBEF_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'albef')
+    cache_dir = cache_dir or default_cache_dir()
     signature = hashlib.sha256()
     for url in urls:
         path = _local(url)

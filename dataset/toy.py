@@ -81,6 +81,10 @@ shards/{000000..000005}.tar    the pre-training items of pretrain.json as tar sh
                                  (webdataset's ShardWriter, img2dataset layout): per
                                  sample train_<n>.png, .txt (first caption), .json
                                  {"captions": [5 captions], "image"}; six shards
+classify/<color>_<kind>/*.png  zero-shot classification (torchvision's ImageFolder
+                                 layout): one-shape scenes drawn apart from the pools,
+                                 10 x scale (at least 2) per class, 18 classes
+classify/templates.txt         prompt templates in the captions' words ("there is a {}")
 text_encoder/vocab.txt         WordPiece vocabulary covering every text
 text_encoder/tokenizer_config.json
 README.txt, world.json         description and counts
@@ -577,6 +581,30 @@ def all_texts(data):
     return out
 
 
+# ----------------------------------------------------------------------------- classification
+# prompt templates in the words of the pre-training captions ("there is a large red circle")
+CLASSIFY_TEMPLATES = ('a {}', 'there is a {}', 'there is a small {}', 'there is a large {}', 'one shape: a {}')
+
+
+def classification_set(out, seed, size, scale):
+    """classify/<color>_<kind>/<nnn>.png: scenes of one shape each, drawn apart from the pools (a
+    generator of their own), per_class of each of the 18 classes; classify/templates.txt holds
+    prompt templates in the captions' words. Returns the number of images per class."""
+    rng = np.random.default_rng([seed, 25])
+    per_class = max(2, int(round(10 * scale)))
+    folder = os.path.join(out, 'classify')
+    for color in COLORS:
+        for kind in KINDS:
+            os.makedirs(os.path.join(folder, f'{color}_{kind}'), exist_ok=True)
+            for i in range(per_class):
+                scene = make_scene(rng, 1, size)
+                scene['shapes'][0].update(color=color, kind=kind)
+                render_scene(scene, size).save(os.path.join(folder, f'{color}_{kind}', f'{i:03d}.png'))
+    with open(os.path.join(folder, 'templates.txt'), 'w') as f:
+        f.write(''.join(t + '\n' for t in CLASSIFY_TEMPLATES))
+    return per_class
+
+
 # ----------------------------------------------------------------------------- main
 def generate(out, seed=0, size=64, scale=1.0):
     """Write the demo world into ``out``; returns the manifest (world.json contents)."""
@@ -676,6 +704,7 @@ def generate(out, seed=0, size=64, scale=1.0):
          {'do_lower_case': True, 'tokenizer_class': 'BertTokenizer'})
 
     n_shards = write_shards(out, data['pretrain.json'])
+    per_class = classification_set(out, seed, size, scale)
 
     ref_splits = {}
     for r in refs:
@@ -685,7 +714,8 @@ def generate(out, seed=0, size=64, scale=1.0):
                   'refcoco+/instances.json': {'images': len(instances['images']),
                                               'annotations': len(instances['annotations'])},
                   'refcoco+/dets.json': len(dets), 'text_encoder/vocab.txt': len(vocab),
-                  'shards': {'shards': n_shards, 'samples': len(data['pretrain.json'])}})
+                  'shards': {'shards': n_shards, 'samples': len(data['pretrain.json'])},
+                  'classify': {'classes': len(COLORS) * len(KINDS), 'images_per_class': per_class}})
     manifest = {
         'name': 'ALBEF demo world', 'seed': seed, 'size': size, 'scale': scale,
         'images': {'train': n_train, 'val': n_eval, 'test': n_eval, 'formats': ['png', 'jpg']},

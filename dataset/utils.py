@@ -20,6 +20,12 @@ _DELETED = re.compile(r"[,.'!?\"()*#:;~]")
 _WHITESPACE_RUN = re.compile(r'\s{2,}')
 
 
+def cache_dir() -> str:
+    """The project's cache folder (annotation tables, shard sizes, downloaded released files):
+    $ALBEF_CACHE, else ~/.cache/albef."""
+    return os.environ.get('ALBEF_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'albef')
+
+
 def _truncate(text: str, max_words: int) -> str:
     # Parity: split on single spaces, so the empty strings between consecutive spaces count as words.
     words = text.split(' ')

@@ -1,8 +1,9 @@
-"""The Gradio app: three tabs on models loaded with `models.load` (all model work happens there).
+"""The Gradio app: four tabs on models loaded with `models.load` (all model work happens there).
 
 * Look: ITM match probability, ITC similarity and per-word Grad-CAM of an image and a caption.
 * Search: the folder's images ranked for a text by ITC, optionally re-ranked by ITM.
 * Ask: the k best answers of a VQA checkpoint to a question about an image.
+* Classify: zero-shot classification among typed class names (demo/classify.py).
 
 Every handler turns bad input into a `gr.Error`: one line in the page (and an `AppError` carrying the
 same line for gradio_client), never a stack trace.
@@ -302,6 +303,8 @@ def build_app(models):
                 with gr.Column(scale=1):
                     ask_answers = gr.Label(num_top_classes=10, label='answers', elem_id='ask-answers')
             run_on(handlers.ask, ask_button, ask_question, [ask_image, ask_question, ask_k], ask_answers, 'ask')
+        from .classify import classify_tab
+        classify_tab(models)
     app.handlers = handlers
     return app
 

@@ -86,9 +86,10 @@ def demo_examples(folder):
 # ---- loading ------------------------------------------------------------------------------------
 def check_paths(args):
     """The paths given on the command line exist (checked before anything slow is imported)."""
+    from models.fetch import is_bare_name
     for flag in ('checkpoint', 'vqa_checkpoint'):
         path = getattr(args, flag)
-        if path is not None and not os.path.exists(path):
+        if path is not None and not os.path.exists(path) and not is_bare_name(path):  # a name: models/fetch.py
             raise BadInput(f'--{flag} {path}: no such file or directory')
     if args.images is not None and not os.path.isdir(args.images):
         raise BadInput(f'--images {args.images}: not a directory')

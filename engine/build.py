@@ -11,6 +11,7 @@ import torch.distributed as dist
 import utils
 from configuration import ConfigError
 from models.checkpoint import Checkpointer, TrainState, load_checkpoint
+from models.fetch import resolve_checkpoint  # a released name: its download
 from models.tokenization_bert import BertTokenizer
 from optim import create_optimizer
 from scheduler import create_scheduler
@@ -82,7 +83,7 @@ def prepare(run, model, find_unused_parameters=False, **load_kwargs):
     elif run.args.checkpoint:
         trust = bool(getattr(run.args, 'trust_checkpoint', None) or run.config.get('trust_checkpoint'))
         load_kwargs.setdefault('allow_new_heads', not run.evaluating)
-        load_checkpoint(model, run.args.checkpoint, trust=trust, **load_kwargs)
+        load_checkpoint(model, resolve_checkpoint(run.args.checkpoint), trust=trust, **load_kwargs)
     wrapped, module = wrap_model(model, run, find_unused_parameters)
     return Training(wrapped, module, optimizer, lr_scheduler, checkpointer, state)
 

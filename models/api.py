@@ -36,6 +36,7 @@ import tasks
 import utils
 from .checkpoint import (CheckpointError, SAFETENSORS_FILE, is_pretrain_layout, load_checkpoint, read_checkpoint,
                          strip_for_release)
+from .fetch import resolve_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASED_BERT_CONFIG = os.path.join(ROOT, 'configs', 'config_bert.json')
@@ -183,7 +184,7 @@ class Resolved:
 def resolve(checkpoint, task=None, text_encoder=None, answer_list=None, trust_checkpoint=False, config=None):
     """Read a checkpoint (a .pth or an export directory) into a `Resolved`; `config` (a dict or a
     task YAML) overrides the stored config's keys."""
-    source = os.fspath(checkpoint)
+    source = resolve_checkpoint(checkpoint)  # a released name (models/fetch.py): its download
     stored, tokenizer_source, answers = {}, None, None
     if os.path.isdir(source):
         config_path = os.path.join(source, CONFIG_FILE)
@@ -272,8 +273,8 @@ def load(checkpoint, task=None, device=None, *, text_encoder=None, answer_list=N
     """Load an ALBEF checkpoint for inference; returns a `LoadedModel` (model in eval mode).
 
     Args:
-        checkpoint: a .pth file (ours, or a released one: ALBEF.pth, mscoco.pth, refcoco.pth, vqa.pth,
-            ...) or a directory written by `python -m models.export` (read without unpickling).
+        checkpoint: a .pth file (ours, or a released one: ALBEF.pth, mscoco.pth, ...), a directory written
+            by `python -m models.export`, or a released name ('ALBEF', 'mscoco', ...: models/fetch.py).
         task: 'pretrain', 'retrieval', 'vqa', 've', 'nlvr' or 'pretrain_nlvr'; by default read from
             the checkpoint's keys. (A pre-training checkpoint loads as any task whose heads it has.)
         device: default 'cuda' when available, else 'cpu'.
@@ -442,6 +443,12 @@ class LoadedModel:
                 small = small / small.max()
             maps[i] = np.clip(cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC), 0, 1)
         return GradCam(words, maps, float(self.itm([picture], [text])[0]))
+
+    def classify(self, images, class_names, templates=None, k=5, rerank=0, batch_size=64, progress=False):
+        """Zero-shot classification by ITC over prompt templates, optionally re-ranked by ITM: one
+        `zeroshot.Prediction` (top-k classes and scores) per image; see models/zeroshot.py."""
+        from .zeroshot import classify
+        return classify(self, images, class_names, templates, k, rerank, batch_size, progress)
 
     # ---- VQA -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -183,6 +183,33 @@ def test_ask_gives_the_api_answers(client, direct, folder):
         [(a, pytest.approx(p, abs=1e-5)) for a, p in expected]
 
 
+def test_classify_gives_the_api_top_k_and_reranks_by_itm(client, direct, folder):
+    image, classes, templates = _image(folder, 2), ['red circle', 'blue square', 'green triangle', 'white circle'], \
+        ['a {}', 'there is a {}']
+    label, table = client.predict(gradio_client.handle_file(image), ', '.join(classes), '\n'.join(templates), 3, 0,
+                                  api_name='/classify')
+    expected = direct['retrieval'].classify(image, classes, templates, k=3)[0]
+    assert [(c['label'], c['confidence']) for c in label['confidences']] == \
+        [(name, pytest.approx(p, abs=1e-5)) for name, p in zip(expected.classes, expected.probs)]
+    assert [row[:2] for row in table['data']] == [[1, expected.classes[0]], [2, expected.classes[1]],
+                                                  [3, expected.classes[2]]]
+    assert [row[3] for row in table['data']] == pytest.approx(expected.similarities, abs=1e-5)
+    label, table = client.predict(gradio_client.handle_file(image), ' red circle,blue square , green triangle, '
+                                  'white circle,', '\n'.join(templates), 4, 2, api_name='/classify')
+    reranked = direct['retrieval'].classify(image, classes, templates, k=4, rerank=2)[0]
+    assert [(c['label'], c['confidence']) for c in label['confidences']] == \
+        [(name, pytest.approx(p, abs=1e-5)) for name, p in zip(reranked.classes[:2], reranked.itm[:2])]
+    assert [row[1] for row in table['data']] == reranked.classes
+    assert [row[4] for row in table['data']][:2] == pytest.approx(reranked.itm[:2], abs=1e-5)
+    assert [row[4] for row in table['data']][2:] == [None, None]
+    assert _app_error(lambda: client.predict(gradio_client.handle_file(image), 'cat', '', 3, 0,
+                                             api_name='/classify')) \
+        == 'type at least two class names separated by commas, e.g. "red circle, blue square"'
+    assert _app_error(lambda: client.predict(gradio_client.handle_file(image), 'cat, dog', 'a photo', 3, 0,
+                                             api_name='/classify')) \
+        == 'template \'a photo\' must hold the class name\'s place "{}" exactly once'
+
+
 # ---- bad input -------------------------------------------------------------------------------------
 def test_bad_input_gets_one_line_in_the_page(client, folder, tmp_path):
     fake = tmp_path / 'holiday.png'
