@@ -62,6 +62,7 @@ COMMON_KEYS = {
     'skip_bad_images', 'check_images', 'augment', 'randaugment_autocontrast', 'optimizer', 'schedular', 'amp',
     'accum_steps', 'grad_checkpointing', 'compile', 'log_to', 'trust_checkpoint', 'keep_checkpoints',
     'num_threads',
+    'freeze_vision', 'freeze_text', 'grad_clip_norm',
 }
 OPTIMIZER_KEYS = {'opt', 'lr', 'weight_decay'}
 SCHEDULER_KEYS = {'sched', 'lr', 'epochs', 'min_lr', 'decay_rate', 'warmup_lr', 'warmup_epochs',
