@@ -1,4 +1,4 @@
-"""Freezing a tower (docs/DESIGN.md, "Freezing a tower"): the image encoder, the text encoder, or
+"""Freezing a tower (README.md, "Recipes"): the image encoder, the text encoder, or
 the lower blocks of either, left out of training (open_clip's --lock-image / --lock-text).
 
 `freeze_towers(model, vision, text)` sets `requires_grad = False` on the chosen online parameters.

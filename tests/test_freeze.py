@@ -156,6 +156,21 @@ def test_flags_and_keys(tmp_path):
         resolve([], grad_clip_norm=0)
 
 
+def test_a_setting_the_model_cannot_have_is_one_line(demo_config, tmp_path, capsys):
+    """Pretrain.py in-process on the demo world (depth-4 ViT): exit status 2, one line, nothing written."""
+    config = demo_config('Pretrain', batch_size=8, queue_size=32, num_workers=0, freeze_vision=5)
+    for argv, message in (([], 'freeze_vision: expected true, false or a number of ViT blocks from 0 to 4 (this '
+                                'model has 4), got 5'),
+                          (['--freeze_text', '-2'], '--freeze_text: expected true, false or a number of lower blocks '
+                                                    '(0 or more), got -2')):
+        with pytest.raises(SystemExit) as exit_info:
+            engine.launch(Pretrain.main, Pretrain.get_parser(), ['--config', config, '--output_dir',
+                                                                 str(tmp_path / 'out'), '--device', 'cpu', *argv])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f'error: {message}\n'
+        assert not (tmp_path / 'out').exists()
+
+
 # ---- grad_clip_norm -------------------------------------------------------------------------------
 @pytest.mark.parametrize('fp16', [False, True])
 def test_grad_clip_norm_clips_the_true_gradient(tmp_path, fp16):
