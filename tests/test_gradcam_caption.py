@@ -3,7 +3,6 @@ the mean of the per-token maps over the caption's word pieces, [CLS], [SEP] and 
 checked against a computation of its own from the captured cross-attention and its gradient."""
 import cv2
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from transformers import BatchEncoding
