@@ -113,6 +113,12 @@ COMMON_KEYS: dict[str, Check] = {
     'trust_checkpoint': BOOL,
     'keep_checkpoints': optional(POSITIVE),
     'num_threads': optional(POSITIVE),
+    # freeze a tower (models/freeze.py): true for all of it, N for its lowest N blocks / layers
+    'freeze_vision': optional(Check('true, false or a number of blocks >= 0',
+                                    lambda v: isinstance(v, bool) or (_is_int(v) and v >= 0))),
+    'freeze_text': optional(Check('true, false or a number of layers >= 0',
+                                  lambda v: isinstance(v, bool) or (_is_int(v) and v >= 0))),
+    'grad_clip_norm': optional(number(0, low_open=True)),  # null: no clipping (the original)
 }
 # the pre-training data (Pretrain.py, Pretrain_nlvr.py): a JSON train_file, tar shards, or both
 PRETRAIN_DATA_KEYS: dict[str, Check] = {

@@ -1,6 +1,7 @@
 """The Gradio app: four tabs on models loaded with `models.load` (all model work happens there).
 
-* Look: ITM match probability, ITC similarity and per-word Grad-CAM of an image and a caption.
+* Look: ITM match probability, ITC similarity and Grad-CAM of an image and a caption (the whole
+  caption's and each word's).
 * Search: the folder's images ranked for a text by ITC, optionally re-ranked by ITM.
 * Ask: the k best answers of a VQA checkpoint to a question about an image.
 * Classify: zero-shot classification among typed class names (demo/classify.py).
@@ -134,7 +135,7 @@ class Handlers:
         except (TaskError, ValueError, OSError) as error:  # a task mismatch, a text or image it cannot use
             raise _error(str(error)) from None
         rgb = np.asarray(_display(image), dtype=np.float32) / 255
-        panels = [(_uint8(rgb), 'image')]
+        panels = [(_uint8(rgb), 'image'), (_uint8(gradcam.overlay(rgb, cam.caption_map)), 'whole caption')]
         panels += [(_uint8(gradcam.overlay(rgb, word_map)), word) for word, word_map in zip(cam.words, cam.maps)]
         return itm, itc, panels
 
@@ -202,7 +203,8 @@ LOOK_TEXT = """**Look**: how well does a caption match an image, and where does 
 2-way classifier) gives to "match". *ITC* is the cosine similarity of the image and text embeddings
 (the contrastive space that Search ranks in; the model's training divides it by a temperature).
 The panels are per-word Grad-CAM: the cross-attention of one fusion layer from each word piece to
-the image patches, weighted by the positive part of its gradient of the ITM "match" logit."""
+the image patches, weighted by the positive part of its gradient of the ITM "match" logit. The
+*whole caption* panel is the mean of those word maps (before each is scaled for display)."""
 
 SEARCH_TEXT = """**Search**: the images of the folder ranked by ITC similarity to your text. With *re-rank by
 ITM*, the best ITC candidates are scored again with the image-text matching head and ordered by
@@ -263,7 +265,7 @@ def build_app(models):
                     with gr.Row():
                         look_itm = gr.Number(label='ITM match probability', elem_id='look-itm', interactive=False)
                         look_itc = gr.Number(label='ITC similarity', elem_id='look-itc', interactive=False)
-                    look_panels = gr.Gallery(label='Grad-CAM per word', columns=5, object_fit='contain',
+                    look_panels = gr.Gallery(label='Grad-CAM: whole caption, then per word', columns=5, object_fit='contain',
                                              elem_id='look-panels')
             run_on(handlers.look, look_button, look_caption, [look_image, look_caption, look_block],
                    [look_itm, look_itc, look_panels], 'look')

@@ -12,6 +12,7 @@ import utils
 from configuration import ConfigError
 from models.checkpoint import Checkpointer, TrainState, load_checkpoint
 from models.fetch import resolve_checkpoint  # a released name: its download
+from models.freeze import FREEZE_KEYS, freeze_towers, parameter_counts
 from models.tokenization_bert import BertTokenizer
 from optim import create_optimizer
 from scheduler import create_scheduler
@@ -74,11 +75,13 @@ def prepare(run, model, find_unused_parameters=False, **load_kwargs):
     (`load_kwargs` go to models.checkpoint.load_checkpoint; new heads are allowed unless the run
     only evaluates)."""
     model = model.to(run.device)
+    freeze(model, run.config)
     optimizer, lr_scheduler = build_optimization(run.config, model)
     checkpointer = Checkpointer(run.output_dir, model, optimizer, lr_scheduler, run.config, scaler=run.scaler,
                                 rank=run.rank, world_size=run.world_size, before_write=run.write_config)
     state = TrainState()
     if run.args.resume:
+        check_same_frozen(checkpointer, run.config)
         state = resume(run, checkpointer, model)
     elif run.args.checkpoint:
         trust = bool(getattr(run.args, 'trust_checkpoint', None) or run.config.get('trust_checkpoint'))
@@ -86,6 +89,34 @@ def prepare(run, model, find_unused_parameters=False, **load_kwargs):
         load_checkpoint(model, resolve_checkpoint(run.args.checkpoint), trust=trust, **load_kwargs)
     wrapped, module = wrap_model(model, run, find_unused_parameters)
     return Training(wrapped, module, optimizer, lr_scheduler, checkpointer, state)
+
+
+def freeze(model, config):
+    """Freeze what the config's freeze_vision / freeze_text name (models/freeze.py) and print one
+    line with the number of trained parameters."""
+    try:
+        frozen = freeze_towers(model, config.get('freeze_vision', False), config.get('freeze_text', False))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    trained, total = parameter_counts(model)
+    print(f'trained parameters: {trained:,} of {total:,}' + (f' ({frozen} frozen)' if frozen else ''), flush=True)
+
+
+def check_same_frozen(checkpointer, config):
+    """--resume trains what the run it continues trained: its optimizer state holds exactly those
+    parameters, so a different freeze_vision / freeze_text is an error, not a silent mismatch."""
+    found = checkpointer.newest()
+    if found is None:
+        return  # resume() reports it
+    then, now = _frozen_setting(found[1].get('config') or {}), _frozen_setting(config)
+    if then != now:
+        raise ConfigError(f'--resume: {found[0]} was trained with {then}, this run has {now}; resume with the same '
+                          f'setting (its optimizer state holds only the parameters trained then)')
+
+
+def _frozen_setting(config):
+    """'freeze_vision: true, freeze_text: 2' (absent, null and 0 read as false; true is not 1)."""
+    return ', '.join(f'{key}: {str(config.get(key) or False).lower()}' for key in FREEZE_KEYS)
 
 
 # the config keys that set the model's shapes, named when a --resume checkpoint does not fit

@@ -72,6 +72,8 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
         return state.step
 
     accum = run.accum_steps
+    clip_norm = config.get('grad_clip_norm')  # None: off, as the original
+    trained = [p for group in optimizer.param_groups for p in group['params']]
     bare_model = getattr(model, 'module', model)  # under DistributedDataParallel
     # the step line's numbers also go to TensorBoard / W&B, at the global step (the same after a resume)
     def to_writer(i, numbers):
@@ -98,6 +100,9 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
                 loss = sum(losses.values())
             run.scaler.scale(loss / accum if accum > 1 else loss).backward()
         if last_micro:
+            if clip_norm:  # the total norm over the trained parameters, of the true (unscaled) gradients
+                run.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trained, clip_norm)
             run.scaler.step(optimizer)
             run.scaler.update()
             optimizer.zero_grad(set_to_none=True)

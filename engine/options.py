@@ -57,6 +57,16 @@ def get_args_parser(config, output_dir):
     speed.add_argument('--num_threads', type=int, default=None,
                        help='intra-op CPU threads of each process (default: the cores this process may use, '
                             'shared among the processes of the node, less one per loader worker)')
+    training = parser.add_argument_group('what is trained (each also a config key of the same name)')
+    training.add_argument('--freeze_vision', nargs='?', const=True, type=int, default=None, metavar='N',
+                          help='freeze the image encoder: all of it, or with N its patch embedding and lowest N '
+                               'blocks (0: nothing); its momentum copy stays equal to it')
+    training.add_argument('--freeze_text', nargs='?', const=True, type=int, default=None, metavar='N',
+                          help='freeze the text encoder (the BERT layers below the first fusion layer, and the '
+                               'embeddings): all of it, or with N the embeddings and lowest N layers (0: nothing)')
+    training.add_argument('--grad_clip_norm', type=float, default=None, metavar='NORM',
+                          help="clip the total gradient norm to NORM before each optimizer step (default: off, "
+                               "as the original)")
     return parser
 
 
@@ -87,6 +97,7 @@ def effective_config(args, config, device):
     if args.text_encoder:
         config['text_encoder'] = args.text_encoder
     speed_options(args, config, device)
+    training_options(args, config)
     for key in POSITIVE_INT_KEYS:
         value = config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -114,6 +125,26 @@ def speed_options(args, config, device):
         raise ConfigError(f"accum_steps: expected a positive integer, got {config['accum_steps']!r}")
     config.setdefault('grad_checkpointing', False)
     config.setdefault('compile', False)
+
+
+def training_options(args, config):
+    """Resolve freeze_vision / freeze_text / grad_clip_norm in `config` (the flag, else the config
+    key; absent: nothing frozen, no clipping) and check their types. Whether a number of blocks fits
+    the model is checked when the model is built (models/freeze.py)."""
+    for key in ('freeze_vision', 'freeze_text', 'grad_clip_norm'):
+        flag = getattr(args, key, None)
+        if flag is not None:
+            config[key] = flag
+        where = f'--{key}' if flag is not None else f'{args.config}: {key}'
+        value = config.get(key)
+        if value is None:
+            continue
+        if key == 'grad_clip_norm':
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float('inf'):
+                raise ConfigError(f'{where}: expected a positive number (the largest total gradient norm), '
+                                  f'got {value!r}')
+        elif not isinstance(value, int) or value < 0:  # a bool is an int: true / false
+            raise ConfigError(f'{where}: expected true, false or a number of lower blocks (0 or more), got {value!r}')
 
 
 def log_to_option(args, config):

@@ -73,10 +73,12 @@ class TaskError(ValueError):
 @dataclass
 class GradCam:
     """Per-word Grad-CAM of the ITM head: `maps[i]` (H, W) in [0, 1] at the image's own size is
-    where word piece `words[i]` looks; `itm` is the pair's ITM match probability."""
+    where word piece `words[i]` looks; `itm` is the pair's ITM match probability; `caption_map`
+    the whole caption's (the mean over its word pieces, models/gradcam.caption_map), scaled alike."""
     words: list
     maps: np.ndarray
     itm: float
+    caption_map: np.ndarray = None
 
 
 # ---- reading the checkpoint ---------------------------------------------------------------------
@@ -422,8 +424,7 @@ class LoadedModel:
         8 is ALBEF's (fusion layers 6-11). `block_num` is clipped to the fusion layers but the
         last: in the last layer only the [CLS] row reaches the ITM head, so every word's map
         would be zero there (the demo model, fused at 3-5, gets 4). None: the grounding default
-        of models/gradcam.py. Returns a `GradCam`."""
-        import cv2
+        of models/gradcam.py. Returns a `GradCam` (per-word maps and the whole caption's)."""
         from . import gradcam
         self._need('gradcam')
         picture = to_pil(image)
@@ -435,14 +436,9 @@ class LoadedModel:
         tokens = self.tokenizer(caption, return_tensors='pt').to(self.device)  # [CLS] + word pieces
         token_maps, _ = gradcam.itm_gradcam(self.model, self._images([picture]), tokens, block_num)
         words = [self.tokenizer.decode([i]) for i in tokens.input_ids[0, 1:].tolist()]
-        width, height = picture.size
-        maps = np.zeros((len(words), height, width), dtype=np.float32)
-        for i, small in enumerate(token_maps[0, 1:].float().cpu().numpy()):
-            small = small - small.min()
-            if small.max() > 0:
-                small = small / small.max()
-            maps[i] = np.clip(cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC), 0, 1)
-        return GradCam(words, maps, float(self.itm([picture], [text])[0]))
+        whole = gradcam.caption_map(token_maps, tokens, [self.tokenizer.sep_token_id])
+        maps = gradcam.to_image_size(torch.cat([token_maps[0, 1:], whole]), *picture.size)
+        return GradCam(words, maps[:-1], float(self.itm([picture], [text])[0]), maps[-1])
 
     def classify(self, images, class_names, templates=None, k=5, rerank=0, batch_size=64, progress=False):
         """Zero-shot classification by ITC over prompt templates, optionally re-ranked by ITM: one

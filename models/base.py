@@ -100,11 +100,13 @@ class ALBEFBase(nn.Module):
     def _momentum_update(self):
         if self.momentum_paused:
             return
-        online, momentum = [], []
+        online, momentum, frozen, frozen_m = [], [], [], []
         for model, model_m in self.model_pairs:
             for param, param_m in zip(model.parameters(), model_m.parameters()):
-                online.append(param.detach())
-                momentum.append(param_m.detach())
+                (online if param.requires_grad else frozen).append(param.detach())
+                (momentum if param.requires_grad else frozen_m).append(param_m.detach())
+        if frozen:  # a frozen parameter (models/freeze.py) is its own average: the copy is set equal to it
+            torch._foreach_copy_(frozen_m, frozen)
         # theta_m <- m theta_m + (1 - m) theta = theta_m + (1 - m) (theta - theta_m), over all
         # parameters in one pass: it reads both and writes theta_m once, with no temporary (the
         # original's per-parameter loop writes theta_m twice plus a theta-sized temporary). Equal to

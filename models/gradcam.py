@@ -6,7 +6,8 @@ Two modes, as in the paper's weakly-supervised grounding:
 * ITM: the cross-attention of fusion layer `block_num` of the text encoder. The map of text token
   t is the head average of attention(t -> patch) x max(0, d ITM-positive-logit / d attention).
   `itm_gradcam` returns one map per token and their average over the L text positions (the
-  expression map the grounding evaluation scores boxes with).
+  expression map the grounding evaluation scores boxes with). `caption_map` averages the token
+  maps over the caption's word pieces only: the whole-caption map drawn beside the per-word ones.
 * ITC: the attention of ViT block `block_num` from the image [CLS] to the patches, times its
   clamped gradient of the image-text similarity. The text enters only through its [CLS] feature,
   so there is one map per image-text pair.
@@ -114,6 +115,41 @@ def itm_gradcam(model, image, text, block_num=None):
     finally:
         attention.save_attention = False
         attention.attention_map = attention.attn_gradients = None
+
+
+def caption_map(token_maps, text, skip_ids=()):
+    """The whole caption's Grad-CAM: the mean of the per-token maps over its word pieces.
+
+    A word piece is a text position with attention mask 1 other than position 0 ([CLS]) and other
+    than a token in `skip_ids` (pass the tokenizer's [SEP] id: ALBEF's tokenizer adds none to a
+    caption, but a standard BERT tokenizer does). Unlike the grounding's expression map (the mean
+    over all L positions, [CLS] and padding included) the [CLS] row is left out: the ITM head reads
+    it, but it is not part of what the caption says.
+
+    Args:
+        token_maps: (B, L, h, w), the first output of `itm_gradcam`.
+        text: the tokenizer output it was computed from (`input_ids`, `attention_mask`).
+    Returns:
+        (B, h, w); zero for a text with no word piece.
+    """
+    words = text.attention_mask.bool().clone()
+    words[:, 0] = False
+    for token_id in skip_ids:
+        words &= text.input_ids != token_id
+    weights = words.to(token_maps.dtype)[:, :, None, None]
+    return (token_maps * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def to_image_size(maps, width, height):
+    """(N, h, w) maps as (N, height, width) float32 arrays in [0, 1], as `LoadedModel.gradcam`
+    returns them: each shifted to a minimum of 0 and divided by its maximum (if above 0) on the
+    patch grid, then resized bicubically to the image and clipped to [0, 1]."""
+    if torch.is_tensor(maps):
+        maps = maps.detach().float().cpu().numpy()
+    out = np.zeros((len(maps), height, width), dtype=np.float32)
+    for i, small in enumerate(maps):
+        out[i] = np.clip(cv2.resize(_normalise(small), (width, height), interpolation=cv2.INTER_CUBIC), 0, 1)
+    return out
 
 
 def itc_gradcam(model, image, text, block_num=None):

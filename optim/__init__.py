@@ -1,8 +1,8 @@
 """AdamW with the original parameter grouping (docs/DESIGN.md, "Optimizer").
 
 Parameters with one dimension or a name ending in '.bias' get no weight decay; everything else,
-including the 0-d `temp`, `pos_embed` and `cls_token`, does. Frozen parameters (the momentum
-encoders) are left out.
+including the 0-d `temp`, `pos_embed` and `cls_token`, does. Parameters that are not trained
+(requires_grad False: the momentum encoders, and a frozen tower, models/freeze.py) are left out.
 """
 import torch
 

@@ -1,6 +1,6 @@
 """visualize.ipynb, unedited and with no settings, right after the README's demo command: it finds
-the newest demo checkpoint under output/demo/, draws the default photograph with one panel per
-word, and writes nothing."""
+the newest demo checkpoint under output/demo/, draws the default photograph, the whole caption's
+map and one panel per word, and writes nothing."""
 import base64
 import io
 import os
@@ -36,13 +36,15 @@ def test_notebook_runs_as_documented(pretrained_demo, tmp_path, monkeypatch):
     assert 'checkpoint: output/demo/pretrain/checkpoint_29.pth (pretrain, 64 px)' in printed
     words = 'a white circle on a red circle'.split()  # the default caption, all in the demo vocabulary
     assert re.search(rf"\b{len(words)} words, ITM match probability [01]\.\d{{3}}: {' '.join(words)}\n", printed)
+    assert f"panels: image, whole caption, {', '.join(words)}\n" in printed
     figures = [output['data']['image/png'] for cell in notebook.cells for output in cell.get('outputs', [])
                if 'image/png' in output.get('data', {})]
     assert len(figures) == 1
     width, height = Image.open(io.BytesIO(base64.b64decode(figures[0]))).size
     photo = Image.open(os.path.join(ROOT, 'examples', 'coffee.jpg'))
-    # the photograph, then one panel per word, stacked vertically at the photograph's aspect ratio
-    assert height / width == pytest.approx((len(words) + 1) * photo.height / photo.width, rel=0.1)
+    # the photograph, the whole caption, then one panel per word, stacked vertically at the
+    # photograph's aspect ratio
+    assert height / width == pytest.approx((len(words) + 2) * photo.height / photo.width, rel=0.1)
     assert sorted(str(p) for p in tmp_path.rglob('*')) == before   # nothing written
 
 

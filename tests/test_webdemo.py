@@ -133,7 +133,7 @@ def test_upload_size_is_limited(server):
 
 
 # ---- the three tabs against models.load ----------------------------------------------------------
-def test_look_gives_the_api_numbers_and_one_panel_per_word(client, direct, folder):
+def test_look_gives_the_api_numbers_the_caption_and_one_panel_per_word(client, direct, folder):
     from demo.app import block_choices
     model = direct['retrieval']
     image = _image(folder)
@@ -144,7 +144,7 @@ def test_look_gives_the_api_numbers_and_one_panel_per_word(client, direct, folde
         cam = model.gradcam(image, CAPTION, block_num=block)
         assert itm == pytest.approx(float(model.itm(image, CAPTION)[0]), abs=1e-5)
         assert itc == pytest.approx(float(model.similarity(image, CAPTION)[0, 0]), abs=1e-5)
-        assert [p['caption'] for p in panels] == ['image'] + cam.words
+        assert [p['caption'] for p in panels] == ['image', 'whole caption'] + cam.words
         assert cam.words == ['the', 'red', 'circle', 'on', 'the', 'left']
     from PIL import Image
     with Image.open(panels[1]['image']) as panel:
@@ -381,10 +381,10 @@ def test_look_in_headless_chromium(server, direct, folder, tmp_path):
             page.locator('#look-image input[type=file]').set_input_files(image)
             page.locator('#look-caption textarea').fill(CAPTION)
             page.locator('#look-run').click()
-            page.locator('#look-panels img').nth(len(words)).wait_for(timeout=30_000)
+            page.locator('#look-panels img').nth(len(words) + 1).wait_for(timeout=30_000)
             page.wait_for_function("document.querySelector('#look-itm input').value !== ''", timeout=30_000)
             assert float(page.locator('#look-itm input').input_value()) == pytest.approx(expected_itm, abs=1e-5)
-            assert page.locator('#look-panels img').count() == 1 + len(words)
+            assert page.locator('#look-panels img').count() == 2 + len(words)
             screenshot = tmp_path / 'look.png'
             page.screenshot(path=str(screenshot), full_page=True)
             print(f'screenshot: {screenshot}')
