@@ -122,8 +122,8 @@ COMMON_KEYS: dict[str, Check] = {
 }
 # the pre-training data (Pretrain.py, Pretrain_nlvr.py): a JSON train_file, tar shards, or both
 PRETRAIN_DATA_KEYS: dict[str, Check] = {
-    'train_file': FILES,
-    'train_shards': FILES,
+    'train_file': optional(FILES),          # null beside train_shards
+    'train_shards': optional(FILES),
     'shuffle_buffer': COUNT,
     'samples_per_epoch': optional(POSITIVE),
     'jpeg_draft': BOOL,

@@ -301,7 +301,7 @@ def test_keep_checkpoints_must_be_positive(demo_config, tmp_path, capsys):
     config = write_config(demo_config, tmp_path, keep_checkpoints=0)
     out = tmp_path / 'out'
     out.mkdir()
-    assert fail(['--config', config], out, capsys) == f'{config}: keep_checkpoints: expected a positive integer, got 0'
+    assert fail(['--config', config], out, capsys) == f'{config}: keep_checkpoints: expected a positive integer, or null, got 0'
 
 
 # ---- 9. threads ---------------------------------------------------------------------------------------

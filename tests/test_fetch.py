@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import configuration
+import tasks
 import engine
 import models
 import Retrieval
@@ -182,10 +183,10 @@ def test_models_load_and_scripts_take_a_name(served_retrieval, server, cache, de
         assert torch.equal(a, b), name
     capsys.readouterr()  # the progress bar
     config = demo_config('Retrieval', num_workers=0)
-    configuration.precheck('__main__', os.path.join(ROOT, 'Retrieval.py'), ['--config', config, '--checkpoint',
+    configuration.precheck('__main__', tasks.RETRIEVAL, ['--config', config, '--checkpoint',
                                                                             'mscoco'])  # a name passes
     with pytest.raises(SystemExit) as exit_info:
-        configuration.precheck('__main__', os.path.join(ROOT, 'Retrieval.py'), ['--config', config, '--checkpoint',
+        configuration.precheck('__main__', tasks.RETRIEVAL, ['--config', config, '--checkpoint',
                                                                                 'mscoco.pth'])
     assert exit_info.value.code == 2 and capsys.readouterr().err == 'error: checkpoint not found: mscoco.pth\n'
     for name, expected in (('mscoco', 0), ('coco', 2)):

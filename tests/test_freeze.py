@@ -136,7 +136,7 @@ def test_frozen_parameters_stay_bit_unchanged_and_resume_keeps_them(make_model, 
 
 
 def test_flags_and_keys(tmp_path):
-    assert {'freeze_vision', 'freeze_text', 'grad_clip_norm'} <= COMMON_KEYS
+    assert {'freeze_vision', 'freeze_text', 'grad_clip_norm'} <= COMMON_KEYS.keys()
     parser = argparse.ArgumentParser(parents=[get_args_parser('c.yaml', str(tmp_path))])
     cpu = torch.device('cpu')
 

@@ -186,7 +186,8 @@ def test_log_to_values(value, flag, expected):
     (['tensorboard', 'mlflow'], None, "{config}: log_to: unknown logger 'mlflow' (expected tensorboard, wandb "
                                       "or none)"),
     ('none,wandb', None, "{config}: log_to: 'none' cannot be combined with other loggers, got 'none,wandb'"),
-    (3, None, "{config}: log_to: expected a comma-separated list of tensorboard, wandb or 'none', got 3"),
+    (3, None, "{config}: log_to: expected a comma-separated string or a list of tensorboard, wandb or none, or "
+             "null, got 3"),
 ])
 def test_bad_log_to_is_a_config_error(demo_config, tmp_path, capsys, value, flag, message):
     overrides = {} if value is None else {'log_to': value}

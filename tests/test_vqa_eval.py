@@ -114,4 +114,4 @@ def test_vqa_script_rejects_an_unknown_normalization(demo_config, tmp_path, caps
         engine.launch(VQA.main, VQA.get_parser(), ['--config', config, '--output_dir', str(out), '--device', 'cpu'])
     assert exit_info.value.code == 2 and not out.exists()
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: {config}: vqa_normalization must be one of official, always, got 'lenient'"]
+        f"error: {config}: vqa_normalization: expected one of official, always, got 'lenient'"]
