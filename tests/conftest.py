@@ -234,6 +234,16 @@ def demo_config(demo_world, tmp_path):
     return make
 
 
+@pytest.fixture
+def out(tmp_path):
+    """An output_dir holding an earlier run's files, which a failing run must not touch."""
+    path = tmp_path / 'out'
+    path.mkdir()
+    (path / 'log.txt').write_text('{"epoch": 0}\n')
+    (path / 'config.yaml').write_text('earlier: run\n')
+    return path
+
+
 def run_script(script, *args, nproc=1, launcher='torchrun', timeout=600, env=None):
     """Run a task script as users do: plainly, or under torchrun / torch.distributed.launch."""
     import subprocess

@@ -13,16 +13,6 @@ import engine
 import Pretrain
 
 
-@pytest.fixture
-def out(tmp_path):
-    """An output_dir holding an earlier run's files, which a failing run must not touch."""
-    path = tmp_path / 'out'
-    path.mkdir()
-    (path / 'log.txt').write_text('{"epoch": 0}\n')
-    (path / 'config.yaml').write_text('earlier: run\n')
-    return path
-
-
 def fail(argv, out, capsys):
     """Run Pretrain.py with argv; return its one-line error after checking exit status and out."""
     before = {p: (out / p).read_bytes() for p in os.listdir(out)}

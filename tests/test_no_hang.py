@@ -68,16 +68,6 @@ def expected_line(ann, bad):
     return f'error: cannot read image {bad} (item {BAD} of {ann}): {reason}'
 
 
-@pytest.fixture
-def out(tmp_path):
-    """An output_dir holding an earlier run's files, which a failing run must not touch."""
-    path = tmp_path / 'out'
-    path.mkdir()
-    (path / 'log.txt').write_text('{"epoch": 0}\n')
-    (path / 'config.yaml').write_text('earlier: run\n')
-    return path
-
-
 def snapshot(out):
     return {p: (out / p).read_bytes() for p in sorted(os.listdir(out))} if out.is_dir() else out.read_bytes()
 
