@@ -44,14 +44,10 @@ def config_writer(tmp_path, name='Retrieval'):
 
 
 @pytest.fixture
-def out(tmp_path):
-    """An output_dir holding an earlier run's files (a checkpoint too), which must stay as they were."""
-    path = tmp_path / 'out'
-    path.mkdir()
-    (path / 'log.txt').write_text('{"epoch": 0}\n')
-    (path / 'config.yaml').write_text('earlier: run\n')
-    (path / 'checkpoint_00.pth').write_bytes(b'earlier weights')
-    return path
+def out(out):
+    """conftest's output_dir of an earlier run, with a checkpoint too; all must stay as they were."""
+    (out / 'checkpoint_00.pth').write_bytes(b'earlier weights')
+    return out
 
 
 def snapshot(path):
