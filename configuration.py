@@ -219,8 +219,9 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def _bare_name(text):
-    return not any(c in text for c in ('/', os.sep, '.'))
+def is_bare_name(text):
+    """No folder and no extension: a released model's name (models/fetch.py), not a path."""
+    return isinstance(text, str) and bool(text) and '/' not in text and os.sep not in text and '.' not in text
 
 
 def precheck(name, task, argv=None):
@@ -247,7 +248,7 @@ def precheck(name, task, argv=None):
                 if isinstance(path, str) and not os.path.isfile(path):
                     raise ConfigError(f'annotation file not found: {path}')
         # a bare name (no folder, no extension) is left to models/fetch.py: a released one or the list
-        if args.checkpoint and not os.path.isfile(args.checkpoint) and not _bare_name(args.checkpoint):
+        if args.checkpoint and not os.path.isfile(args.checkpoint) and not is_bare_name(args.checkpoint):
             raise ConfigError(f'checkpoint not found: {args.checkpoint}')
         check_output_dir(args)
     except ConfigError as error:

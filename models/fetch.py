@@ -23,6 +23,8 @@ import sys
 import urllib.error
 import urllib.request
 
+from configuration import is_bare_name  # also read by precheck, before torch loads
+
 BASE_URL = 'https://storage.googleapis.com/sfr-pcl-data-research/ALBEF/'
 BASE_URL_ENV = 'ALBEF_BASE_URL'
 # name -> what it is; the file is <name>.pth
@@ -72,11 +74,6 @@ def check_name(name):
     if name not in MODELS and name not in ARCHIVES:
         raise FetchError(f'{name!r} is neither a file nor a released ALBEF name; the names are '
                          f'{", ".join(names())} (python -m models.fetch --list)')
-
-
-def is_bare_name(text):
-    """No folder and no extension: a name, not a path."""
-    return isinstance(text, str) and bool(text) and '/' not in text and os.sep not in text and '.' not in text
 
 
 def resolve_checkpoint(checkpoint, cache=None, progress=True):
