@@ -25,8 +25,8 @@ def test_a_non_finite_loss_stops_the_run(demo_config, tmp_path, capsys, monkeypa
     monkeypatch.setattr(Pretrain, 'train_step', nan_at_step_2)
     out = tmp_path / 'out'
     assert run_pretrain(['--config', config, '--output_dir', out]) == 2
-    assert capsys.readouterr().err.splitlines() == [
-        'error: the loss became non-finite at epoch 0, step 2; stopping (the last checkpoint written before it is kept)']
+    assert capsys.readouterr().err.splitlines() == ['error: the loss became non-finite at epoch 0, step 2; stopping '
+                                                    '(the last checkpoint written before it is kept)']
     assert steps == [0, 1, 2]  # stopped at the step's own check, not at the end of the epoch
     names = os.listdir(out)
     assert 'checkpoint_last.pth' in names and 'checkpoint_00.pth' not in names and 'log.txt' not in names, names
