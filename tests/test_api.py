@@ -8,6 +8,7 @@ import argparse
 import fractions
 import importlib
 import json
+import math
 import os
 
 import numpy as np
@@ -19,7 +20,7 @@ import engine
 import models
 import Pretrain
 from configuration import ConfigError, load_yaml
-from conftest import ROOT, _relocate
+from conftest import ROOT, TINY_CONFIG, _relocate
 from models import api, gradcam
 from models.checkpoint import Checkpointer, CheckpointError, TrainState, read_checkpoint, strip_for_release
 from models.export import main as export_main
@@ -181,6 +182,60 @@ def test_gradcam_words_maps_and_block_clipping(demo):
     assert gradcam.itm_gradcam(m.model, image, tokens, 4)[0][0, 1:].abs().min(dim=0).values.max() > 0
     assert np.array_equal(cam.maps, m.gradcam(picture, 'the red circle', block_num=4).maps)
     assert not np.array_equal(cam.maps, m.gradcam(picture, 'the red circle', block_num=3).maps)
+
+
+def tiny_loaded(make_model, tokenizer, task, seed=0):
+    """A `LoadedModel` around the tiny `task` model of conftest (32 px, random weights)."""
+    return api.LoadedModel(make_model(task, seed).eval(), task, dict(TINY_CONFIG), tokenizer, torch.device('cpu'))
+
+
+def pictures(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_itm_is_the_probability_of_the_match_logit(make_model, tokenizer):
+    """The ITM head's logits are (no match, match): with its weights zeroed and biases (0, log 3),
+    every pair's logits are exactly (0, log 3) and P(match) = 3 / (1 + 3) = 0.75, P(no match) 0.25."""
+    m = tiny_loaded(make_model, tokenizer, 'retrieval')
+    images, texts = pictures(3), ['a red circle', 'two blue squares on the left', 'green']
+    varied = m.itm(images, texts)
+    assert all(float(p) == pytest.approx(float(m.itm(i, t)[0]), abs=1e-6) for p, i, t in zip(varied, images, texts))
+    assert len(set(varied.tolist())) == 3  # the pairs score differently with the random head
+    with torch.no_grad():
+        m.model.itm_head.weight.zero_()
+        m.model.itm_head.bias.copy_(torch.tensor([0.0, math.log(3)]))
+    torch.testing.assert_close(m.itm_logits(images, texts), torch.tensor([[0.0, math.log(3)]] * 3))
+    torch.testing.assert_close(m.itm(images, texts), torch.full((3,), 0.75))
+    torch.testing.assert_close(m.itm(images[0], texts), torch.full((3,), 0.75))  # one image, every text
+
+
+def test_entailment_is_the_probability_of_each_label(make_model, tokenizer):
+    """`entailment` gives (contradiction, neutral, entailment) probabilities in the VE head's order:
+    with the head's last layer zeroed and biases log(1, 2, 5), every pair gets (1/8, 2/8, 5/8)."""
+    m = tiny_loaded(make_model, tokenizer, 've')
+    images, texts = pictures(3, seed=1), ['a red circle', 'two blue squares on the left', 'there is nothing']
+    probs = m.entailment(images, texts)
+    assert probs.shape == (3, 3) and probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(3))
+    for row, image, text in zip(probs, images, texts):  # each pair as if asked alone, in batches of any size
+        torch.testing.assert_close(row, m.entailment(image, text)[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(m.entailment(images, texts, batch_size=2), probs, atol=1e-6, rtol=1e-5)
+    assert (probs[0] - probs[1]).abs().max() > 1e-4  # the pairs score differently with the random head
+    torch.testing.assert_close(m.entailment(images[0], texts), torch.stack([m.entailment(images[0], t)[0]
+                                                                          for t in texts]), atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        last = m.model.cls_head[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.log(torch.tensor([1.0, 2.0, 5.0])))
+    torch.testing.assert_close(m.entailment(images, texts), torch.tensor([[1 / 8, 2 / 8, 5 / 8]] * 3))
+    assert api.VE_LABELS == ('contradiction', 'neutral', 'entailment')  # the labels of VE.py's datasets: 0, 1, 2
+    with pytest.raises(ValueError, match='^entailment scores pairs: got 2 images and 3 texts$'):
+        m.entailment(images[:2], texts)
+    retrieval = tiny_loaded(make_model, tokenizer, 'retrieval')
+    with pytest.raises(api.TaskError, match=r"^this is a 'retrieval' checkpoint; visual entailment needs an SNLI-VE "
+                                            r"checkpoint$"):
+        retrieval.entailment(images, texts)
 
 
 def test_task_is_read_from_the_keys(demo):

@@ -100,12 +100,24 @@ def test_setup_writes_nothing_back_into_args(demo_config, tmp_path):
     assert not os.path.exists(tmp_path / 'out')  # nothing written before the first checkpoint or log line
 
 
-@pytest.mark.parametrize('script', sorted(SCRIPTS))
-def test_every_script_defaults_to_output_task(script):
+def test_every_script_defaults_to_output_task(monkeypatch):
+    """Each script's default --config is a config of its own task (it passes that task's checks),
+    and its default --output_dir is output/<that config's name>: no two scripts share a folder."""
     import importlib
-    module = importlib.import_module(script)
-    default = module.get_parser().get_default('output_dir')
-    assert default.startswith('output/') and len(default) > len('output/'), default
+
+    import configuration
+    monkeypatch.chdir(ROOT)  # the defaults are relative to the repository, as users run the scripts
+    folders = {}
+    for script in sorted(SCRIPTS):
+        module = importlib.import_module(script)
+        assert module.TASK.script == script + '.py'
+        parser = module.get_parser()
+        config, output_dir = parser.get_default('config'), parser.get_default('output_dir')
+        name = os.path.splitext(os.path.basename(config))[0]
+        assert os.path.normpath(output_dir) == os.path.join('output', name), (script, config, output_dir)
+        configuration.check_config(configuration.load_yaml(config), config, module.TASK, processes=8)
+        folders[script] = output_dir
+    assert len(set(folders.values())) == len(SCRIPTS), folders
 
 
 # ---- one home for the tasks ---------------------------------------------------------------------

@@ -2,7 +2,6 @@
 it was. The scripts run in-process through engine.launch, as `python Pretrain.py ...` would."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -149,10 +148,16 @@ def test_checkpoint_of_another_model(demo_config, out, capsys, tmp_path):
 
 
 def test_resume_with_nothing_to_resume(demo_config, tmp_path, capsys):
+    """--resume into a folder that does not exist: one line, exit status 2, and no folder made; into
+    an empty folder: the same, and the folder left empty."""
     config = write_config(demo_config, tmp_path)
-    empty = tmp_path / 'empty'
-    with pytest.raises(SystemExit):
-        engine.launch(Pretrain.main, Pretrain.get_parser(), ['--config', config, '--output_dir', str(empty),
-                                                             '--device', 'cpu', '--resume'])
-    assert capsys.readouterr().err.strip() == f'error: --resume: no checkpoint to resume from in {empty}'
-    shutil.rmtree(empty, ignore_errors=True)
+    missing, empty = tmp_path / 'missing', tmp_path / 'empty'
+    empty.mkdir()
+    for out in (missing, empty):
+        with pytest.raises(SystemExit) as exit_info:
+            engine.launch(Pretrain.main, Pretrain.get_parser(), ['--config', config, '--output_dir', str(out),
+                                                                 '--device', 'cpu', '--resume'])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [f'error: --resume: no checkpoint to resume from in {out}']
+    assert not missing.exists()
+    assert os.listdir(empty) == []

@@ -110,6 +110,17 @@ def test_a_different_order_every_epoch(web_shards, monkeypatch):
                         shuffle_buffer=48)[0][1][0] for e in range(3)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(epochs[2])
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
+    # ... and a stream reads the shards in the deal's order: without the buffer (1 sample) the order
+    # in which the shards first appear changes from epoch to epoch, the same again for the same seed
+    urls = expand(os.path.join(web_shards, '*.tar'))
+
+    def shard_order(epoch):
+        captions = run_epoch(urls, SIZES, monkeypatch, world_size=1, num_workers=1, batch_size=8, epoch=epoch,
+                             shuffle_buffer=1)[0][1][0]
+        return list(dict.fromkeys(int(caption.split()[1]) for caption in captions))  # 'sample SHARD INDEX'
+    first, second = shard_order(0), shard_order(1)
+    assert sorted(first) == sorted(second) == list(range(len(SIZES))), (first, second)
+    assert first != second and shard_order(0) == first
 
 
 def test_resume_mid_epoch_on_uneven_shards_continues_the_same_batches(web_shards):

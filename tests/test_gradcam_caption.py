@@ -1,6 +1,7 @@
-"""The whole-caption Grad-CAM (models/gradcam.caption_map, `LoadedModel.gradcam(...).caption_map`):
-the mean of the per-token maps over the caption's word pieces, [CLS], [SEP] and padding left out,
-checked against a computation of its own from the captured cross-attention and its gradient."""
+"""`LoadedModel.gradcam`: each word piece's map, and the whole caption's (models/gradcam.caption_map,
+`.caption_map`: the mean of the per-token maps over the caption's word pieces, [CLS], [SEP] and
+padding left out), checked against a computation of their own from the captured cross-attention and
+its gradient."""
 import cv2
 import numpy as np
 import torch
@@ -29,10 +30,10 @@ def test_caption_map_averages_the_word_pieces_only():
     assert gradcam.caption_map(token_maps[:1, :1], empty).tolist() == [[[0.0, 0.0]]]
 
 
-def direct_caption_map(model, image, tokens, block_num):
-    """The caption map computed from scratch: capture layer `block_num`'s cross-attention and its
-    gradient by a plain backward of the ITM match logit, weight attention by the positive gradient,
-    average the heads, then the word-piece rows ([CLS] left out), then drop the image [CLS] column."""
+def direct_token_maps(model, image, tokens, block_num):
+    """Each text position's Grad-CAM computed from scratch, (L, 4, 4): capture layer `block_num`'s
+    cross-attention and its gradient by a plain backward of the ITM match logit, weight attention by
+    the positive gradient, average the heads, then drop the image [CLS] column."""
     attention = model.text_encoder.encoder.layer[block_num].crossattention.self
     attention.save_attention = True
     try:
@@ -47,9 +48,20 @@ def direct_caption_map(model, image, tokens, block_num):
     finally:
         attention.save_attention = False
     weighted = (cam * grad.clamp(min=0)).mean(dim=1)[0]     # (L, 1 + patches)
-    whole = weighted[1:].mean(dim=0)[1:].reshape(4, 4)       # word rows 1.., patch columns 1..
-    whole = (whole - whole.min()) / (whole - whole.min()).max()
-    return np.clip(cv2.resize(whole.numpy(), (40, 24), interpolation=cv2.INTER_CUBIC), 0, 1)
+    return weighted[:, 1:].reshape(-1, 4, 4)
+
+
+def at_picture_size(small):
+    """A (4, 4) map as LoadedModel.gradcam draws it on the 40 x 24 picture: shifted to a minimum of
+    0, divided by its maximum, resized bicubically, clipped to [0, 1]."""
+    small = small - small.min()
+    small = small / small.max()
+    return np.clip(cv2.resize(small.numpy(), (40, 24), interpolation=cv2.INTER_CUBIC), 0, 1)
+
+
+def direct_caption_map(model, image, tokens, block_num):
+    """The mean of the word-piece rows ([CLS] left out) of `direct_token_maps`, drawn alike."""
+    return at_picture_size(direct_token_maps(model, image, tokens, block_num)[1:].mean(dim=0))
 
 
 def test_loaded_model_caption_map_is_the_direct_computation(make_model, tokenizer):
@@ -73,3 +85,22 @@ def test_loaded_model_caption_map_is_the_direct_computation(make_model, tokenize
 def to_unit(a):
     a = a - a.min()
     return a / a.max()
+
+
+def test_each_word_piece_gets_its_own_map(make_model, tokenizer):
+    """maps[i] is the Grad-CAM row of word piece words[i], the text position after [CLS] (i + 1):
+    not [CLS]'s row nor a neighbour's."""
+    model = make_model('retrieval').eval()
+    loaded = LoadedModel(model, 'retrieval', dict(TINY_CONFIG), tokenizer, torch.device('cpu'))
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    caption = 'two small blue squares above a red circle'
+    cam = loaded.gradcam(picture, caption)
+    tokens = tokenizer(caption, return_tensors='pt')
+    assert cam.words == [tokenizer.decode([i]) for i in tokens.input_ids[0, 1:].tolist()]
+    assert tokens.input_ids[0, 0] == tokenizer.cls_token_id and len(cam.words) == len(cam.maps) == 8
+    rows = direct_token_maps(model, loaded.transform(picture).unsqueeze(0), tokens, 2)
+    expected = np.stack([at_picture_size(row) for row in rows])  # position 0: [CLS]
+    for i in range(len(cam.words)):
+        np.testing.assert_allclose(cam.maps[i], expected[i + 1], atol=1e-5, err_msg=f'word {i} ({cam.words[i]})')
+    # neighbouring positions' maps differ, so a map one position off cannot pass
+    assert min(np.abs(expected[i] - expected[i + 1]).max() for i in range(len(expected) - 1)) > 0.05

@@ -1,10 +1,14 @@
 """Retrieval evaluation: itm_eval on hand-made scores, batched re-ranking against the one-query-
-at-a-time computation, the rank split, and the embedding API."""
+at-a-time computation, the re-ranking score (the ITM match logit) on hand-set heads, the rank
+split, and the embedding API."""
+import copy
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from models.retrieval_eval import chance_metrics, itm_eval, itm_scores, rank_rows, rerank
+from models.retrieval_eval import chance_metrics, itm_eval, itm_scores, rank_rows, rerank, retrieval_scores
 
 IMG2TXT = {0: [0, 1], 1: [2, 3], 2: [4, 5]}
 TXT2IMG = {t: i for i, texts in IMG2TXT.items() for t in texts}
@@ -106,3 +110,56 @@ def test_batched_rerank_equals_one_query_at_a_time(tiny_retrieval, direction):
     parts = sum(rerank(model, matrix, image_feats, text_feats, text_atts, k, direction, rank_rows(matrix.size(0), r, 3))
                 for r in range(3))
     torch.testing.assert_close(parts, batched, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def direct_match_logit(model, image_feat, text_feat, text_att):
+    """The ITM head's match logit (column 1) of one pair, by one plain fusion pass."""
+    output = model.text_encoder(encoder_embeds=text_feat[None], attention_mask=text_att[None],
+                                encoder_hidden_states=image_feat[None], mode='fusion')
+    return float(model.itm_head(output.last_hidden_state[:, 0])[0, 1])
+
+
+def test_rerank_score_is_the_match_logit(tiny_retrieval):
+    """retrieval_scores re-ranks each query's top-k ITC candidates by the ITM head's match logit
+    (column 1 of (no match, match)), -100 elsewhere."""
+    model, image_feats, text_feats, text_atts, _ = tiny_retrieval
+    model = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # far from BERT's init, where every pair's fused [CLS] is about the same
+        for weight in model.text_encoder.parameters():
+            if weight.dim() >= 2:
+                weight.normal_(0, 0.2, generator=generator)
+    image_embeds = F.normalize(torch.randn(len(image_feats), 16, generator=generator), dim=-1)
+    text_embeds = F.normalize(torch.randn(len(text_feats), 16, generator=generator), dim=-1)
+    sims = (image_embeds @ text_embeds.t()).numpy()
+    k = 3
+
+    def scores():
+        return retrieval_scores(model, image_feats, image_embeds, text_feats, text_embeds, text_atts, k,
+                                show_progress=False)
+
+    def top_k(matrix):
+        return np.argsort(-matrix, axis=1, kind='stable')[:, :k]
+
+    # a head that gives every pair the logits (no match 3, match -2): the candidates score -2
+    with torch.no_grad():
+        model.itm_head.weight.zero_()
+        model.itm_head.bias.copy_(torch.tensor([3.0, -2.0]))
+    for got, matrix in zip(scores(), (sims, sims.T)):
+        expected = np.full(matrix.shape, -100.0, dtype=np.float32)
+        np.put_along_axis(expected, top_k(matrix), -2.0, axis=1)
+        np.testing.assert_array_equal(got, expected)
+    # a head whose no-match logit is minus the match logit: the two orders of the candidates are reversed
+    with torch.no_grad():
+        v = torch.randn(model.itm_head.weight.shape[1], generator=generator)
+        model.itm_head.weight.copy_(torch.stack([-v, v]))
+        model.itm_head.bias.zero_()
+    i2t, t2i = scores()
+    for q, candidates in enumerate(top_k(sims)):
+        expected = [direct_match_logit(model, image_feats[q], text_feats[c], text_atts[c]) for c in candidates]
+        np.testing.assert_allclose(i2t[q, candidates], expected, rtol=1e-4, atol=1e-4)
+        assert max(expected) - min(expected) > 0.1  # the order is the match logit's, and not the other's
+    for q, candidates in enumerate(top_k(sims.T)):
+        expected = [direct_match_logit(model, image_feats[c], text_feats[q], text_atts[q]) for c in candidates]
+        np.testing.assert_allclose(t2i[q, candidates], expected, rtol=1e-4, atol=1e-4)

@@ -1,5 +1,5 @@
-"""Learning rates and parameter groups: the original's reference values
-(docs/DESIGN.md, "Optimizer", "Learning-rate schedule")."""
+"""Learning rates, parameter groups and the epoch-0 alpha ramp: the original's reference values
+(docs/DESIGN.md, "Optimizer", "Learning-rate schedule", "Alpha and its warm-up")."""
 import argparse
 
 import pytest
@@ -30,9 +30,10 @@ class EpochLoader:
         return iter([((self.epoch, i), 0) for i in range(len(self))])
 
 
-def lr_trace(config_path, epochs, iterations_per_epoch, tmp_path):
-    """The lr each optimizer step uses, recorded by a stub train_step while the real loop
-    (`engine.fit`, with the real optimizer and scheduler of the config) drives the schedule."""
+def step_trace(config_path, epochs, iterations_per_epoch, tmp_path, **fit_kwargs):
+    """(epoch, iteration, lr, alpha) of each optimizer step, recorded by a stub train_step while
+    the real loop (`engine.fit`, with the real optimizer and scheduler of the config) drives the
+    schedule and the distillation weight alpha."""
     config = configuration.load_yaml(config_path)
     config['schedular']['epochs'] = epochs
     config['print_freq'] = 10 ** 6
@@ -47,13 +48,18 @@ def lr_trace(config_path, epochs, iterations_per_epoch, tmp_path):
 
     def train_step(model, batch, alpha, run):
         epoch, i = batch
-        trace.append((epoch, i, optimizer.param_groups[0]['lr']))
+        trace.append((epoch, i, optimizer.param_groups[0]['lr'], float(alpha)))
         assert optimizer.param_groups[0]['lr'] == optimizer.param_groups[1]['lr']
         return {'loss': model(torch.ones(1, 2)).sum()}
 
-    engine.fit(run, training, EpochLoader(iterations_per_epoch), train_step)
+    engine.fit(run, training, EpochLoader(iterations_per_epoch), train_step, **fit_kwargs)
     assert len(trace) == iterations_per_epoch + epochs - 1
     return trace
+
+
+def lr_trace(config_path, epochs, iterations_per_epoch, tmp_path):
+    """The lr each optimizer step uses (see `step_trace`)."""
+    return [(epoch, i, lr) for epoch, i, lr, _ in step_trace(config_path, epochs, iterations_per_epoch, tmp_path)]
 
 
 def epoch_lrs(trace):
@@ -112,6 +118,16 @@ def test_constant_warmup_then_cosine(config, epochs, expected, tmp_path):
 def test_text_assignment_pretraining(tmp_path):
     trace = lr_trace('configs/NLVR_pretrain.yaml', 1, 301, tmp_path)
     assert [at(trace, i) for i in (0, 100, 101, 300)] == pytest.approx([1e-5, 1e-5, 2e-5, 2e-5], abs=1e-12)
+
+
+@pytest.mark.parametrize('ramp', [True, False])
+def test_alpha_ramps_up_over_epoch_0(ramp, tmp_path):
+    """alpha (0.4) grows linearly over epoch 0, alpha * i / steps at step i, and is whole from
+    epoch 1 on (the original's warm_up); without the ramp (warm_up: false) it is whole throughout."""
+    trace = step_trace('configs/Retrieval_flickr.yaml', 3, 5, tmp_path, alpha_ramp=ramp)
+    alphas = [(epoch, i, alpha) for epoch, i, _, alpha in trace]
+    ramped = [0.0, 0.08, 0.16, 0.24, 0.32] if ramp else [0.4] * 5
+    assert alphas == [(0, i, pytest.approx(a, abs=1e-12)) for i, a in enumerate(ramped)] + [(1, 0, 0.4), (2, 0, 0.4)]
 
 
 def test_parameter_groups():
