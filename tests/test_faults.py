@@ -25,7 +25,7 @@ from conftest import ROOT
 from dataset import check
 from dataset.base import DataError, ImageError, load_rgb
 from dataset.loaders import check_batch_count
-from models.checkpoint import Checkpointer, DiskFullError, atomic_save
+from engine.checkpointing import Checkpointer, DiskFullError, atomic_save
 from test_bad_input import fail, write_config
 
 
