@@ -79,7 +79,7 @@ def prepare(run, model, find_unused_parameters=False, **load_kwargs):
     freeze(model, run.config)
     optimizer, lr_scheduler = build_optimization(run.config, model)
     checkpointer = Checkpointer(run.output_dir, model, optimizer, lr_scheduler, run.config, scaler=run.scaler,
-                                rank=run.rank, world_size=run.world_size, before_write=run.write_config)
+                                rank=run.rank, world_size=run.world_size, before_write=run.start_output)
     state = TrainState()
     if run.args.resume:
         state = resume(run, checkpointer, model)

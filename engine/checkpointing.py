@@ -93,7 +93,8 @@ class Checkpointer:
     plus a 'resume' entry (position, meters, best epoch, every rank's RNG states, the fp16 scaler).
 
     With several processes every rank calls `save` (the RNG states and meters are gathered) and rank
-    0 writes; `before_write` runs on rank 0 before its first file (the run writes its config.yaml).
+    0 writes; `before_write` runs on rank 0 before each file (`engine.prepare` passes
+    `Run.start_output`: the first time, --overwrite's removals and config.yaml).
     """
 
     def __init__(self, output_dir, model, optimizer, lr_scheduler, config, scaler=None, rank=0, world_size=1,
