@@ -208,13 +208,12 @@ def default_threads(num_workers, cores=None, local_processes=None, load=None):
 
 
 def set_threads(args, config):
-    """--num_threads, else the config's num_threads, else OMP_NUM_THREADS when set, else
-    default_threads(). (DataLoader workers run one thread each.)"""
-    threads = getattr(args, 'num_threads', None) or config.get('num_threads')
+    """The effective config's num_threads (--num_threads, else the key: checked by
+    effective_config), else OMP_NUM_THREADS when set, else default_threads(). (DataLoader workers
+    run one thread each.)"""
+    threads = config.get('num_threads')
     if threads is None and os.environ.get('OMP_NUM_THREADS'):
         return torch.get_num_threads()
-    if threads is not None and threads < 1:
-        raise ConfigError(f'--num_threads: expected a positive integer, got {threads}')
     threads = threads or default_threads(config.get('num_workers', 4))
     torch.set_num_threads(threads)
     return threads
