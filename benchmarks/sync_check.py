@@ -21,7 +21,7 @@ if __name__ == '__main__' and not torch.cuda.is_available():  # before the slowe
     print(json.dumps({'sync_check': 'skipped: no CUDA device'}))
     sys.exit(0)
 import engine  # noqa: E402
-from models.checkpoint import TrainState  # noqa: E402
+from engine.checkpointing import TrainState  # noqa: E402
 import Pretrain  # noqa: E402
 import train_step as bench  # noqa: E402
 

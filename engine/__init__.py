@@ -6,13 +6,14 @@ loaders (`run.train_loader`, `run.eval_loader`) and model, `prepare`s it (optimi
     options.py     the shared flags and how they override the config (the effective config)
     run.py         process and device setup: `setup(args, task) -> Run` (task: its record in tasks.py)
     build.py       tokenizer, text-encoder weights, `prepare` (optimizer + schedule, checkpoint, wrapping)
+    checkpointing.py  saving checkpoints, keep-N, --resume (exact: position, meters, RNG states)
     loop.py        `fit` (the epochs) and `train_one_epoch` (the steps), the epoch log
     signals.py     SIGINT / SIGTERM acted on between steps, on every rank at once
     evaluation.py  evaluation helpers the fine-tuning scripts share
     launch.py      the entry point: one-line errors, exit statuses
 
 Config loading and validation live in configuration.py, samplers and loaders in
-dataset/loaders.py, checkpoints (load, convert, save, resume) in models/checkpoint.py, the
+dataset/loaders.py, reading, converting and loading checkpoints in models/checkpoint.py, the
 warm-up + cosine schedule in scheduler/.
 
 A script is started in any of these ways, with the same code path:

@@ -1,7 +1,7 @@
 """What a script builds on its Run: the tokenizer, the text encoder's initial weights, and
 `prepare(run, model)`: the model on its device with its optimizer and schedule, started from
---checkpoint or resumed (--resume), and wrapped for training (DistributedDataParallel, gradient
-checkpointing, regional torch.compile)."""
+--checkpoint or resumed (--resume: engine/checkpointing.py), and wrapped for training
+(DistributedDataParallel, gradient checkpointing, regional torch.compile)."""
 import json
 from dataclasses import dataclass
 
@@ -10,12 +10,13 @@ import torch.distributed as dist
 
 import utils
 from configuration import ConfigError
-from models.checkpoint import Checkpointer, TrainState, load_checkpoint
+from models.checkpoint import load_checkpoint
 from models.fetch import resolve_checkpoint  # a released name: its download
-from models.freeze import FREEZE_KEYS, freeze_towers, parameter_counts
+from models.freeze import freeze_towers, parameter_counts
 from models.tokenization_bert import BertTokenizer
 from optim import create_optimizer
 from scheduler import create_scheduler
+from .checkpointing import Checkpointer, TrainState, resume
 
 
 def build_tokenizer(config):
@@ -78,10 +79,9 @@ def prepare(run, model, find_unused_parameters=False, **load_kwargs):
     freeze(model, run.config)
     optimizer, lr_scheduler = build_optimization(run.config, model)
     checkpointer = Checkpointer(run.output_dir, model, optimizer, lr_scheduler, run.config, scaler=run.scaler,
-                                rank=run.rank, world_size=run.world_size, before_write=run.write_config)
+                                rank=run.rank, world_size=run.world_size, before_write=run.start_output)
     state = TrainState()
     if run.args.resume:
-        check_same_frozen(checkpointer, run.config)
         state = resume(run, checkpointer, model)
     elif run.args.checkpoint:
         trust = bool(getattr(run.args, 'trust_checkpoint', None) or run.config.get('trust_checkpoint'))
@@ -100,55 +100,6 @@ def freeze(model, config):
         raise ConfigError(str(error)) from None
     trained, total = parameter_counts(model)
     print(f'trained parameters: {trained:,} of {total:,}' + (f' ({frozen} frozen)' if frozen else ''), flush=True)
-
-
-def check_same_frozen(checkpointer, config):
-    """--resume trains what the run it continues trained: its optimizer state holds exactly those
-    parameters, so a different freeze_vision / freeze_text is an error, not a silent mismatch."""
-    found = checkpointer.newest()
-    if found is None:
-        return  # resume() reports it
-    then, now = _frozen_setting(found[1].get('config') or {}), _frozen_setting(config)
-    if then != now:
-        raise ConfigError(f'--resume: {found[0]} was trained with {then}, this run has {now}; resume with the same '
-                          f'setting (its optimizer state holds only the parameters trained then)')
-
-
-def _frozen_setting(config):
-    """'freeze_vision: true, freeze_text: 2' (absent, null and 0 read as false; true is not 1)."""
-    return ', '.join(f'{key}: {str(config.get(key) or False).lower()}' for key in FREEZE_KEYS)
-
-
-# the config keys that set the model's shapes, named when a --resume checkpoint does not fit
-SHAPE_KEYS = ('image_res', 'patch_size', 'vision_width', 'vision_depth', 'vision_num_heads', 'embed_dim',
-              'queue_size', 'bert_config')
-
-
-def resume(run, checkpointer, model):
-    """checkpointer.resume(); a checkpoint whose weights do not fit the config's model ends in one
-    line naming the checkpoint, the config and the first differing keys (not torch's list of every
-    missing and unexpected tensor)."""
-    try:
-        return checkpointer.resume()
-    except RuntimeError as error:
-        if 'Error(s) in loading state_dict' not in str(error):
-            raise
-    path, ckpt = checkpointer.newest()
-    own, theirs = model.state_dict(), ckpt['model']
-    differing = [k for k in sorted(own.keys() ^ theirs.keys(), key=_natural)] + \
-                [k for k in own if k in theirs and own[k].shape != theirs[k].shape]
-    stored = ckpt.get('config') if isinstance(ckpt.get('config'), dict) else {}
-    keys = [f'{k}: {stored[k]!r} in the checkpoint, {run.config.get(k)!r} in the config' for k in SHAPE_KEYS
-            if k in stored and stored[k] != run.config.get(k)]
-    found = '; '.join(keys) if keys else 'first differing tensors: ' + ', '.join(differing[:3])
-    raise ConfigError(f'--resume: {path} holds another model than {run.args.config} describes ({found}); '
-                      f'resume with the config of that run ({run.path("config.yaml")}), or start a new '
-                      f'--output_dir') from None
-
-
-def _natural(key):
-    """Sort key: numbered layers in numeric order (blocks.3 before blocks.10)."""
-    return [(0, int(part), '') if part.isdigit() else (1, 0, part) for part in key.split('.')]
 
 
 def wrap_model(model, run, find_unused_parameters=False):

@@ -9,7 +9,8 @@ import dataset.loaders
 import tracking
 import utils
 from configuration import ConfigError
-from models.checkpoint import CheckpointError, DiskFullError
+from models.checkpoint import CheckpointError
+from .checkpointing import DiskFullError
 from .loop import NonFiniteLossError
 from .signals import SIGNALS, Interrupted
 

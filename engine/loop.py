@@ -216,7 +216,7 @@ def log_stats(run, stats):
             raise TypeError(f'log_stats: {key!r} must be a number, got {type(value).__name__} {value!r}')
         numbers[key] = number
     if run.is_main:
-        run.write_config()
+        run.start_output()
         with open(run.path('log.txt'), 'a') as f:
             f.write(json.dumps(numbers) + '\n')
         if run.writer is not None:

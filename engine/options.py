@@ -13,6 +13,12 @@ from configuration import ConfigError
 
 AMP_MODES = ('bf16', 'fp16', 'off')
 POSITIVE_INT_KEYS = ('keep_checkpoints', 'num_threads')
+# The flags that are also config keys of the same name (each in tasks.COMMON_KEYS, with its check):
+# the effective config holds the flag, else the key. They are the flags of the parser's groups
+# titled ALSO_A_KEY (tests/test_config_values.py checks that the three agree).
+ALSO_A_KEY = '(each also a config key of the same name)'
+SPEED_FLAGS = ('amp', 'grad_checkpointing', 'accum_steps', 'compile', 'eval_amp', 'num_threads')
+TRAINING_FLAGS = ('freeze_vision', 'freeze_text', 'grad_clip_norm')
 
 
 def get_args_parser(config, output_dir):
@@ -42,7 +48,7 @@ def get_args_parser(config, output_dir):
                         help="where rank 0 also sends the step and epoch scalars: a comma-separated list of "
                              "tensorboard (output_dir/tensorboard/) and wandb, or none (default: the config's "
                              "log_to, else tensorboard)")
-    speed = parser.add_argument_group('speed and memory (each also a config key of the same name)')
+    speed = parser.add_argument_group(f'speed and memory {ALSO_A_KEY}')
     speed.add_argument('--amp', choices=AMP_MODES, default=None,
                        help='mixed precision for training (default: bf16 on GPUs that support it, else off)')
     speed.add_argument('--grad_checkpointing', default=None, action=argparse.BooleanOptionalAction,
@@ -52,12 +58,12 @@ def get_args_parser(config, output_dir):
     speed.add_argument('--compile', default=None, action=argparse.BooleanOptionalAction,
                        help='torch.compile each ViT block and BERT layer (regional compilation); falls '
                             'back to eager mode if the compiler fails')
-    speed.add_argument('--eval_amp', action='store_true', default=None,
+    speed.add_argument('--eval_amp', default=None, action=argparse.BooleanOptionalAction,
                        help='evaluate under the training --amp precision (default: float32)')
     speed.add_argument('--num_threads', type=int, default=None,
                        help='intra-op CPU threads of each process (default: the cores this process may use, '
                             'shared among the processes of the node, less one per loader worker)')
-    training = parser.add_argument_group('what is trained (each also a config key of the same name)')
+    training = parser.add_argument_group(f'what is trained {ALSO_A_KEY}')
     training.add_argument('--freeze_vision', nargs='?', const=True, type=int, default=None, metavar='N',
                           help='freeze the image encoder: all of it, or with N its patch embedding and lowest N '
                                'blocks (0: nothing); its momentum copy stays equal to it')
@@ -101,14 +107,15 @@ def effective_config(args, config, device):
     for key in POSITIVE_INT_KEYS:
         value = config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f'{args.config}: {key}: expected a positive integer, got {value!r}')
+            where = f'--{key}' if getattr(args, key, None) is not None else f'{args.config}: {key}'
+            raise ConfigError(f'{where}: expected a positive integer, got {value!r}')
     return config, log_to_option(args, config)
 
 
 def speed_options(args, config, device):
-    """Resolve amp / accum_steps / grad_checkpointing / compile / eval_amp in `config`: the flag,
-    else the config key, else the default."""
-    for key in ('amp', 'accum_steps', 'grad_checkpointing', 'compile', 'eval_amp'):
+    """Resolve the SPEED_FLAGS in `config`: the flag, else the config key, else the default (for
+    num_threads: engine.run.set_threads)."""
+    for key in SPEED_FLAGS:
         if getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
     if config.get('amp') is None:
@@ -131,7 +138,7 @@ def training_options(args, config):
     """Resolve freeze_vision / freeze_text / grad_clip_norm in `config` (the flag, else the config
     key; absent: nothing frozen, no clipping) and check their types. Whether a number of blocks fits
     the model is checked when the model is built (models/freeze.py)."""
-    for key in ('freeze_vision', 'freeze_text', 'grad_clip_norm'):
+    for key in TRAINING_FLAGS:
         flag = getattr(args, key, None)
         if flag is not None:
             config[key] = flag

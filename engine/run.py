@@ -36,8 +36,8 @@ class Run:
     accum_steps: int = 1
     scaler: object = None
     writer: object = None  # tracking.ScalarWriter (TensorBoard / W&B), rank 0 only
-    replaces: list = field(default_factory=list)  # --overwrite: the earlier run's files, removed at the first write
-    _config_written: bool = False
+    replaces: list = field(default_factory=list)  # --overwrite: the earlier run's files (see start_output)
+    _output_started: bool = False
 
     @property
     def distributed(self):
@@ -79,21 +79,26 @@ class Run:
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
-    def write_config(self):
-        """The effective config goes to output_dir/config.yaml with the first file the run writes,
-        so a run that fails on bad input leaves an existing output_dir untouched."""
-        if self._config_written or not self.is_main:
+    def start_output(self):
+        """Called before every file the run writes (a checkpoint, the epoch log); the first call on
+        rank 0 removes the earlier run's files that --overwrite replaces (`remove_replaced`, which
+        names them) and writes the effective config (`write_config`). Nothing is removed or written
+        before that, so a run that fails on bad input leaves an existing output_dir untouched."""
+        if self._output_started or not self.is_main:
             return
+        remove_replaced(self.output_dir, self.replaces)
+        self.write_config()
+        self._output_started = True
+
+    def write_config(self):
+        """Write the effective config to output_dir/config.yaml (--evaluate beside a training
+        run's: config_evaluate.yaml)."""
         os.makedirs(self.output_dir, exist_ok=True)
-        for name in self.replaces:  # announced at start-up by check_output_dir
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path(name))
         name = 'config.yaml'
         if self.evaluating and os.path.exists(self.path(name)):
             name = 'config_evaluate.yaml'  # beside the training run's, which stays as it was
         with open(self.path(name), 'w') as f:
             YAML(typ='safe').dump(self.config, f)
-        self._config_written = True
 
     def tokenize(self, texts, padding='longest', **kwargs):
         """The tokenizer's tensors for `texts`, on the run's device (kwargs: max_length, truncation)."""
@@ -162,13 +167,27 @@ def setup(args, task):
     return run
 
 
+# ---- --overwrite ---------------------------------------------------------------------------------
 def check_output_dir(args):
-    """configuration.check_output_dir, saying what --overwrite replaces."""
+    """configuration.check_output_dir (refuses an output_dir with checkpoints unless --resume,
+    --overwrite or --evaluate), saying what --overwrite replaces; returns those file names."""
     replaced = configuration.check_output_dir(args)
     if replaced:
         print(f"--overwrite: this run replaces {', '.join(replaced)} in {args.output_dir} "
               f"(removed when it writes its first file)")
     return replaced
+
+
+def remove_replaced(output_dir, names):
+    """--overwrite: remove the earlier run's files that `check_output_dir` named, and say which."""
+    removed = []
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(output_dir, name))
+            removed.append(name)
+    if removed:
+        print(f"--overwrite: removed {', '.join(removed)} from {output_dir}", flush=True)
+    return removed
 
 
 def default_threads(num_workers, cores=None, local_processes=None, load=None):
@@ -189,13 +208,12 @@ def default_threads(num_workers, cores=None, local_processes=None, load=None):
 
 
 def set_threads(args, config):
-    """--num_threads, else the config's num_threads, else OMP_NUM_THREADS when set, else
-    default_threads(). (DataLoader workers run one thread each.)"""
-    threads = getattr(args, 'num_threads', None) or config.get('num_threads')
+    """The effective config's num_threads (--num_threads, else the key: checked by
+    effective_config), else OMP_NUM_THREADS when set, else default_threads(). (DataLoader workers
+    run one thread each.)"""
+    threads = config.get('num_threads')
     if threads is None and os.environ.get('OMP_NUM_THREADS'):
         return torch.get_num_threads()
-    if threads is not None and threads < 1:
-        raise ConfigError(f'--num_threads: expected a positive integer, got {threads}')
     threads = threads or default_threads(config.get('num_workers', 4))
     torch.set_num_threads(threads)
     return threads

@@ -21,8 +21,9 @@ import models
 import Pretrain
 from configuration import ConfigError, load_yaml
 from conftest import ROOT, TINY_CONFIG, _relocate
+from engine.checkpointing import Checkpointer, TrainState
 from models import api, gradcam
-from models.checkpoint import Checkpointer, CheckpointError, TrainState, read_checkpoint, strip_for_release
+from models.checkpoint import CheckpointError, read_checkpoint, strip_for_release
 from models.export import main as export_main
 
 CAPTIONS = ['the red circle', 'a small blue square on the left', 'two green triangles']

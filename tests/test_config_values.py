@@ -149,6 +149,33 @@ def test_eval_amp_is_a_flag_and_a_config_key(tmp_path):
     assert effective_config(parse(['--eval_amp']), {**loaded, 'eval_amp': False}, cpu)[0]['eval_amp'] is True
 
 
+def test_the_flags_said_to_be_config_keys_are_config_keys(tmp_path):
+    """Every flag of the groups whose title says it is also a config key: a config may set it (a key
+    of tasks.COMMON_KEYS), and the flag wins over the key in the effective config."""
+    import torch
+
+    import tasks
+    from engine.options import ALSO_A_KEY, SPEED_FLAGS, TRAINING_FLAGS, effective_config, get_args_parser
+    parser = get_args_parser('c.yaml', 'out')
+    flags = {action.dest: action.option_strings[0] for group in parser._action_groups
+             if (group.title or '').endswith(ALSO_A_KEY) for action in group._group_actions}
+    assert set(flags) == set(SPEED_FLAGS + TRAINING_FLAGS)
+    assert set(flags) <= set(tasks.COMMON_KEYS)
+    in_config = {'amp': 'off', 'grad_checkpointing': False, 'accum_steps': 1, 'compile': False, 'eval_amp': True,
+                 'num_threads': 1, 'freeze_vision': False, 'freeze_text': False, 'grad_clip_norm': 2.0}
+    by_flag = {'amp': 'bf16', 'grad_checkpointing': True, 'accum_steps': 3, 'compile': True, 'eval_amp': False,
+               'num_threads': 2, 'freeze_vision': 1, 'freeze_text': 2, 'grad_clip_norm': 0.5}
+    argv = ['--config', 'c.yaml', '--no-eval_amp']
+    for key, value in by_flag.items():
+        if not isinstance(value, bool):
+            argv += [flags[key], str(value)]
+        elif value:
+            argv.append(flags[key])
+    assert set(in_config) == set(by_flag) == set(flags)
+    config = effective_config(parser.parse_args(argv), in_config, torch.device('cpu'))[0]
+    assert {key: config[key] for key in flags} == by_flag
+
+
 def test_a_null_image_path_is_a_data_error(tmp_path):
     import json
 

@@ -25,7 +25,7 @@ from conftest import ROOT
 from dataset import check
 from dataset.base import DataError, ImageError, load_rgb
 from dataset.loaders import check_batch_count
-from models.checkpoint import Checkpointer, DiskFullError, atomic_save
+from engine.checkpointing import Checkpointer, DiskFullError, atomic_save
 from test_bad_input import fail, write_config
 
 
@@ -74,10 +74,20 @@ def test_rerun_into_output_dir_with_checkpoints_is_refused(demo_config, tmp_path
 def test_overwrite_says_what_it_replaces_and_starts_again(demo_config, tmp_path, earlier_run, capsys):
     config = write_config(demo_config, tmp_path, schedular={'epochs': 1})
     assert run_pretrain(['--config', config, '--output_dir', earlier_run, '--overwrite']) == 0
+    out = capsys.readouterr().out
     assert (f'--overwrite: this run replaces checkpoint_00.pth, checkpoint_05.pth, log.txt, config.yaml in '
-            f'{earlier_run} (removed when it writes its first file)') in capsys.readouterr().out
+            f'{earlier_run} (removed when it writes its first file)') in out
+    assert (f'--overwrite: removed checkpoint_00.pth, checkpoint_05.pth, log.txt, config.yaml from {earlier_run}'
+            in out)
     assert sorted(os.listdir(earlier_run)) == ['checkpoint_00.pth', 'config.yaml', 'log.txt', 'tensorboard']
     assert [json.loads(line)['epoch'] for line in open(earlier_run / 'log.txt')] == [0]  # this run's only
+
+
+def test_overwrite_with_bad_input_leaves_the_earlier_run(demo_config, demo_world, tmp_path, earlier_run, capsys):
+    """The data is found too small after start-up (the loader): nothing of the earlier run is removed yet."""
+    ann = annotations(tmp_path, items_of(demo_world, 5))
+    config = write_config(demo_config, tmp_path, train_file=[ann])
+    assert fail(['--config', config, '--overwrite'], earlier_run, capsys).startswith('5 training items in ')
 
 
 def test_evaluate_and_resume_may_use_an_output_dir_with_checkpoints(earlier_run):

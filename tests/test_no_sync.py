@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import engine
 from benchmarks.sync_check import Batches
-from models.checkpoint import TrainState
+from engine.checkpointing import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 aten = torch.ops.aten

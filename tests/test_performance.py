@@ -12,7 +12,7 @@ import torch
 import engine
 import engine.build
 import engine.options
-from models.checkpoint import TrainState
+from engine.checkpointing import TrainState
 from models.losses import sample_negatives
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

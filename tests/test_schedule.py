@@ -7,7 +7,7 @@ import torch
 
 import configuration
 import engine
-from models.checkpoint import Checkpointer, TrainState
+from engine.checkpointing import Checkpointer, TrainState
 from optim import create_optimizer
 from scheduler import create_scheduler
 
