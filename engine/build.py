@@ -239,9 +239,12 @@ def compile_model(wrapped, model, **compile_kwargs):
 def make_optimizer_step(optimizer, run, **compile_kwargs):
     """The optimizer step of one accumulated batch: clip the gradients to grad_clip_norm (if set),
     step, update the loss scale. Eager by default (through run.scaler). Under --compile step the
-    clipping and the optimizer step are compiled as one graph, with every group's lr a 0-d tensor
-    (the schedule fills it in place: no recompilation as it changes); `compile_kwargs` default to
-    step_compile_options(run.device)."""
+    clipping and the optimizer step are compiled together, with every group's lr a 0-d tensor (the
+    schedule fills it in place: no recompilation as it changes). On CUDA AdamW then runs as
+    foreach with capturable=True (the form torch's compiler fuses into one graph and CUDA graphs
+    can capture); elsewhere the fused kernel stays, traced once per parameter group (torch allows
+    a tensor lr with foreach only when capturable, and capturable only on accelerators).
+    `compile_kwargs` default to step_compile_options(run.device)."""
     clip_norm = run.config.get('grad_clip_norm')  # None: off, as the original
     trained = [p for group in optimizer.param_groups for p in group['params']]
     scaler = run.scaler
@@ -258,6 +261,11 @@ def make_optimizer_step(optimizer, run, **compile_kwargs):
     for group in optimizer.param_groups:  # (a resumed checkpoint may hold either kind)
         lr = float(group['lr'])
         group['lr'] = torch.tensor(lr, dtype=torch.float32, device=device) if compiled else lr
+        if compiled and device.type == 'cuda':  # what the compiler fuses into one graph (CUDA graphs too)
+            group.update(fused=False, foreach=True, capturable=True)
+            for p in group['params']:  # capturable keeps the step count on the device
+                if 'step' in optimizer.state.get(p, {}):
+                    optimizer.state[p]['step'] = optimizer.state[p]['step'].to(device, torch.float32)
     if not compiled:
         return eager_step
 

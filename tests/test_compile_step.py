@@ -103,3 +103,25 @@ def test_compile_modes_from_the_flag_and_the_config():
 def test_compile_settings_that_cannot_work_are_refused(config, message):
     with pytest.raises(engine.ConfigError, match=message):
         engine.options.speed_options(argparse.Namespace(), config, torch.device('cpu'))
+
+
+def test_a_compiler_error_turns_every_compiled_layer_back_to_eager(make_model, capsys):
+    """The fallback of regional compilation: after the compiler's first error every region runs
+    eagerly (torch's public 'force_eager' stance), not only the one the fallback called."""
+    model = make_model('retrieval').eval()
+    blocks = model.visual_encoder.blocks
+    x = torch.randn(2, 17, 48)
+    expected = [block(x) for block in blocks]
+
+    def no_compiler(graph, inputs):
+        raise RuntimeError('no working C++ compiler')
+    torch._dynamo.reset()
+    try:
+        regions = engine.build.compile_regions(model, backend=no_compiler)
+        first = engine.build.CompileFallback(blocks[0], blocks[0], regions)
+        out = [first(x), blocks[1](x)]  # the second block is called directly: it must not compile either
+    finally:
+        torch.compiler.set_stance('default')
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, expected)
+    assert first.failed and capsys.readouterr().out.count('torch.compile failed (BackendCompilerFailed') == 1
