@@ -142,7 +142,7 @@ def compile_mode(value):
     if value is True:
         return 'layers'
     if value not in COMPILE_MODES:
-        raise ConfigError(f"compile: expected true, false, layers or step, got {value!r}")
+        raise ConfigError(f"compile: expected true (= layers), false, layers or step, got {value!r}")
     return value
 
 
