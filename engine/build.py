@@ -318,3 +318,9 @@ class CompileFallback:
 
     def __getattr__(self, name):  # train(), eval(), no_sync(), module, ...
         return getattr(self.eager, name)
+
+    def __setattr__(self, name, value):  # momentum_paused (the loop sets it) goes to the model
+        if name in ('compiled', 'eager', 'regions', 'failed'):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.eager, name, value)
