@@ -106,7 +106,8 @@ COMMON_KEYS: dict[str, Check] = {
     'eval_amp': BOOL,
     'accum_steps': POSITIVE,
     'grad_checkpointing': BOOL,
-    'compile': BOOL,
+    'compile': Check('true (= layers), false, layers or step',
+                     lambda v: v is None or isinstance(v, bool) or v in ('layers', 'step')),
     'log_to': optional(Check('a comma-separated string or a list of tensorboard, wandb or none',
                              lambda v: isinstance(v, str) or v is False
                              or (isinstance(v, list) and all(isinstance(n, str) for n in v)))),

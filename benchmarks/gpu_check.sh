@@ -15,6 +15,8 @@
 # 5. the real loader (JSON path: JPEG decode, crop, RandomAugment) at 14 workers, against the step
 # 6. peak memory of the default path at batch 64 and 128, with and without --grad_checkpointing
 # 7. retrieval re-ranking (benchmarks/retrieval_eval.py) at MSCOCO 5k base size, bf16 and fp32
+# 8. last, in the time left: the step compiled whole (--compile step: forward and backward, optimizer
+#    step with a tensor lr, CUDA graphs), train_step.py's compile_step path
 #
 # The whole check stops after 8 minutes (GPU_CHECK_BUDGET seconds, 480): each part has its own
 # time limit, cut to what is left; parts that no longer fit are recorded as 'cut'. A part that
@@ -110,6 +112,9 @@ if [ "$DRY" = 0 ]; then  # (the dry run keeps one memory part and one precision:
 fi
 part mem_b1_ckpt "$MEMLIMIT" "$PY" $STEP default --batch "$B1" --steps 1 --warmup 1 --grad_checkpointing
 part rerank_fp32 "$RETLIMIT" "$PY" benchmarks/retrieval_eval.py $RET_ARGS --dtype fp32
+if [ "$DRY" = 0 ]; then  # last: it gets what the budget has left, and is recorded as cut otherwise
+  part step_compile_step "$COMPILELIMIT" "$PY" $STEP compile_step --batch "$B1" --steps "$STEPS" --warmup "$WARM" --flops
+fi
 
 DRY=$DRY TMP=$TMP OUT=$OUT "$PY" - <<'PYEOF'
 import json, os
@@ -132,7 +137,7 @@ peak = float(os.environ.get('GPU_PEAK_TFLOPS') or 0) or peaks[0]
 peak_tf32 = peaks[1] if peak == peaks[0] else None
 status = {}
 for name in ('step_default', 'step_plain', 'profile', 'sync', 'loader', 'step_compile', 'mem_b1', 'mem_b2',
-             'mem_b1_ckpt', 'mem_b2_ckpt', 'rerank_bf16', 'rerank_fp32'):
+             'mem_b1_ckpt', 'mem_b2_ckpt', 'rerank_bf16', 'rerank_fp32', 'step_compile_step'):
     rc = read(f'{name}.rc').strip()
     if not rc:
         status[name] = 'not run (dry run)'
@@ -141,7 +146,8 @@ for name in ('step_default', 'step_plain', 'profile', 'sync', 'loader', 'step_co
                                            if rc == 'cut' else f'failed (exit {rc}): '
                                            + (read(f'{name}.err').strip().splitlines() or [''])[-1])
 step = []
-for r in rows('step_default.out') + rows('step_compile.out') + rows('step_plain.out'):
+for r in (rows('step_default.out') + rows('step_compile.out') + rows('step_compile_step.out')
+          + rows('step_plain.out')):
     r['pairs_per_s'] = r.pop('samples_per_s')
     fp32 = r['path'] == 'plain' or r['amp'] == 'off'
     r['peak_tflops'] = peak_tf32 if fp32 else peak  # the plain path runs float32 on TF32 tensor cores

@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --size base --amp bf16            # GPU: ViT-B/16 at 256 px, batch 64
     python benchmarks/train_step.py --size small --paths default      # one path only
     python benchmarks/train_step.py --size base --amp bf16 --paths default,compile --grad_checkpointing
+    python benchmarks/train_step.py --size base --amp bf16 --paths default,compile_step
 
 Both paths build the same pre-training model from the same seed and compute the same losses (a
 test holds them to float32 tolerance). They differ only in how:
@@ -14,6 +15,9 @@ test holds them to float32 tolerance). They differ only in how:
             host, a for-loop AdamW, float32
   compile   the default path with every ViT block and BERT layer torch.compile'd in place
             (engine.build.compile_regions, as --compile does); the first steps include compiling
+  compile_step  the default path compiled as --compile step does: the whole model's forward and
+            backward (engine.build.compile_model), and the optimizer step with a tensor lr
+            (engine.build.make_optimizer_step); CUDA graphs on CUDA
   default   this repository: scaled_dot_product_attention, the MLM head on the masked tokens
             only, one batched multinomial per direction, ITM in one fusion pass that projects
             each image's cross-attention keys and values once, BERT's linear layers on the real
@@ -193,7 +197,24 @@ def build(path, config, device, seed=0, grad_checkpointing=False):
     if path == 'plain':
         for group in optimizer.param_groups:
             group['foreach'] = False
+    if path == 'compile_step':
+        import engine.build
+        model = engine.build.compile_model(model, model, **engine.build.step_compile_options(device))
+        optimizer = CompiledOptimizer(optimizer, device)
     return model, optimizer
+
+
+class CompiledOptimizer:
+    """The optimizer as --compile step steps it: engine.build.make_optimizer_step (lr a tensor)."""
+
+    def __init__(self, optimizer, device):
+        import types
+        import engine.build
+        run = types.SimpleNamespace(config={'compile': 'step'}, scaler=None, device=device)
+        self.optimizer, self.step = optimizer, engine.build.make_optimizer_step(optimizer, run)
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
 def step(model, optimizer, image, text, amp, device):
@@ -209,10 +230,11 @@ def step(model, optimizer, image, text, amp, device):
 
 def count_flops(path, config, image, text, amp, device):
     """FLOPs of one step of `path` for exactly these inputs (torch.utils.flop_counter, forward +
-    backward), counted on an eager model; `compile` pads every token (no token packing)."""
+    backward), counted on an eager model; `compile` and `compile_step` pad every token (no token
+    packing)."""
     from torch.utils.flop_counter import FlopCounterMode
     model, optimizer = build('plain' if path == 'plain' else 'default', config, device)
-    if path == 'compile':
+    if path in ('compile', 'compile_step'):
         for module in model.modules():
             if isinstance(module, BertModel):
                 module.pack_tokens = False

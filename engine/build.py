@@ -47,8 +47,8 @@ def bert_weights(config):
 
 
 def text_padding(run):
-    """'longest' (the least padding), or under --compile 'max_length', so the BERT layers see one
-    text shape every step (pass truncation=True and the task's max_length with it)."""
+    """'longest' (the least padding), or under --compile (layers or step) 'max_length', so the BERT
+    layers see one text shape every step (pass truncation=True and the task's max_length with it)."""
     return 'max_length' if run.config.get('compile') else 'longest'
 
 
@@ -68,6 +68,7 @@ class Training:
     lr_scheduler: object
     checkpointer: Checkpointer
     state: TrainState
+    optimizer_step: object = None  # make_optimizer_step(optimizer, run); None: built by the loop
 
 
 def prepare(run, model, find_unused_parameters=False, **load_kwargs):
@@ -88,7 +89,8 @@ def prepare(run, model, find_unused_parameters=False, **load_kwargs):
         load_kwargs.setdefault('allow_new_heads', not run.evaluating)
         load_checkpoint(model, resolve_checkpoint(run.args.checkpoint), trust=trust, **load_kwargs)
     wrapped, module = wrap_model(model, run, find_unused_parameters)
-    return Training(wrapped, module, optimizer, lr_scheduler, checkpointer, state)
+    optimizer_step = make_optimizer_step(optimizer, run)
+    return Training(wrapped, module, optimizer, lr_scheduler, checkpointer, state, optimizer_step)
 
 
 def freeze(model, config):
@@ -128,7 +130,9 @@ def wrap_model(model, run, find_unused_parameters=False):
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=None, find_unused_parameters=find_unused_parameters, broadcast_buffers=False,
             gradient_as_bucket_view=True, static_graph=run.accum_steps == 1)
-    if run.config.get('compile'):
+    if run.config.get('compile') == 'step':
+        wrapped = CompileFallback(compile_model(wrapped, model, **step_compile_options(run.device)), wrapped)
+    elif run.config.get('compile'):
         regions = compile_regions(model)
         wrapped = CompileFallback(wrapped, wrapped, regions)
     return wrapped, model
@@ -158,6 +162,73 @@ def compile_regions(model, **compile_kwargs):
     return regions
 
 
+def step_compile_options(device):
+    """torch.compile's options under --compile step: CUDA graphs (mode 'reduce-overhead') on CUDA;
+    on any other device the default mode, and a line saying CUDA graphs are not used."""
+    if device.type == 'cuda':
+        return {'mode': 'reduce-overhead'}
+    print(f'compile step: CUDA graphs (reduce-overhead) are not used on {device.type}', flush=True)
+    return {}
+
+
+def compile_model(wrapped, model, **compile_kwargs):
+    """Whole-model compilation (--compile step): torch.compile(wrapped), the model as the step calls
+    it (DistributedDataParallel included, whose buckets then split the graphs), returned as a new
+    callable: `model` and its state_dict keys are unchanged. Its backward is compiled with it
+    (AOTAutograd's joint graph of each forward graph). For one shape every step, token packing is
+    turned off and the masked-token index of pre-training gets a fixed length (mlm_positions
+    'bound'); the host work (the MLM masks on the CPU generator, the index) stays out of the graphs.
+    """
+    for module in model.modules():
+        if hasattr(module, 'pack_tokens'):
+            module.pack_tokens = False
+    if hasattr(model, 'mlm_positions'):
+        model.mlm_positions = 'bound'
+    return torch.compile(wrapped, **compile_kwargs)
+
+
+def make_optimizer_step(optimizer, run, **compile_kwargs):
+    """The optimizer step of one accumulated batch: clip the gradients to grad_clip_norm (if set),
+    step, update the loss scale. Eager by default (through run.scaler). Under --compile step the
+    clipping and the optimizer step are compiled together, with every group's lr a 0-d tensor (the
+    schedule fills it in place: no recompilation as it changes). On CUDA AdamW then runs as
+    foreach with capturable=True (the form torch's compiler fuses into one graph and CUDA graphs
+    can capture); elsewhere the fused kernel stays, traced once per parameter group (torch allows
+    a tensor lr with foreach only when capturable, and capturable only on accelerators).
+    `compile_kwargs` default to step_compile_options(run.device)."""
+    clip_norm = run.config.get('grad_clip_norm')  # None: off, as the original
+    trained = [p for group in optimizer.param_groups for p in group['params']]
+    scaler = run.scaler
+
+    def eager_step():
+        if clip_norm:  # the total norm over the trained parameters, of the true (unscaled) gradients
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trained, clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+
+    compiled = run.config.get('compile') == 'step'
+    device = trained[0].device if trained else torch.device('cpu')
+    for group in optimizer.param_groups:  # (a resumed checkpoint may hold either kind)
+        lr = float(group['lr'])
+        group['lr'] = torch.tensor(lr, dtype=torch.float32, device=device) if compiled else lr
+        if compiled and device.type == 'cuda':  # what the compiler fuses into one graph (CUDA graphs too)
+            group.update(fused=False, foreach=True, capturable=True)
+            for p in group['params']:  # capturable keeps the step count on the device
+                if 'step' in optimizer.state.get(p, {}):
+                    optimizer.state[p]['step'] = optimizer.state[p]['step'].to(device, torch.float32)
+    if not compiled:
+        return eager_step
+
+    def step():  # (no GradScaler: options.speed_options refuses fp16 under --compile step)
+        if clip_norm:
+            torch.nn.utils.clip_grad_norm_(trained, clip_norm)
+        optimizer.step()
+
+    options = compile_kwargs or step_compile_options(run.device)
+    return CompileFallback(torch.compile(step, **options), step)
+
+
 def compiler_errors():
     """The exception classes torch.compile raises when it cannot compile (dynamo tracing, the
     backend, inductor lowering, a missing or failing C++/CUDA compiler)."""
@@ -176,7 +247,9 @@ class CompileFallback:
     naming the error; every other exception (a bad batch, running out of memory, a bug) passes
     through unchanged. The step that failed to compile runs again in eager mode (where the error
     came after the momentum update, that step moves the momentum encoders twice: once per run).
-    `regions` are the modules compiled in place (module.compile()); falling back un-compiles them.
+    `regions` are the modules compiled in place (module.compile()). Falling back sets torch's
+    public compiler stance to 'force_eager' for the process (every compiled function then runs
+    eagerly): torch has no public way to undo module.compile() on one module.
     """
 
     def __init__(self, compiled, eager, regions=()):
@@ -188,11 +261,17 @@ class CompileFallback:
                 return self.compiled(*args, **kwargs)
             except compiler_errors() as error:
                 self.failed = True
-                for module in self.regions:
-                    module._compiled_call_impl = None  # back to the module's own forward
+                if self.regions:  # compiled in place: only the stance turns them off
+                    torch.compiler.set_stance('force_eager')
                 print(f'torch.compile failed ({type(error).__name__}: {utils.short_message(error)}); '
                       f'continuing in eager mode', flush=True)
         return self.eager(*args, **kwargs)
 
     def __getattr__(self, name):  # train(), eval(), no_sync(), module, ...
         return getattr(self.eager, name)
+
+    def __setattr__(self, name, value):  # momentum_paused (the loop sets it) goes to the model
+        if name in ('compiled', 'eager', 'regions', 'failed'):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.eager, name, value)

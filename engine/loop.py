@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 import tracking
 import utils
+from .build import make_optimizer_step
 from .signals import SIGNALS, stop
 
 
@@ -45,7 +46,7 @@ def _since(checkpointer):
 
 
 def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, train_step, checkpointer=None,
-                    alpha_ramp=True, digits=3):
+                    alpha_ramp=True, digits=3, optimizer_step=None):
     """One epoch: `train_step(model, batch, alpha)` returns a dict of named losses, which are
     summed, back-propagated and logged. Owns the alpha ramp of epoch 0, the non-finite-loss stop
     and mid-epoch checkpoints, and steps the schedule's warm-up (`lr_scheduler.step_iteration`).
@@ -72,8 +73,8 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
         return state.step
 
     accum = run.accum_steps
-    clip_norm = config.get('grad_clip_norm')  # None: off, as the original
-    trained = [p for group in optimizer.param_groups for p in group['params']]
+    # clipping (grad_clip_norm), the step and the loss scale; compiled under --compile step
+    optimizer_step = optimizer_step or make_optimizer_step(optimizer, run)
     bare_model = getattr(model, 'module', model)  # under DistributedDataParallel
     # the step line's numbers also go to TensorBoard / W&B, at the global step (the same after a resume)
     def to_writer(i, numbers):
@@ -100,14 +101,11 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
                 loss = sum(losses.values())
             run.scaler.scale(loss / accum if accum > 1 else loss).backward()
         if last_micro:
-            if clip_norm:  # the total norm over the trained parameters, of the true (unscaled) gradients
-                run.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trained, clip_norm)
-            run.scaler.step(optimizer)
-            run.scaler.update()
+            optimizer_step()
             optimizer.zero_grad(set_to_none=True)
         guard.update(loss, epoch, i)
-        logger.update(lr=optimizer.param_groups[0]['lr'], **{k: v.detach() for k, v in losses.items()})
+        lr = optimizer.param_groups[0]['lr']  # a tensor under --compile step, filled in place: copied
+        logger.update(lr=lr.clone() if torch.is_tensor(lr) else lr, **{k: v.detach() for k, v in losses.items()})
         lr_scheduler.step_iteration(epoch, i)
         state.step = i + 1
         if i % print_freq == 0:
@@ -160,7 +158,8 @@ def fit(run, training, loader, train_step, evaluate=None, best_key=None, evaluat
         if not evaluate_only:
             train_stats = train_one_epoch(training.model, loader, training.optimizer, training.lr_scheduler, epoch,
                                           run, state, lambda m, b, a: train_step(m, b, a, run), checkpointer,
-                                          alpha_ramp=alpha_ramp, digits=digits)
+                                          alpha_ramp=alpha_ramp, digits=digits,
+                                          optimizer_step=training.optimizer_step)
             stats.update({f'train_{k}': v for k, v in train_stats.items()})
         if evaluate is not None:
             with run.eval_precision():

@@ -12,6 +12,7 @@ import tracking
 from configuration import ConfigError
 
 AMP_MODES = ('bf16', 'fp16', 'off')
+COMPILE_MODES = ('layers', 'step')  # config key compile: also true (= layers) or false
 POSITIVE_INT_KEYS = ('keep_checkpoints', 'num_threads')
 # The flags that are also config keys of the same name (each in tasks.COMMON_KEYS, with its check):
 # the effective config holds the flag, else the key. They are the flags of the parser's groups
@@ -55,9 +56,13 @@ def get_args_parser(config, output_dir):
                        help='recompute the online encoders\' activations in the backward pass (less memory)')
     speed.add_argument('--accum_steps', type=int, default=None,
                        help='micro-batches per optimizer step (gradient accumulation; default 1)')
-    speed.add_argument('--compile', default=None, action=argparse.BooleanOptionalAction,
-                       help='torch.compile each ViT block and BERT layer (regional compilation); falls '
-                            'back to eager mode if the compiler fails')
+    speed.add_argument('--compile', nargs='?', const='layers', choices=COMPILE_MODES, default=None,
+                       help="torch.compile: 'layers' (the default of a bare --compile) compiles each ViT block "
+                            "and BERT layer; 'step' the whole model's forward and backward, and the "
+                            "optimizer step with a tensor lr (CUDA graphs on GPUs); falls back to eager mode "
+                            "if the compiler fails (default: eager)")
+    speed.add_argument('--no-compile', '--no_compile', dest='compile', action='store_const', const=False,
+                       help='eager mode, whatever the config says')
     speed.add_argument('--eval_amp', default=None, action=argparse.BooleanOptionalAction,
                        help='evaluate under the training --amp precision (default: float32)')
     speed.add_argument('--num_threads', type=int, default=None,
@@ -131,7 +136,21 @@ def speed_options(args, config, device):
             or config['accum_steps'] < 1:
         raise ConfigError(f"accum_steps: expected a positive integer, got {config['accum_steps']!r}")
     config.setdefault('grad_checkpointing', False)
-    config.setdefault('compile', False)
+    config['compile'] = compile_mode(config.get('compile'))
+    if config['compile'] == 'step' and config['amp'] == 'fp16':
+        raise ConfigError('compile step: --amp fp16 is not supported (its GradScaler skips optimizer steps on '
+                          'the host, outside the compiled step); use --amp bf16, --amp off or --compile layers')
+
+
+def compile_mode(value):
+    """The config key / flag `compile` as False, 'layers' or 'step' (true: 'layers', as before 'step')."""
+    if value is None or value is False:
+        return False
+    if value is True:
+        return 'layers'
+    if value not in COMPILE_MODES:
+        raise ConfigError(f"compile: expected true (= layers), false, layers or step, got {value!r}")
+    return value
 
 
 def training_options(args, config):

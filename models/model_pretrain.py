@@ -1,5 +1,7 @@
 """Pre-training: ITC and ITM (momentum distillation, hard negatives) and MLM
 (docs/DESIGN.md, "Pre-training objectives")."""
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -13,8 +15,9 @@ class ALBEF(ContrastiveALBEF):
     def __init__(self, text_encoder=None, tokenizer=None, config=None, init_deit=True):
         super().__init__(config, tokenizer, text_encoder, BertForMaskedLM, init_deit=init_deit)
         self.mlm_probability = config['mlm_probability']
-        # None, or a fixed length for the masked-token index (see masked_positions): for compiling
-        # the whole model; regional compilation (engine.build.compile_regions) leaves the MLM head eager
+        # the masked-token index's length (see masked_positions): None (exact), a number, or 'bound'
+        # (fixed by the batch's token count, masked_index_bound): for compiling the whole model
+        # (--compile step); regional compilation (engine.build.compile_regions) leaves the MLM head eager
         self.mlm_positions = None
 
     def forward(self, image, text, alpha=0):
@@ -32,7 +35,10 @@ class ALBEF(ContrastiveALBEF):
                                       targets=labels, probability_matrix=probability_matrix)
         # The loss reads only the masked positions (about 15%), so the MLM head, whose vocabulary
         # projection costs about three BERT-base layers per token, runs on those alone: same loss.
-        masked = to_device(masked_positions(labels, self.mlm_positions), image.device)
+        size = self.mlm_positions
+        if size == 'bound':
+            size = masked_index_bound(labels.numel(), self.mlm_probability)
+        masked = to_device(masked_positions(labels, size), image.device)
         input_ids = to_device(input_ids, image.device)
         labels = to_device(labels.flatten(), image.device).index_select(0, masked.clamp(min=0))
         labels = labels.masked_fill(masked < 0, -100)  # padding of a fixed-size index (see masked_positions)
@@ -55,6 +61,7 @@ class ALBEF(ContrastiveALBEF):
         """MLM logits (len(positions), vocab) at the given flat token positions of hidden (B, L, D)."""
         return text_encoder.cls(hidden.flatten(0, 1).index_select(0, positions.clamp(min=0)))
 
+    @torch.compiler.disable  # host work on the CPU generator (and the tokenizer): not traced when compiled
     def mask(self, input_ids, vocab_size, device, targets=None, masked_indices=None, probability_matrix=None):
         """BERT masking: of the chosen tokens 80% become [MASK], 10% a random token, 10% stay.
 
@@ -78,6 +85,15 @@ class ALBEF(ContrastiveALBEF):
         return (input_ids, targets) if targets is not None else input_ids
 
 
+def masked_index_bound(tokens, probability):
+    """A fixed length for the masked-token index of a batch of `tokens` tokens: the mean number of
+    masked tokens plus 8 standard deviations plus 8, which a batch exceeds with a probability below
+    about 1e-15 (then the index is exact for that step, one recompilation)."""
+    mean = tokens * probability
+    return min(tokens, math.ceil(mean + 8 * math.sqrt(mean * (1 - probability)) + 8))
+
+
+@torch.compiler.disable  # a data-dependent length on the host: not traced when compiled
 def masked_positions(labels, size=None):
     """Flat positions (on the CPU) of the tokens whose label is not -100, from the host's copy of
     the labels. With `size` (torch.compile: a shape that does not change from step to step) the

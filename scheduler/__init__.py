@@ -6,6 +6,7 @@ i // 100 after every 100th iteration (a linear warm-up over the first warmup_epo
 iterations); at the end of epoch e, `step_epoch(e)` steps it to e + warmup_epochs + 1, so epoch e
 runs at the cosine position e. The training loop calls these two and nothing else.
 """
+import torch
 from timm.scheduler import CosineLRScheduler
 
 WARMUP_STEP_SIZE = 100  # the warm-up advances the schedule every 100 iterations of epoch 0
@@ -23,6 +24,19 @@ class WarmupCosineLRScheduler(CosineLRScheduler):
     def step_epoch(self, epoch):
         """At the end of `epoch`: the position the next epoch trains at."""
         self.step(epoch + self.warmup_t + 1)
+
+    def update_groups(self, values):
+        """As timm's, except that an lr held as a tensor (a compiled optimizer step, --compile step) is
+        filled in place: the compiled graph reads it as an input, so a new value is new data, not a
+        new graph."""
+        if not isinstance(values, (list, tuple)):
+            values = [values] * len(self.optimizer.param_groups)
+        for group, value in zip(self.optimizer.param_groups, values):
+            value = value * group.get('lr_scale', 1.0)
+            if isinstance(group[self.param_group_field], torch.Tensor):
+                group[self.param_group_field].fill_(value)
+            else:
+                group[self.param_group_field] = value
 
 
 def _get(args, key):

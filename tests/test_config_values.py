@@ -75,6 +75,8 @@ CASES = [
     ('temp-0', dict(temp=0), [], {}, 'temp: expected a number > 0, got 0'),
     ('amp-unknown', dict(amp='fp32'), [], {}, "amp: expected bf16, fp16 or off (null: the default), got 'fp32'"),
     ('distill-string', dict(distill='yes'), [], {}, "distill: expected true or false, got 'yes'"),
+    ('compile-unknown', dict(compile='graph'), [], {},
+     "compile: expected true (= layers), false, layers or step, got 'graph'"),
     ('workers-negative', dict(num_workers=-1), [], {}, 'num_workers: expected an integer >= 0, got -1'),
     ('queue-batch', dict(queue_size=100), [], {},
      'queue_size: 100 is not a multiple of the global batch 32 (batch_size_train 32): every step replaces a whole '
@@ -236,8 +238,9 @@ def test_the_allowed_values_are_the_ones_the_code_knows():
     import tasks
     from dataset.randaugment import AUTOCONTRAST_MODES
     from dataset.vqa_eval import NORMALIZATIONS
-    from engine.options import AMP_MODES
+    from engine.options import AMP_MODES, COMPILE_MODES
     keys = {**tasks.COMMON_KEYS, **tasks.TASK_KEYS}
     assert keys['randaugment_autocontrast'].allowed == 'one of ' + ', '.join(AUTOCONTRAST_MODES)
     assert keys['vqa_normalization'].allowed == 'one of ' + ', '.join(NORMALIZATIONS)
     assert [mode for mode in ('bf16', 'fp16', 'off', 'fp32') if keys['amp'](mode)] == list(AMP_MODES)
+    assert [mode for mode in ('layers', 'step', 'graph', 'whole') if keys['compile'](mode)] == list(COMPILE_MODES)

@@ -146,7 +146,7 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     assert all(r['pairs_per_s'] > 0 and r['ms_per_step'] > 0 and r['mfu'] is None for r in report['train_step'])
     assert [(r['batch'], r['grad_checkpointing']) for r in report['memory']] == [(4, True)]
     assert report['parts']['step_default'] == report['parts']['rerank_fp32'] == 'ok'
-    assert report['parts']['step_compile'] == 'not run (dry run)'
+    assert report['parts']['step_compile'] == report['parts']['step_compile_step'] == 'not run (dry run)'
     assert any(line.startswith('speed-up:') for line in report['rerank']['fp32'])
     assert report['sync_check'] == {'sync_check': 'skipped: no CUDA device'}
     assert all(r['flop_per_pair'] > 0 for r in report['train_step'])  # counted for the exact inputs
