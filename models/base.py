@@ -197,7 +197,7 @@ class ContrastiveALBEF(ALBEFBase):
             return feat.float() @ feat_all.float() / self.temp
 
     def contrastive_forward(self, image, text, alpha, idx=None, distill=True, mlm_input_ids=None, itm_noise=None,
-                            host_mask=None):
+                            host_mask=None, mlm_positions=None):
         """Returns (loss_ita, loss_itm, image_embeds, image_embeds_m) for one batch.
 
         `idx` (B,) are image indices (retrieval); None means pre-training's diagonal positives.
@@ -206,7 +206,9 @@ class ContrastiveALBEF(ALBEFBase):
         instead the MLM fusion outputs (B, L, width), online and momentum. `itm_noise`: the ITM
         negatives' random draws, made beforehand (see draw_itm_noise). `host_mask`: a CPU copy of
         text.attention_mask, from which the text and fusion passes on another device learn which
-        tokens to skip (xbert.Packing) without reading the device.
+        tokens to skip (xbert.Packing) without reading the device. `mlm_positions` (M,: flat
+        positions b * L + l of the tokens the MLM head reads, on the device): the MLM outputs are
+        then those tokens' alone, (M, width), and the last fusion layer computes no others.
         """
         if host_mask is not None and image.device.type == 'cpu':
             host_mask = None  # the passes find the tokens from the mask itself
@@ -243,7 +245,7 @@ class ContrastiveALBEF(ALBEFBase):
             if mlm_input_ids is not None:  # the momentum model's MLM rows: its one fusion pass
                 packing = Packing(host_mask, image.device) if host_mask is not None else None
                 mlm_out_m = self._fusion_states(self.text_encoder_m, mlm_embeds_m, text.attention_mask,
-                                                image_embeds_m, None, packing)
+                                                image_embeds_m, None, packing, mlm_positions)
 
         sim_i2t = self._similarities(image_feat, text_feat_all)
         sim_t2i = self._similarities(text_feat, image_feat_all)
@@ -258,7 +260,7 @@ class ContrastiveALBEF(ALBEFBase):
             return loss_ita, loss_itm, image_embeds, image_embeds_m
         loss_itm, mlm_out = self._itm_loss(image_embeds, image_atts, text_embeds, text.attention_mask,
                                            sim_i2t, sim_t2i, idx, noise=itm_noise, extra_rows=mlm_embeds,
-                                           host_mask=host_mask)
+                                           host_mask=host_mask, extra_positions=mlm_positions)
         return loss_ita, loss_itm, mlm_out, mlm_out_m
 
     def _text_pass(self, text_encoder, text_proj, text, mlm_input_ids=None, packing=None):
@@ -274,12 +276,14 @@ class ContrastiveALBEF(ALBEFBase):
         text_embeds, mlm_embeds = states[:bs], states[bs:]
         return text_embeds, F.normalize(text_proj(text_embeds[:, 0, :]), dim=-1), mlm_embeds
 
-    def _fusion_states(self, text_encoder, text_embeds, text_atts, image_embeds, image_index=None, packing=None):
-        """The fusion layers' outputs (rows, L, width); row b attends to image image_index[b]."""
+    def _fusion_states(self, text_encoder, text_embeds, text_atts, image_embeds, image_index=None, packing=None,
+                       output_positions=None):
+        """The fusion layers' outputs (rows, L, width); row b attends to image image_index[b]. With
+        `output_positions` (flat positions b * L + l) only those tokens' outputs, (S, width)."""
         return self._text_bert(text_encoder)(
             encoder_embeds=text_embeds, attention_mask=text_atts, encoder_hidden_states=image_embeds,
             encoder_attention_mask=None, return_dict=True, mode='fusion',
-            encoder_index=image_index, packing=packing).last_hidden_state
+            encoder_index=image_index, packing=packing, output_positions=output_positions).last_hidden_state
 
     @staticmethod
     def draw_itm_noise(batch_size, device):
@@ -290,13 +294,14 @@ class ContrastiveALBEF(ALBEFBase):
         return [torch.empty(batch_size, batch_size, device=device).exponential_(1) for _ in range(2)]
 
     def _itm_loss(self, image_embeds, image_atts, text_embeds, text_atts, sim_i2t, sim_t2i, idx,
-                  noise=None, extra_rows=None, host_mask=None):
+                  noise=None, extra_rows=None, host_mask=None, extra_positions=None):
         """ITM over B positive pairs and 2B hard negatives (a negative image for each text, a
         negative text for each image), in the original's order [positives; negatives].
 
         `extra_rows` (B, L, width; pre-training's masked captions, with the same mask as the
         captions) go through the same fusion pass, each with its own image; their outputs are
-        then returned too: (loss_itm, fusion outputs of the extra rows). With `host_mask` (the
+        then returned too: (loss_itm, fusion outputs of the extra rows; with `extra_positions`,
+        flat positions b * L + l in the extra rows, those tokens' outputs only). With `host_mask` (the
         CPU copy of text_atts) the pass skips the padding of every row whose caption the host
         knows; the negative captions are drawn on the device, so their rows keep their padding."""
         bs = image_embeds.size(0)
@@ -333,9 +338,16 @@ class ContrastiveALBEF(ALBEFBase):
         if host_mask is not None:
             host_rows = [host_mask, host_mask, torch.ones_like(host_mask)] + [host_mask] * (extra_rows is not None)
             packing = Packing(torch.cat(host_rows), image_embeds.device)
+        # The ITM head reads each pair's [CLS] alone, the MLM head the extra rows' masked tokens: the
+        # last layer computes those outputs only (xbert.BertEncoder). The extra rows without
+        # `extra_positions` come back whole.
+        length = text_atts.size(1)
+        positions = torch.arange(3 * bs, device=image_embeds.device) * length  # the pairs' [CLS]
+        if extra_rows is not None:
+            positions = None if extra_positions is None else torch.cat([positions, 3 * bs * length + extra_positions])
         states = self._fusion_states(self.text_encoder, torch.cat(rows), torch.cat(atts), image_embeds,
-                                     torch.cat(image_index), packing)
-        vl_output = self.itm_head(states[:3 * bs, 0, :])
+                                     torch.cat(image_index), packing, positions)
+        vl_output = self.itm_head(states[:3 * bs] if positions is not None else states[:3 * bs, 0, :])
         # built on the device: 1 for the B positives, 0 for the 2B negatives
         itm_labels = (torch.arange(3 * bs, device=image_embeds.device) < bs).long()
         loss_itm = F.cross_entropy(vl_output, itm_labels)

@@ -48,18 +48,15 @@ class ALBEF(ContrastiveALBEF):
         # pairs and the masked captions (each image's keys and values projected once for both),
         # and the same on the momentum side: 4 passes of the BERT layers where the original runs 7.
         # No image mask: every image token is attended, as with the original's all-ones mask.
+        # The fusion passes return the masked tokens' outputs only (M, width), in the order of `masked`.
         loss_ita, loss_itm, mlm_states, mlm_states_m = self.contrastive_forward(
-            image, text, alpha, mlm_input_ids=input_ids, itm_noise=itm_noise, host_mask=host_mask)
+            image, text, alpha, mlm_input_ids=input_ids, itm_noise=itm_noise, host_mask=host_mask,
+            mlm_positions=masked.clamp(min=0))
         with torch.no_grad():
-            logits_m = self._masked_head(self.text_encoder_m, mlm_states_m, masked)
-        logits = self._masked_head(self.text_encoder, mlm_states, masked)
+            logits_m = self.text_encoder_m.cls(mlm_states_m)
+        logits = self.text_encoder.cls(mlm_states)
         loss_mlm = mlm_loss(logits, labels, F.softmax(logits_m, dim=-1), alpha)
         return loss_mlm, loss_ita, loss_itm
-
-    @staticmethod
-    def _masked_head(text_encoder, hidden, positions):
-        """MLM logits (len(positions), vocab) at the given flat token positions of hidden (B, L, D)."""
-        return text_encoder.cls(hidden.flatten(0, 1).index_select(0, positions.clamp(min=0)))
 
     @torch.compiler.disable  # host work on the CPU generator (and the tokenizer): not traced when compiled
     def mask(self, input_ids, vocab_size, device, targets=None, masked_indices=None, probability_matrix=None):

@@ -109,6 +109,14 @@ class Packing:
         out = x.new_zeros(self.batch * self.length, x.size(-1))
         return out.index_copy(0, self.index, x).view(self.batch, self.length, -1)
 
+    def locate(self, positions):
+        """The packed rows of flat (B*L) positions of real tokens (a padding position gives -1: an
+        index error). Built on the index's device from the index alone: nothing is read back."""
+        if getattr(self, '_inverse', None) is None:
+            count = torch.arange(self.index.numel(), device=self.index.device)
+            self._inverse = count.new_full((self.batch * self.length,), -1).index_copy(0, self.index, count)
+        return self._inverse.index_select(0, positions)
+
 
 def grouped_attention(query, key, value, attention_mask, index):
     """Cross-attention of query rows p to keys and values index[p], without copying them per row.
@@ -175,6 +183,22 @@ class BertSelfAttention(nn.Module):
 
     def _heads(self, x):  # (B, L, D) -> (B, H, L, D/H)
         return x.view(*x.shape[:2], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+    def attend_selected(self, queries, source, attention_mask, index, packing=None):
+        """Attention for single query tokens: queries (S, D) -> context (S, D), query s attending
+        to the keys and values of row index[s] of `source` (U, K, width), or with `packing` of the
+        packed rows (N, width) of a (U, K) batch. attention_mask: None, or additive (S, 1, 1, K),
+        one per query. Keys and values are projected for every source row, queries only for the S
+        tokens (see BertEncoder.forward's `output_positions`)."""
+        key, value = self.key(source), self.value(source)
+        if packing is not None:
+            key, value = packing.unpack(key), packing.unpack(value)
+        key, value = self._heads(key).index_select(0, index), self._heads(value).index_select(0, index)
+        query = self.query(queries).view(-1, self.num_attention_heads, 1, self.attention_head_size)
+        mask = attention_mask.to(query.dtype) if attention_mask is not None else None
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                 dropout_p=self.dropout.p if self.training else 0.0)
+        return context.reshape(-1, self.all_head_size)
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 output_attentions=False, encoder_index=None, packing=None):
@@ -280,10 +304,9 @@ class BertLayer(nn.Module):
         self.output = BertOutput(config)
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                output_attentions=False, encoder_index=None, packing=None):
-        hidden_states, self_probs = self.attention(hidden_states, attention_mask,
-                                                   output_attentions=output_attentions, packing=packing)
-        cross_probs = None
+                output_attentions=False, encoder_index=None, packing=None, selection=None):
+        """`selection` (positions, rows): compute the outputs of those tokens only, (S, width); see
+        _forward_selected."""
         if self.has_cross_attention:
             if encoder_hidden_states is None:
                 raise ValueError(f'layer {self.layer_num} has cross-attention: encoder_hidden_states '
@@ -292,11 +315,46 @@ class BertLayer(nn.Module):
                 # NLVR2: the fusion layers alternate between the images of the pair
                 i = (self.layer_num - self.config.fusion_layer) % len(encoder_hidden_states)
                 encoder_hidden_states, encoder_attention_mask = encoder_hidden_states[i], encoder_attention_mask[i]
+        if selection is not None:
+            return self._forward_selected(hidden_states, attention_mask, encoder_hidden_states,
+                                          encoder_attention_mask, encoder_index, packing, *selection)
+        hidden_states, self_probs = self.attention(hidden_states, attention_mask,
+                                                   output_attentions=output_attentions, packing=packing)
+        cross_probs = None
+        if self.has_cross_attention:
             hidden_states, cross_probs = self.crossattention(
                 hidden_states, None, encoder_hidden_states, encoder_attention_mask, output_attentions,
                 encoder_index, packing)
         layer_output = self.output(self.intermediate(hidden_states), hidden_states)
         return layer_output, self_probs, cross_probs
+
+    def _forward_selected(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                          encoder_index, packing, positions, rows):
+        """The layer's outputs (S, width) at S tokens only: `positions` index the rows of
+        hidden_states as the layer holds them (flat (B*L) positions, or packed rows with
+        `packing`), `rows` (S,) is each token's row b. Self-attention keys and values still come
+        from every token; the query, both attention outputs and the feed-forward block run on the
+        S tokens. Equal to the full layer's outputs at those tokens (a test)."""
+        flat = hidden_states if packing is not None else hidden_states.flatten(0, 1)
+        tokens = flat.index_select(0, positions)
+        self_mask = attention_mask.index_select(0, rows) if attention_mask is not None else None
+        context = self.attention.self.attend_selected(tokens, hidden_states, self_mask, rows, packing)
+        tokens = self.attention.output(context, tokens)
+        if self.has_cross_attention:
+            image = rows if encoder_index is None else encoder_index.index_select(0, rows)
+            mask = encoder_attention_mask
+            if mask is not None:  # per image (indexed by encoder_index) or per row, as in forward
+                if encoder_index is not None and mask.size(0) != rows_of(hidden_states, packing):
+                    mask = mask.index_select(0, encoder_index)
+                mask = mask.index_select(0, rows)
+            context = self.crossattention.self.attend_selected(tokens, encoder_hidden_states, mask, image)
+            tokens = self.crossattention.output(context, tokens)
+        return self.output(self.intermediate(tokens), tokens), None, None
+
+
+def rows_of(hidden_states, packing):
+    """The number of rows B of a layer's input, (B, L, D) or packed."""
+    return packing.batch if packing is not None else hidden_states.size(0)
 
 
 class BertEncoder(nn.Module):
@@ -317,17 +375,26 @@ class BertEncoder(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 output_attentions=False, output_hidden_states=False, mode='multi_modal', encoder_index=None,
-                packing=None):
-        """With `packing` (a Packing) the layers run on the real tokens only (see Packing)."""
+                packing=None, output_positions=None):
+        """With `packing` (a Packing) the layers run on the real tokens only (see Packing). With
+        `output_positions` (S,: flat positions in the (B, L) rows, real tokens only) the last layer
+        computes those tokens' outputs alone, and last_hidden_state is (S, width): what a head
+        reads at a few tokens ([CLS], the masked ones) costs the rest of the last layer nothing."""
         start, end = self.layer_range(mode)
         all_hidden, all_self, all_cross = [], [], []
+        selection = None
+        if output_positions is not None:
+            rows = torch.div(output_positions, hidden_states.size(1), rounding_mode='floor')
+            selection = (packing.locate(output_positions) if packing is not None else output_positions, rows)
+            if start == end:  # no layer to reduce: the input itself, at those tokens
+                return ModelOutput(last_hidden_state=hidden_states.flatten(0, 1).index_select(0, output_positions))
         if packing is not None:
             hidden_states = packing.pack(hidden_states)
         for i in range(start, end):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             args = (hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, output_attentions,
-                    encoder_index, packing)
+                    encoder_index, packing, selection if i == end - 1 else None)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 out = torch.utils.checkpoint.checkpoint(self.layer[i], *args, use_reentrant=False)
             else:
@@ -338,7 +405,7 @@ class BertEncoder(nn.Module):
                 all_cross.append(out[2])
         if output_hidden_states:
             all_hidden.append(hidden_states)
-        if packing is not None:
+        if packing is not None and selection is None:
             hidden_states = packing.unpack(hidden_states)
         return ModelOutput(last_hidden_state=hidden_states,
                           hidden_states=tuple(all_hidden) if output_hidden_states else None,
@@ -591,11 +658,15 @@ class BertModel(BertPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 encoder_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, is_decoder=False,
-                mode='multi_modal', encoder_index=None, packing=None):
+                mode='multi_modal', encoder_index=None, packing=None, output_positions=None):
         """`encoder_index` (optional, B): row b attends to encoder_hidden_states[encoder_index[b]], so
         images shared by many texts (retrieval re-ranking) are projected once per layer. `packing`
         (optional, a Packing of the (B, L) rows, its index on the model's device): the tokens the
-        linear layers run on in training, for a mask that is not on the CPU."""
+        linear layers run on in training, for a mask that is not on the CPU. `output_positions`
+        (optional, S flat positions b * L + l of real tokens, on the model's device): only those
+        tokens' outputs are wanted; last_hidden_state is then (S, width) and the last layer
+        computes nothing else (unless attention maps or hidden states are asked for, or saved for
+        Grad-CAM: then every layer runs whole and the S outputs are picked from it)."""
         if input_ids is not None:
             input_shape, device = input_ids.shape, input_ids.device
         elif encoder_embeds is not None:
@@ -633,8 +704,16 @@ class BertModel(BertPreTrainedModel):
             packing = Packing(attention_mask)
         if packing is not None and packing.index.numel() == attention_mask.numel():  # no padding to skip
             packing = None
+        reduce = output_positions is not None and attention_mask.dim() == 2 and not (
+            is_decoder or output_attentions or output_hidden_states or self._capturing())
         out = self.encoder(embedding_output, extended_mask, encoder_hidden_states, encoder_mask,
-                           bool(output_attentions), bool(output_hidden_states), mode, encoder_index, packing)
+                           bool(output_attentions), bool(output_hidden_states), mode, encoder_index, packing,
+                           output_positions if reduce else None)
+        if output_positions is not None:
+            if not reduce:
+                out.last_hidden_state = out.last_hidden_state.flatten(0, 1).index_select(0, output_positions)
+            out.pooler_output = None  # ([CLS] of every row is not among the outputs)
+            return out if return_dict is not False else out.to_tuple()
         out.pooler_output = self.pooler(out.last_hidden_state) if self.pooler is not None else None
         return out if return_dict is not False else out.to_tuple()
 
