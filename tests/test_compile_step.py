@@ -11,7 +11,7 @@ import torch
 import engine
 import engine.build
 import engine.options
-from models.checkpoint import TrainState
+from engine.checkpointing import TrainState
 from scheduler import create_scheduler
 
 SCHEDULE = {'sched': 'cosine', 'lr': 1e-3, 'epochs': 2, 'min_lr': 1e-5, 'decay_rate': 1, 'warmup_lr': 1e-5,
