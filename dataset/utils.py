@@ -26,6 +26,9 @@ def cache_dir() -> str:
     return os.environ.get('ALBEF_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'albef')
 
 
+CAPTION_WORDS = 30  # the caption limit of ALBEF's datasets, of models.load and the demo (pre_caption's default is 50)
+
+
 def _truncate(text: str, max_words: int) -> str:
     # Parity: split on single spaces, so the empty strings between consecutive spaces count as words.
     words = text.split(' ')
