@@ -359,14 +359,3 @@ def significant(value, digits=6):
     """A float to `digits` significant digits (72.39999999999999 -> 72.4); anything else as it is."""
     return float(f'{value:.{digits}g}') if isinstance(value, float) else value
 
-
-def short_message(error):
-    """The last line of an error message (DataLoader workers wrap theirs in a traceback, whose last
-    line starts with the exception's class name and module path), without that class name."""
-    text = str(error).strip() or type(error).__name__
-    last = text.splitlines()[-1]
-    for cls in type(error).__mro__:
-        for prefix in (f'{cls.__module__}.{cls.__qualname__}: ', f'{cls.__qualname__}: '):
-            if last.startswith(prefix):
-                return last[len(prefix):]
-    return last

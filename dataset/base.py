@@ -23,6 +23,8 @@ import numpy as np
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
+from configuration import one_line
+
 # The original sets LOAD_TRUNCATED_IMAGES globally, which trains on a cut-off file's missing part
 # as grey without a word; here a truncated image is unreadable (an error, or skipped with
 # `skip_bad_images`). Very large images are allowed, as in the original.
@@ -65,11 +67,6 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _one_line(error: BaseException) -> str:
-    text = ' '.join(str(error).split())
-    return text or type(error).__name__
-
-
 def read_json(path: str) -> Any:
     """Parse the JSON file at `path`, raising DataError for a missing file or invalid JSON."""
     if not os.path.isfile(path):
@@ -82,7 +79,7 @@ def read_json(path: str) -> Any:
     except UnicodeDecodeError as e:
         raise DataError(f'{path}: not UTF-8 text (byte {e.start}: {e.reason})') from None
     except OSError as e:
-        raise DataError(f'{path}: cannot read file: {_one_line(e)}') from None
+        raise DataError(f'{path}: cannot read file: {one_line(e)}') from None
 
 
 def read_json_list(path: str) -> list:
@@ -120,7 +117,7 @@ def load_rgb(path: str, where: str) -> Image.Image:
     except FileNotFoundError:
         raise ImageError(f'image not found: {path} ({where})') from None
     except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, ...)
-        raise ImageError(f'cannot read image {path} ({where}): {_one_line(e)}') from None
+        raise ImageError(f'cannot read image {path} ({where}): {one_line(e)}') from None
 
 
 def probe_image(path: str, where: str) -> tuple[str, str] | None:
@@ -136,7 +133,7 @@ def probe_image(path: str, where: str) -> tuple[str, str] | None:
             img.load()
             mode = img.mode
     except Exception as e:
-        return 'bad_image', f'cannot read image {path} ({where}): {_one_line(e)}'
+        return 'bad_image', f'cannot read image {path} ({where}): {one_line(e)}'
     if mode in HIGH_BIT_DEPTH_MODES:
         return 'note', f'image {path} ({where}) has mode {mode}: scaled to 8 bits by its range of values'
     return None

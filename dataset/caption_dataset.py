@@ -12,8 +12,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from configuration import one_line
 from .annotation_cache import write_table
-from .base import (AnnotationDataset, DataError, ImageError, ImageRootDataset, StringColumn, _one_line, list_problem,
+from .base import (AnnotationDataset, DataError, ImageError, ImageRootDataset, StringColumn, list_problem,
                    read_json_list, type_problem)
 from .utils import cache_dir as default_cache_dir, pre_caption
 
@@ -134,7 +135,7 @@ def lazy_transform(source, where: str, transform: Callable):
     except FileNotFoundError:
         raise ImageError(f'image not found: {source} ({where})') from None
     except Exception as e:
-        raise ImageError(f'cannot read image {source} ({where}): {_one_line(e)}') from None
+        raise ImageError(f'cannot read image {source} ({where}): {one_line(e)}') from None
 
 
 def _rss_mib() -> float:

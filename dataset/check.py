@@ -22,7 +22,7 @@ from collections import Counter
 from typing import Sequence
 
 import tasks
-from configuration import ConfigError, check_config, load_yaml, world_size
+from configuration import ConfigError, check_config, load_yaml, one_line, world_size
 
 from . import TASKS
 from .base import DataError, Problem, as_file_list, read_json_list
@@ -127,7 +127,7 @@ def vocabulary_line(config: dict) -> str:
         from models.tokenization_bert import BertTokenizer
         tokenizer = BertTokenizer.from_pretrained(text_encoder)
     except Exception as e:  # offline, a missing directory, ...
-        return f'vocabulary: cannot load the tokenizer of {text_encoder} ({str(e).splitlines()[0][:200]})'
+        return f'vocabulary: cannot load the tokenizer of {text_encoder} ({one_line(e)[:200]})'
     line = unk_report(items, tokenizer, text_encoder, always=True)
     return f'vocabulary: {line}' if line else 'vocabulary: no training texts to measure'
 

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from configuration import one_line
 from .base import DataError, read_json
 from .utils import computeIoU
 
@@ -54,7 +55,7 @@ def load_plain_pickle(path: str) -> Any:
         raise DataError(f"{path}: refused to unpickle: it asks for the Python object '{e}' (a refs file holds "
                         f'only lists, dicts, strings and numbers; this file may be malicious)') from None
     except Exception as e:  # truncated or corrupt files raise EOFError, ValueError, ...
-        raise DataError(f'{path}: not a readable pickle: {type(e).__name__}: {" ".join(str(e).split())}') from None
+        raise DataError(f'{path}: not a readable pickle: {type(e).__name__}: {one_line(e)}') from None
 
 
 class REFER:

@@ -55,7 +55,8 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from .base import DataError, _one_line
+from configuration import one_line
+from .base import DataError
 from .dealing import EpochPlan, Share, quotas_of, seed_of as _seed
 from .shard_writer import convert, main  # noqa: F401 - `python -m dataset.shards` runs main
 from .utils import cache_dir as default_cache_dir, pre_caption
@@ -113,7 +114,7 @@ def count_samples(url: str) -> int:
                     return int(json.load(f)['successes'])
             except (ValueError, KeyError, TypeError) as error:
                 raise DataError(f"train_shards: {stats}: expected img2dataset's stats with a number "
-                                f"'successes' ({_one_line(error)})") from None
+                                f"'successes' ({one_line(error)})") from None
     keys, members = set(), 0
     try:
         with wds.gopen(url, 'rb') as stream, tarfile.open(fileobj=stream, mode='r|*') as tar:
@@ -124,9 +125,9 @@ def count_samples(url: str) -> int:
                     keys.add(key)
     except Exception as error:
         if not members:
-            raise DataError(f'train_shards: {url} is not a tar file ({_one_line(error)})') from None
+            raise DataError(f'train_shards: {url} is not a tar file ({one_line(error)})') from None
         # a truncated shard: count what is readable, as the stream will
-        logger.warning('shard %s is readable only up to its %d-th sample: %s', url, len(keys), _one_line(error))
+        logger.warning('shard %s is readable only up to its %d-th sample: %s', url, len(keys), one_line(error))
     return len(keys)
 
 
@@ -140,7 +141,7 @@ def parts_of(sample: dict, key: str) -> tuple[str, list]:
         try:
             meta = json.loads(sample['json'])
         except ValueError as error:
-            raise DataError(f'{key}: invalid json: {_one_line(error)}') from None
+            raise DataError(f'{key}: invalid json: {one_line(error)}') from None
         captions = meta.get('captions') if isinstance(meta, dict) else None
         if captions is None and isinstance(meta, dict) and isinstance(meta.get('caption'), str):
             captions = [meta['caption']]
@@ -199,7 +200,7 @@ def shard_sizes(urls: Sequence[str], cache_dir: str | None = None, progress: boo
             json.dump(sizes, f)
         os.replace(tmp, cache)
     except OSError as error:
-        logger.warning('cannot cache the shard sizes in %s: %s', cache_dir, _one_line(error))
+        logger.warning('cannot cache the shard sizes in %s: %s', cache_dir, one_line(error))
     return sizes
 
 
@@ -287,7 +288,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             samples.close()  # stopped early: the file is closed now
             if errors:  # one shard may report its error at several levels: counted once
                 counter[0] += 1
-                warn(f'skipped the rest of shard {url}: {_one_line(errors[0])}')
+                warn(f'skipped the rest of shard {url}: {one_line(errors[0])}')
             if index < end:
                 events.append((shard, index, self.sizes[shard]))
 
@@ -343,7 +344,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                         if self.transform is not None:
                             image = self.transform(image)
             except Exception as error:  # PIL raises many types
-                raise DataError(f'cannot decode image {key}.{ext}: {_one_line(error)}') from None
+                raise DataError(f'cannot decode image {key}.{ext}: {one_line(error)}') from None
         return key, (image, pre_caption(caption, self.max_words))
 
     def __iter__(self) -> Iterator[tuple]:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import utils
-from configuration import ConfigError
+from configuration import ConfigError, one_line
 from models.checkpoint import Checkpointer, TrainState, load_checkpoint
 from models.fetch import resolve_checkpoint  # a released name: its download
 from models.freeze import FREEZE_KEYS, freeze_towers, parameter_counts
@@ -239,7 +239,7 @@ class CompileFallback:
                 self.failed = True
                 for module in self.regions:
                     module._compiled_call_impl = None  # back to the module's own forward
-                print(f'torch.compile failed ({type(error).__name__}: {utils.short_message(error)}); '
+                print(f'torch.compile failed ({type(error).__name__}: {one_line(error)}); '
                       f'continuing in eager mode', flush=True)
         return self.eager(*args, **kwargs)
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import dataset.loaders
 import tracking
 import utils
-from configuration import ConfigError
+from configuration import ConfigError, one_line
 from models.checkpoint import CheckpointError, DiskFullError
 from .loop import NonFiniteLossError
 from .signals import SIGNALS, Interrupted
@@ -25,7 +25,7 @@ def launch(main, parser, argv=None):
     try:
         main(args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, NonFiniteLossError, DiskFullError) as error:
-        message = error.strerror if isinstance(error, DiskFullError) else utils.short_message(error)
+        message = error.strerror if isinstance(error, DiskFullError) else one_line(error)
         # every process reads the same config, checkpoint and weights, and the first speaks for all;
         # a data error in training is this process's own (its share of the data)
         if utils.is_main_process() or (SIGNALS.active and isinstance(error, DataError)):

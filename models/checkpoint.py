@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 import utils
+from configuration import one_line
 from .vit import interpolate_pos_embed
 
 QUEUE_BUFFERS = ('image_queue', 'text_queue', 'idx_queue', 'queue_ptr')
@@ -116,10 +117,10 @@ def read_checkpoint(path, trust=False):
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
         if 'weights_only' not in str(error):
-            raise CheckpointError(f'{path} is not a PyTorch checkpoint ({short_error(error)})') from None
+            raise CheckpointError(f'{path} is not a PyTorch checkpoint ({one_line(error)})') from None
         needs = _unsafe_globals(path)
     except Exception as error:  # a truncated zip, a torn write, ...
-        raise CheckpointError(f'{path} is not a PyTorch checkpoint ({short_error(error)})') from None
+        raise CheckpointError(f'{path} is not a PyTorch checkpoint ({one_line(error)})') from None
     if trust:
         print(f'{path}: fully unpickled, as --trust_checkpoint asks (it holds {", ".join(needs) or "Python objects"})')
         return torch.load(path, map_location='cpu', weights_only=False)
@@ -129,11 +130,6 @@ def read_checkpoint(path, trust=False):
     raise CheckpointError(
         f'{path} holds Python objects besides tensors ({", ".join(needs) or "unknown"}), and unpickling them '
         f'can run code: pass --trust_checkpoint (config key trust_checkpoint: true) if you trust its source')
-
-
-def short_error(error):
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def _check_is_torch_file(path):
@@ -507,7 +503,7 @@ class Checkpointer:
             try:
                 ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
             except Exception as e:
-                print(f'skipping unreadable {path}: {utils.short_message(e)}')
+                print(f'skipping unreadable {path}: {one_line(e)}')
                 continue
             if not isinstance(ckpt, dict):
                 print(f'skipping {path}: not a training checkpoint')

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from configuration import one_line
 from dataset.utils import CAPTION_WORDS
 from .api import load
 from .checkpoint import CheckpointError
@@ -185,7 +186,7 @@ def evaluate(loaded, folder, templates=None, rerank=0, batch_size=64, progress=T
     try:
         data = ImageFolder(folder)
     except (FileNotFoundError, OSError) as error:
-        raise FileNotFoundError(f'{folder}: {str(error).strip().splitlines()[0]} (expected one folder of images '
+        raise FileNotFoundError(f'{folder}: {one_line(error)} (expected one folder of images '
                                 f'per class)') from None
     names = [c.replace('_', ' ') for c in data.classes]
     templates = read_templates(templates)
@@ -255,7 +256,7 @@ def main(argv=None):
         loaded._need('embed')
         result = evaluate(loaded, args.data, templates, args.rerank, args.batch_size, progress=not args.quiet)
     except (CheckpointError, ValueError, OSError) as error:  # TaskError is a ValueError
-        print(f'error: {str(error).strip().splitlines()[0]}', file=sys.stderr, flush=True)
+        print(f'error: {one_line(error)}', file=sys.stderr, flush=True)
         return 2
     result = {'checkpoint': args.checkpoint, **result}
     print(report(result))
