@@ -30,11 +30,11 @@ def main(args):
     run = engine.setup(args, TASK)
     config = run.config
 
-    print('Creating SNLI-VE datasets')
+    utils.print0('Creating SNLI-VE datasets')
     train_loader, val_loader, test_loader = run.task_loaders(TASK.name, config['batch_size_train'],
                                                                  config['batch_size_test'])
 
-    print('Creating model')
+    utils.print0('Creating model')
     training = engine.prepare(run, ALBEF(config=config, text_encoder=engine.bert_weights(config),
                                          tokenizer=run.tokenizer))
     evaluate = engine.split_evaluator({'val': val_loader, 'test': test_loader},

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+import utils
+
 from .base import DataError
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -235,7 +237,7 @@ class StreamLoader:
                 self.marks[self.stream.available + shard] = 1
                 if shard not in self.reported:
                     self.reported.add(shard)
-                    print(f'warning: shard {self.stream.urls[shard]} has {found} samples, its count says '
+                    utils.print0(f'warning: shard {self.stream.urls[shard]} has {found} samples, its count says '
                           f'{counted} (cut short after it was counted?); the epoch trains others in their place',
                           file=sys.stderr, flush=True)
             yield batch, skipped
@@ -280,7 +282,7 @@ def shard_loader(dataset, batch_size, config, rank=0, world_size=1, seed=0, pin_
                          shuffle_buffer=config.get('shuffle_buffer', DEFAULT_SHUFFLE_BUFFER), json_dataset=dataset)
     used = stream.steps * batch_size * world_size
     rest = f', leaving {stream.available - used} for the next' if used < stream.available else ''
-    print(f'{stream.samples_per_epoch} samples per epoch ({sum(sizes)} in {len(urls)} shards'
+    utils.print0(f'{stream.samples_per_epoch} samples per epoch ({sum(sizes)} in {len(urls)} shards'
           f'{f", {len(dataset)} from train_file" if dataset is not None else ""}): {stream.steps} steps of '
           f'{batch_size} x {world_size} processes, {num_workers} loader workers each; each epoch trains '
           f'{used} of them once{rest}')
@@ -300,7 +302,7 @@ def check_batch_count(num_items, batch_size, world_size=1, files=None, config_pa
     steps = per_process // batch_size
     used = steps * batch_size * world_size
     if used < num_items:
-        print(f'drop_last: {num_items - used} of {num_items} training items are left out of each epoch '
+        utils.print0(f'drop_last: {num_items - used} of {num_items} training items are left out of each epoch '
               f'({steps} batches of {batch_size} in each of {world_size} process(es))')
 
 
@@ -309,7 +311,7 @@ def check_vocabulary(dataset, tokenizer, text_encoder, limit=0.05):
     from .check import unk_report
     message = unk_report(dataset, tokenizer, text_encoder, limit=limit)
     if message:
-        print(f'warning: {message}', file=sys.stderr, flush=True)
+        utils.print0(f'warning: {message}', file=sys.stderr, flush=True)
 
 
 def train_loader(dataset, batch_size, config, rank=0, world_size=1, seed=0, pin_memory=False, collate_fn=None,

@@ -99,7 +99,7 @@ def freeze(model, config):
     except ValueError as error:
         raise ConfigError(str(error)) from None
     trained, total = parameter_counts(model)
-    print(f'trained parameters: {trained:,} of {total:,}' + (f' ({frozen} frozen)' if frozen else ''), flush=True)
+    utils.print0(f'trained parameters: {trained:,} of {total:,}' + (f' ({frozen} frozen)' if frozen else ''), flush=True)
 
 
 def check_same_frozen(checkpointer, config):
@@ -239,7 +239,7 @@ class CompileFallback:
                 self.failed = True
                 for module in self.regions:
                     module._compiled_call_impl = None  # back to the module's own forward
-                print(f'torch.compile failed ({type(error).__name__}: {one_line(error)}); '
+                utils.print0(f'torch.compile failed ({type(error).__name__}: {one_line(error)}); '
                       f'continuing in eager mode', flush=True)
         return self.eager(*args, **kwargs)
 

@@ -14,7 +14,7 @@ def split_evaluator(loaders, score):
         for split, loader in loaders.items():
             # float noise (72.39999999999999) off: the numbers printed are those log.txt stores
             result = {k: utils.significant(v) for k, v in score(loader).items()}
-            print(f'{split}: {result}')
+            utils.print0(f'{split}: {result}')
             stats.update({f'{split}_{k}': v for k, v in result.items()})
         return stats
     return evaluate

@@ -32,10 +32,10 @@ def launch(main, parser, argv=None):
             say(f'error: {message}')
         sys.exit(2)
     except Interrupted as interrupt:
-        print(interrupt, file=sys.stderr, flush=True)
+        utils.print0(interrupt, file=sys.stderr, flush=True)
         sys.exit(interrupt.code)
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
-        print('interrupted; nothing more was written (continue with --resume from the last checkpoint, if any)',
+        utils.print0('interrupted; nothing more was written (continue with --resume from the last checkpoint, if any)',
               file=sys.stderr, flush=True)
         sys.exit(130)
     except RuntimeError as error:
@@ -55,8 +55,7 @@ def launch(main, parser, argv=None):
 
 
 def say(line):
-    """A line on stderr from any process (print() is silenced on all but the first, see
-    utils.setup_for_distributed)."""
+    """A line on stderr from any process (utils.print0 prints on the first only)."""
     sys.stderr.write(line + '\n')
     sys.stderr.flush()
 

@@ -122,7 +122,7 @@ def read_checkpoint(path, trust=False):
     except Exception as error:  # a truncated zip, a torn write, ...
         raise CheckpointError(f'{path} is not a PyTorch checkpoint ({one_line(error)})') from None
     if trust:
-        print(f'{path}: fully unpickled, as --trust_checkpoint asks (it holds {", ".join(needs) or "Python objects"})')
+        utils.print0(f'{path}: fully unpickled, as --trust_checkpoint asks (it holds {", ".join(needs) or "Python objects"})')
         return torch.load(path, map_location='cpu', weights_only=False)
     released = _read_released(path, needs)
     if released is not None:
@@ -168,7 +168,7 @@ def _read_released(path, needs):
     if not (isinstance(checkpoint, dict) and 'model' in checkpoint and set(checkpoint) <= TRAINING_CHECKPOINT_KEYS
             and isinstance(checkpoint['model'], dict) and 'visual_encoder.pos_embed' in checkpoint['model']):
         return None
-    print(f'{path}: a released ALBEF checkpoint (recognised by its keys); its {", ".join(needs)} '
+    utils.print0(f'{path}: a released ALBEF checkpoint (recognised by its keys); its {", ".join(needs)} '
           f'read with the restricted unpickler')
     return checkpoint
 
@@ -314,7 +314,7 @@ def load_checkpoint(model, checkpoint, allow_new_heads=True, sync_momentum=True,
     if from_online:
         model.copy_params()
     report = LoadReport(str(source), description, missing, unexpected, from_online)
-    print(report)
+    utils.print0(report)
     return report
 
 
@@ -503,10 +503,10 @@ class Checkpointer:
             try:
                 ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
             except Exception as e:
-                print(f'skipping unreadable {path}: {one_line(e)}')
+                utils.print0(f'skipping unreadable {path}: {one_line(e)}')
                 continue
             if not isinstance(ckpt, dict):
-                print(f'skipping {path}: not a training checkpoint')
+                utils.print0(f'skipping {path}: not a training checkpoint')
                 continue
             resume = ckpt.get('resume')
             position = (resume['epoch'], resume['step']) if resume else (ckpt.get('epoch', -1) + 1, 0)
@@ -535,8 +535,8 @@ class Checkpointer:
         if rng and len(rng) == self.world_size:
             set_rng_state(rng[self.rank])
         elif rng:
-            print(f'resuming with {self.world_size} processes from a run with {len(rng)}: '
+            utils.print0(f'resuming with {self.world_size} processes from a run with {len(rng)}: '
                   f'random streams are not continued')
         self.last_saved = path
-        print(f'resumed from {path} at epoch {state.epoch}, step {state.step}')
+        utils.print0(f'resumed from {path} at epoch {state.epoch}, step {state.step}')
         return state

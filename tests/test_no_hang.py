@@ -219,6 +219,27 @@ def test_one_line_drops_the_module_path():
     assert one_line(ValueError()) == 'ValueError' and one_line('a\nb') == 'a b'
 
 
+def test_print0_says_it_on_the_first_process_and_print_stays_print(monkeypatch, capsys):
+    import builtins
+    import socket
+    original = builtins.print
+    with socket.socket() as free:
+        free.bind(('127.0.0.1', 0))
+        port = free.getsockname()[1]
+    for key, value in {'RANK': '0', 'WORLD_SIZE': '1', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port)}.items():
+        monkeypatch.setenv(key, value)
+    assert utils.init_distributed('cpu') == (0, 1, 0)
+    try:
+        assert builtins.print is original  # joining a process group patches nothing
+        utils.print0('said once')
+        monkeypatch.setattr(utils.dist, 'get_rank', lambda: 1)  # as process 1 of the group
+        utils.print0('not said')
+        print('print prints')
+    finally:
+        utils.dist.destroy_process_group()
+    assert capsys.readouterr().out == 'said once\nprint prints\n'
+
+
 def test_peer_lost_is_told_from_a_bug():
     gloo = RuntimeError('[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:13704. This is '
                         'typically caused by a remote worker crashing.')
