@@ -6,7 +6,8 @@ annotation items when it is built and, unless `check_images=False`, checks that 
 exists (a class may leave that check out by default above `check_images_above` items: the
 pre-training sets do, so that 14M items start in seconds; a missing image then stops the run
 with the same one-line error when it is reached). With `skip_bad_images=True` an item whose image is missing or unreadable is replaced by the
-next readable item instead of stopping the run, and `num_skipped` counts the replacements.
+next readable item instead of stopping the run, and `num_skipped` counts the replacements. An image
+of more than `max_image_pixels` pixels (DEFAULT_MAX_IMAGE_PIXELS) is a bad image.
 """
 from __future__ import annotations
 
@@ -27,9 +28,15 @@ from configuration import one_line
 
 # The original sets LOAD_TRUNCATED_IMAGES globally, which trains on a cut-off file's missing part
 # as grey without a word; here a truncated image is unreadable (an error, or skipped with
-# `skip_bad_images`). Very large images are allowed, as in the original.
+# `skip_bad_images`).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-Image.MAX_IMAGE_PIXELS = None
+
+# The most pixels a dataset decodes from one image file: Pillow's own refusal threshold (twice its
+# PIL.Image.MAX_IMAGE_PIXELS, about 13,400 x 13,400), against decompression bombs (a 10 MB PNG can
+# declare gigapixels). An image over it is a bad image: one line, or skipped with `skip_bad_images`.
+# A training config may raise it (`max_image_pixels: N`, or null for no limit; the original set
+# none); importing this module changes nothing, so the demo and models.load keep Pillow's guard.
+DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 # modes with more than 8 bits per sample (16-bit and 32-bit greyscale, float)
 HIGH_BIT_DEPTH_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F')
@@ -107,31 +114,74 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(values).astype(np.uint8), 'L').convert('RGB')
 
 
-def load_rgb(path: str, where: str) -> Image.Image:
-    """Open and fully decode `path` as an 8-bit RGB PIL image (`to_rgb8`); `where` ('item i of
-    file') goes into the error message. A truncated file is unreadable."""
+def max_image_pixels(config: dict) -> int | None:
+    """A config's limit on an image's pixels: `max_image_pixels`, else the default; null: none."""
+    return config.get('max_image_pixels', DEFAULT_MAX_IMAGE_PIXELS)
+
+
+def allow_in_pillow(max_pixels: int | None) -> None:
+    """Pillow refuses an image over twice PIL.Image.MAX_IMAGE_PIXELS (a process-wide setting) before
+    a dataset sees its size: a dataset whose limit is higher raises Pillow's to match, in the process
+    that reads its images (a training process or loader worker), when it reads one. Under the
+    default limit Pillow's setting is left as it is."""
+    guard = Image.MAX_IMAGE_PIXELS
+    if guard is not None and (max_pixels is None or max_pixels > 2 * guard):
+        Image.MAX_IMAGE_PIXELS = None if max_pixels is None else -(-max_pixels // 2)
+
+
+def too_many_pixels(img: Image.Image | None, max_pixels: int | None) -> str | None:
+    """Why an opened image (None: one Pillow refused as too large) is over `max_pixels`, else None."""
+    if max_pixels is not None and (img is None or img.width * img.height > max_pixels):
+        size = '' if img is None else f'{img.width} x {img.height}, '
+        return (f'{size}more than max_image_pixels = {max_pixels} pixels (a decompression bomb? raise '
+                f'max_image_pixels in the config to read it)')
+    return None
+
+
+def open_image(source: Any, where: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """`Image.open(source)`, not yet decoded; ImageError naming `where` if it is missing, unreadable,
+    or has more than `max_pixels` pixels (None: no limit)."""
+    allow_in_pillow(max_pixels)
     try:
-        with Image.open(path) as img:
+        img = Image.open(source)
+    except FileNotFoundError:
+        raise ImageError(f'image not found: {source} ({where})') from None
+    except Image.DecompressionBombError:
+        raise ImageError(f'cannot read image {source} ({where}): {too_many_pixels(None, max_pixels)}') from None
+    except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, ...)
+        raise ImageError(f'cannot read image {source} ({where}): {one_line(e)}') from None
+    if problem := too_many_pixels(img, max_pixels):
+        img.close()
+        raise ImageError(f'cannot read image {source} ({where}): {problem}')
+    return img
+
+
+def load_rgb(path: str, where: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open and fully decode `path` as an 8-bit RGB PIL image (`to_rgb8`); `where` ('item i of
+    file') goes into the error message. A truncated file, or one over `max_pixels`, is unreadable."""
+    with open_image(path, where, max_pixels) as img:
+        try:
             img.load()
             return to_rgb8(img)
-    except FileNotFoundError:
-        raise ImageError(f'image not found: {path} ({where})') from None
-    except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, ...)
-        raise ImageError(f'cannot read image {path} ({where}): {one_line(e)}') from None
+        except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, ...)
+            raise ImageError(f'cannot read image {path} ({where}): {one_line(e)}') from None
 
 
-def probe_image(path: str, where: str) -> tuple[str, str] | None:
-    """Check that `path` exists and that PIL can verify it and decode it fully, as training does.
-    Returns None if so, else (kind, message) with kind 'missing_image', 'bad_image', or 'note'
-    (a high-bit-depth image, which training scales to 8 bits by its range)."""
+def probe_image(path: str, where: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[str, str] | None:
+    """Check that `path` exists and that PIL can verify it and decode it fully, as training does
+    (`max_pixels` as in `load_rgb`). Returns None if so, else (kind, message) with kind
+    'missing_image', 'bad_image', or 'note' (a high-bit-depth image, which training scales to 8 bits
+    by its range)."""
     if not os.path.isfile(path):
         return 'missing_image', f'image not found: {path} ({where})'
     try:
-        with Image.open(path) as img:
+        with open_image(path, where, max_pixels) as img:
             img.verify()
-        with Image.open(path) as img:
+        with open_image(path, where, max_pixels) as img:
             img.load()
             mode = img.mode
+    except ImageError as e:
+        return 'bad_image', str(e)
     except Exception as e:
         return 'bad_image', f'cannot read image {path} ({where}): {one_line(e)}'
     if mode in HIGH_BIT_DEPTH_MODES:
@@ -209,14 +259,18 @@ class AnnotationDataset(Dataset):
             None: always check).
         strict: False records each problem in `problems` and leaves the bad items out instead of
             raising (used by `dataset.check`).
+        max_image_pixels: an image with more pixels is a bad image (None: no limit); see
+            DEFAULT_MAX_IMAGE_PIXELS.
     """
     keys: tuple[str, ...] = ()
     check_images_above: int | None = None
 
     def __init__(self, ann_file: str | Sequence[str], transform: Callable | None, *,
-                 skip_bad_images: bool = False, check_images: bool | None = None, strict: bool = True) -> None:
+                 skip_bad_images: bool = False, check_images: bool | None = None, strict: bool = True,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.transform = transform
         self.skip_bad_images = skip_bad_images
+        self.max_image_pixels = max_image_pixels
         self.strict = strict
         self.num_skipped = 0
         self.num_missing_images = 0
@@ -324,7 +378,7 @@ class AnnotationDataset(Dataset):
     # ---- images ----------------------------------------------------------------------------
     def load_image(self, path: str, index: int) -> Image.Image:
         """The RGB image of item `index` (ImageError naming the item if missing or unreadable)."""
-        return load_rgb(path, self.where(index))
+        return load_rgb(path, self.where(index), self.max_image_pixels)
 
     def apply_transform(self, image: Image.Image) -> Any:
         return self.transform(image) if self.transform is not None else image
@@ -362,7 +416,7 @@ class AnnotationDataset(Dataset):
 
         def probe(job: tuple[int, str]) -> Problem | None:
             index, path = job
-            found = probe_image(path, self.where(index))
+            found = probe_image(path, self.where(index), self.max_image_pixels)
             return None if found is None else Problem(found[0], *self.origin(index), found[1])
 
         with ThreadPoolExecutor(max(1, workers)) as pool:

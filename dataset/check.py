@@ -25,7 +25,7 @@ import tasks
 from configuration import ConfigError, check_config, load_yaml, one_line, world_size
 
 from . import TASKS
-from .base import DataError, Problem, as_file_list, read_json_list
+from .base import DataError, Problem, as_file_list, max_image_pixels, read_json_list
 
 UNK_LIMIT = 0.05  # above this share of [UNK] word pieces the scripts warn
 TEXT_KEYS = ('caption', 'sentence', 'question', 'text')
@@ -147,7 +147,8 @@ def scan(config: dict, task: str, workers: int = 8, progress: bool = True) -> tu
                 continue
             done.add(key)
             try:
-                dataset = split.build(config, ann_file=path, check_images=False, strict=False)
+                dataset = split.build(config, ann_file=path, check_images=False, strict=False,
+                                      max_image_pixels=max_image_pixels(config))
             except DataError as e:  # a config key is missing
                 problems.append(Problem('file', '', None, str(e)))
                 break

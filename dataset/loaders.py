@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 import utils
 
-from .base import DataError
+from .base import DataError, max_image_pixels
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch) * 1_000_033 + index
@@ -279,7 +279,8 @@ def shard_loader(dataset, batch_size, config, rank=0, world_size=1, seed=0, pin_
     stream = ShardStream(urls, transform, batch_size=batch_size, num_workers=num_workers, rank=rank,
                          world_size=world_size, seed=seed, sizes=sizes,
                          samples_per_epoch=config.get('samples_per_epoch'),
-                         shuffle_buffer=config.get('shuffle_buffer', DEFAULT_SHUFFLE_BUFFER), json_dataset=dataset)
+                         shuffle_buffer=config.get('shuffle_buffer', DEFAULT_SHUFFLE_BUFFER), json_dataset=dataset,
+                         max_image_pixels=max_image_pixels(config))
     used = stream.steps * batch_size * world_size
     rest = f', leaving {stream.available - used} for the next' if used < stream.available else ''
     utils.print0(f'{stream.samples_per_epoch} samples per epoch ({sum(sizes)} in {len(urls)} shards'

@@ -56,7 +56,7 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 from configuration import one_line
-from .base import DataError
+from .base import DEFAULT_MAX_IMAGE_PIXELS, DataError, allow_in_pillow, too_many_pixels
 from .dealing import EpochPlan, Share, quotas_of, seed_of as _seed
 from .shard_writer import convert, main  # noqa: F401 - `python -m dataset.shards` runs main
 from .utils import cache_dir as default_cache_dir, pre_caption
@@ -239,13 +239,15 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, urls: Sequence[str], transform: Callable | None, *, batch_size: int, num_workers: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, sizes: Sequence[int] | None = None,
                  samples_per_epoch: int | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                 max_words: int = 30, json_dataset: Any = None) -> None:
+                 max_words: int = 30, json_dataset: Any = None,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.urls, self.transform = list(urls), transform
         self.batch_size, self.num_workers = batch_size, max(1, num_workers)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.sizes = list(sizes) if sizes is not None else shard_sizes(self.urls)
         self.shuffle_buffer, self.max_words, self.json_dataset = max(1, shuffle_buffer), max_words, json_dataset
         self.num_json = len(json_dataset) if json_dataset is not None else 0
+        self.max_image_pixels = max_image_pixels
         self.available = sum(self.sizes) + self.num_json
         self.samples_per_epoch = min(samples_per_epoch or self.available, self.available)
         self.steps = self.samples_per_epoch // (world_size * batch_size)
@@ -335,14 +337,20 @@ class ShardStream(torch.utils.data.IterableDataset):
         ext, captions = parts_of(sample, key)
         with _Seeded(_seed(self.seed, self.epoch, key)):
             caption = random.choice(captions) if len(captions) > 1 else captions[0]
+            allow_in_pillow(self.max_image_pixels)
             try:
                 with Image.open(io.BytesIO(sample[ext])) as img:
+                    if problem := too_many_pixels(img, self.max_image_pixels):
+                        raise DataError(problem)
                     if getattr(self.transform, 'lazy_decode', False):  # it decodes (jpeg_draft)
                         image = self.transform(img)
                     else:
                         image = img.convert('RGB')
                         if self.transform is not None:
                             image = self.transform(image)
+            except Image.DecompressionBombError:
+                raise DataError(f'cannot decode image {key}.{ext}: {too_many_pixels(None, self.max_image_pixels)}') \
+                    from None
             except Exception as error:  # PIL raises many types
                 raise DataError(f'cannot decode image {key}.{ext}: {one_line(error)}') from None
         return key, (image, pre_caption(caption, self.max_words))

@@ -7,7 +7,8 @@
 * Classify: zero-shot classification among typed class names (demo/classify.py).
 
 Every handler turns bad input into a `gr.Error`: one line in the page (and an `AppError` carrying the
-same line for gradio_client), never a stack trace.
+same line for gradio_client), never a stack trace. Uploaded and folder images are opened under
+Pillow's own decompression-bomb guard (PIL.Image.MAX_IMAGE_PIXELS), which the project never changes.
 """
 import os
 import threading
