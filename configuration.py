@@ -57,6 +57,12 @@ class ConfigError(ValueError):
     """A configuration problem, with the file and key in the message."""
 
 
+def cache_dir():
+    """The project's cache folder (annotation tables, shard sizes, downloaded released files):
+    $ALBEF_CACHE, else ~/.cache/albef."""
+    return os.environ.get('ALBEF_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'albef')
+
+
 def one_line(error):
     """The message of `error` (an exception, or a text) on one line, for an `error: ...` line: the
     project's one helper for it. A DataLoader worker's error arrives as a traceback text ending in

@@ -12,11 +12,11 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from configuration import one_line
+from configuration import cache_dir as default_cache_dir, one_line
 from .annotation_cache import write_table
 from .base import (DEFAULT_MAX_IMAGE_PIXELS, AnnotationDataset, DataError, ImageError, ImageRootDataset,
                    StringColumn, list_problem, open_image, read_json_list, type_problem)
-from .utils import cache_dir as default_cache_dir, pre_caption
+from .utils import pre_caption
 
 
 class CaptionTable:

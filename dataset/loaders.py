@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import random
 import signal
 import sys
 import weakref
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 import utils
 
 from .base import DataError, max_image_pixels
+from .utils import Seeded
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch) * 1_000_033 + index
@@ -55,21 +55,10 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        seed = sample_seed(self.seed, epoch, index)
-        random.seed(seed)
-        np.random.seed(seed % 2 ** 32)
-        # the CPU generator only (what the transforms draw from): torch.manual_seed would also queue
-        # a lazy CUDA seeding, recording a stack trace each time (milliseconds per sample)
-        torch.default_generator.manual_seed(seed)
         skipped = getattr(self.dataset, 'num_skipped', 0)
-        try:
+        with Seeded(sample_seed(self.seed, epoch, index)):
             item = self.dataset[index]
-            return item, getattr(self.dataset, 'num_skipped', 0) - skipped
-        finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch.set_rng_state(states[2])
+        return item, getattr(self.dataset, 'num_skipped', 0) - skipped
 
 
 class ResumableSampler(DistributedSampler):

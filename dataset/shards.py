@@ -49,17 +49,16 @@ import sys
 import tarfile
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from configuration import one_line
+from configuration import cache_dir as default_cache_dir, one_line
 from .base import DEFAULT_MAX_IMAGE_PIXELS, DataError, allow_in_pillow, too_many_pixels
 from .dealing import EpochPlan, Share, quotas_of, seed_of as _seed
 from .shard_writer import convert, main  # noqa: F401 - `python -m dataset.shards` runs main
-from .utils import cache_dir as default_cache_dir, pre_caption
+from .utils import Seeded, pre_caption
 
 logger = logging.getLogger(__name__)
 
@@ -204,26 +203,6 @@ def shard_sizes(urls: Sequence[str], cache_dir: str | None = None, progress: boo
     return sizes
 
 
-class _Seeded:
-    """The global random generators (python, numpy, torch) seeded for one sample and restored
-    after it: a sample's augmentation depends only on (seed, epoch, its key)."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def __enter__(self) -> None:
-        self.states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(self.seed)
-        np.random.seed(self.seed % 2 ** 32)
-        torch.default_generator.manual_seed(self.seed % 2 ** 63)  # not torch.manual_seed: it records a
-        # stack trace for the lazy CUDA seeding, a few ms per sample
-
-    def __exit__(self, *exc: Any) -> None:
-        random.setstate(self.states[0])
-        np.random.set_state(self.states[1])
-        torch.set_rng_state(self.states[2])
-
-
 class ShardStream(torch.utils.data.IterableDataset):
     """Pre-training samples (image, caption) from tar shards, and optionally the items of a JSON
     `pretrain_dataset` too, dealt out over processes and loader workers (see the module docstring).
@@ -331,11 +310,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         """(key, (image, caption)); DataError for a sample that cannot be used."""
         if isinstance(sample, tuple):  # an item of the JSON dataset
             index = sample[1]
-            with _Seeded(_seed(self.seed, self.epoch, 'json', index)):
+            with Seeded(_seed(self.seed, self.epoch, 'json', index)):
                 return f'json:{index}', self.json_dataset[index]
         key = f"{sample.get('__url__', '')}:{sample.get('__key__', '')}"
         ext, captions = parts_of(sample, key)
-        with _Seeded(_seed(self.seed, self.epoch, key)):
+        with Seeded(_seed(self.seed, self.epoch, key)):
             caption = random.choice(captions) if len(captions) > 1 else captions[0]
             allow_in_pillow(self.max_image_pixels)
             try:
