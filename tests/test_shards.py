@@ -111,11 +111,11 @@ def test_uint8_images_normalised_on_device_equal_the_float_pipeline(kind):
     images = [Image.fromarray((rng.rand(40, 50, 3) * 255).astype(np.uint8)) for _ in range(3)]
     as_float, as_uint8 = dataset.build_transform(kind, 32), dataset.build_transform(kind, 32, uint8=True)
     expected, got = [], []
-    from dataset.shards import _Seeded
+    from dataset.utils import Seeded
     for i, image in enumerate(images):  # the same random crops, flips and RandomAugment ops
-        with _Seeded(i):
+        with Seeded(i):
             expected.append(as_float(image))
-        with _Seeded(i):
+        with Seeded(i):
             got.append(as_uint8(image))
     batch = torch.stack(got)
     assert batch.dtype == torch.uint8 and batch.shape == (3, 3, 32, 32)
@@ -124,7 +124,7 @@ def test_uint8_images_normalised_on_device_equal_the_float_pipeline(kind):
 
 def test_jpeg_draft_decodes_smaller_only_where_the_crop_keeps_its_resolution(tmp_path, monkeypatch):
     from PIL import JpegImagePlugin
-    from dataset.shards import _Seeded
+    from dataset.utils import Seeded
     rng = np.random.RandomState(0)
     paths = {}
     for name, (w, h) in {'big': (1024, 768), 'small': (300, 200)}.items():
@@ -140,9 +140,9 @@ def test_jpeg_draft_decodes_smaller_only_where_the_crop_keeps_its_resolution(tmp
     for seed in range(6):
         for name, path in paths.items():
             drafts.clear()
-            with _Seeded(seed):
+            with Seeded(seed):
                 got = draft(Image.open(path))
-            with _Seeded(seed):
+            with Seeded(seed):
                 expected = plain(Image.open(path).convert('RGB'))
             if not drafts:  # no reduction: exactly RandomResizedCrop's pixels
                 assert torch.equal(got, expected), (name, seed)
