@@ -6,6 +6,7 @@ import glob
 import io
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -120,6 +121,25 @@ def test_uint8_images_normalised_on_device_equal_the_float_pipeline(kind):
     batch = torch.stack(got)
     assert batch.dtype == torch.uint8 and batch.shape == (3, 3, 32, 32)
     assert torch.equal(dataset.normalize(batch), torch.stack(expected))
+
+
+def test_seeded_draws_depend_on_the_seed_alone_and_leave_the_generators_as_they_were():
+    from dataset.utils import Seeded
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+    with Seeded(7):
+        first = draws()
+    draws()  # the generators move on between the two samples
+    with Seeded(7):
+        assert draws() == first
+    with Seeded(8):
+        assert all(a != b for a, b in zip(draws(), first))
+    after = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    with Seeded(9):
+        draws()
+    assert random.getstate() == after[0] and np.array_equal(np.random.get_state()[1], after[1])
+    assert torch.equal(torch.get_rng_state(), after[2])
 
 
 def test_jpeg_draft_decodes_smaller_only_where_the_crop_keeps_its_resolution(tmp_path, monkeypatch):
