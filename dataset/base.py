@@ -5,9 +5,9 @@ Every error is a `DataError` (a ValueError) with a one-line message. A dataset v
 annotation items when it is built and, unless `check_images=False`, checks that every image file
 exists (a class may leave that check out by default above `check_images_above` items: the
 pre-training sets do, so that 14M items start in seconds; a missing image then stops the run
-with the same one-line error when it is reached). With `skip_bad_images=True` an item whose image is missing or unreadable is replaced by the
-next readable item instead of stopping the run, and `num_skipped` counts the replacements. An image
-of more than `max_image_pixels` pixels (DEFAULT_MAX_IMAGE_PIXELS) is a bad image.
+with the same one-line error when it is reached). An image over `max_image_pixels` pixels is
+unreadable. With `skip_bad_images=True` an item whose image is missing or unreadable is replaced
+by the next readable item instead of stopping the run; `num_skipped` counts the replacements.
 """
 from __future__ import annotations
 
@@ -31,11 +31,9 @@ from configuration import one_line
 # `skip_bad_images`).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-# The most pixels a dataset decodes from one image file: Pillow's own refusal threshold (twice its
-# PIL.Image.MAX_IMAGE_PIXELS, about 13,400 x 13,400), against decompression bombs (a 10 MB PNG can
-# declare gigapixels). An image over it is a bad image: one line, or skipped with `skip_bad_images`.
-# A training config may raise it (`max_image_pixels: N`, or null for no limit; the original set
-# none); importing this module changes nothing, so the demo and models.load keep Pillow's guard.
+# A dataset's limit on an image's pixels against decompression bombs (a 10 MB PNG can declare
+# gigapixels): Pillow's own refusal threshold, 2 x PIL.Image.MAX_IMAGE_PIXELS (about 13,400^2). A
+# config may raise it (`max_image_pixels: N`, null: none); the demo and models.load keep Pillow's.
 DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 # modes with more than 8 bits per sample (16-bit and 32-bit greyscale, float)
@@ -120,10 +118,8 @@ def max_image_pixels(config: dict) -> int | None:
 
 
 def allow_in_pillow(max_pixels: int | None) -> None:
-    """Pillow refuses an image over twice PIL.Image.MAX_IMAGE_PIXELS (a process-wide setting) before
-    a dataset sees its size: a dataset whose limit is higher raises Pillow's to match, in the process
-    that reads its images (a training process or loader worker), when it reads one. Under the
-    default limit Pillow's setting is left as it is."""
+    """Pillow refuses an image over 2 x PIL.Image.MAX_IMAGE_PIXELS (process-wide) before a dataset sees
+    it: a higher limit raises Pillow's to match in the process that reads (training); the default doesn't."""
     guard = Image.MAX_IMAGE_PIXELS
     if guard is not None and (max_pixels is None or max_pixels > 2 * guard):
         Image.MAX_IMAGE_PIXELS = None if max_pixels is None else -(-max_pixels // 2)
@@ -131,16 +127,14 @@ def allow_in_pillow(max_pixels: int | None) -> None:
 
 def too_many_pixels(img: Image.Image | None, max_pixels: int | None) -> str | None:
     """Why an opened image (None: one Pillow refused as too large) is over `max_pixels`, else None."""
-    if max_pixels is not None and (img is None or img.width * img.height > max_pixels):
-        size = '' if img is None else f'{img.width} x {img.height}, '
-        return (f'{size}more than max_image_pixels = {max_pixels} pixels (a decompression bomb? raise '
-                f'max_image_pixels in the config to read it)')
-    return None
+    if max_pixels is None or (img is not None and img.width * img.height <= max_pixels):
+        return None
+    size = '' if img is None else f'{img.width} x {img.height}, '
+    return f'{size}more than max_image_pixels = {max_pixels} pixels (a decompression bomb? raise the key to read it)'
 
 
 def open_image(source: Any, where: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """`Image.open(source)`, not yet decoded; ImageError naming `where` if it is missing, unreadable,
-    or has more than `max_pixels` pixels (None: no limit)."""
+    """`Image.open(source)`, not decoded; ImageError naming `where` if missing, unreadable or over `max_pixels`."""
     allow_in_pillow(max_pixels)
     try:
         img = Image.open(source)
@@ -168,10 +162,9 @@ def load_rgb(path: str, where: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_P
 
 
 def probe_image(path: str, where: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[str, str] | None:
-    """Check that `path` exists and that PIL can verify it and decode it fully, as training does
-    (`max_pixels` as in `load_rgb`). Returns None if so, else (kind, message) with kind
-    'missing_image', 'bad_image', or 'note' (a high-bit-depth image, which training scales to 8 bits
-    by its range)."""
+    """Check that `path` exists and that PIL can verify it and decode it fully, as training does (under
+    `max_pixels`). None if so, else (kind, message), kind 'missing_image', 'bad_image', or 'note' (a
+    high-bit-depth image, which training scales to 8 bits by its range)."""
     if not os.path.isfile(path):
         return 'missing_image', f'image not found: {path} ({where})'
     try:
@@ -259,8 +252,7 @@ class AnnotationDataset(Dataset):
             None: always check).
         strict: False records each problem in `problems` and leaves the bad items out instead of
             raising (used by `dataset.check`).
-        max_image_pixels: an image with more pixels is a bad image (None: no limit); see
-            DEFAULT_MAX_IMAGE_PIXELS.
+        max_image_pixels: an image with more pixels is unreadable (None: no limit).
     """
     keys: tuple[str, ...] = ()
     check_images_above: int | None = None

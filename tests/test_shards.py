@@ -125,9 +125,7 @@ def test_uint8_images_normalised_on_device_equal_the_float_pipeline(kind):
 
 def test_seeded_draws_depend_on_the_seed_alone_and_leave_the_generators_as_they_were():
     from dataset.utils import Seeded
-
-    def draws():
-        return random.random(), float(np.random.rand()), float(torch.rand(1))
+    draws = lambda: (random.random(), float(np.random.rand()), float(torch.rand(1)))  # noqa: E731
     with Seeded(7):
         first = draws()
     draws()  # the generators move on between the two samples
