@@ -36,7 +36,7 @@ from .base import ContrastiveALBEF
 from .checkpoint import (CheckpointError, is_pretrain_layout, load_checkpoint, read_checkpoint,
                          strip_for_release)
 from .fetch import resolve_checkpoint
-from .loaded import GradCam, LoadedModel, TaskError  # noqa: F401 (what load returns and raises)
+from .loaded import GradCam, LoadedModel, TaskError, VE_LABELS, to_pil  # noqa: F401 (load's results, as before)
 from .tokenization_bert import BertTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +50,6 @@ TASKS = tuple(task.name for task in tasks.TASKS if task.heads)  # the tasks a ch
 MODEL_KEYS = ('image_res', 'patch_size', 'vision_width', 'vision_depth', 'vision_num_heads', 'embed_dim', 'temp',
               'mlm_probability', 'eos')
 DEFAULTS = {'temp': 0.07, 'momentum': 0.995, 'mlm_probability': 0.15, 'alpha': 0.4, 'eos': '[SEP]'}
-MAX_QUESTION_WORDS = 50  # pre_question's limit at VQA test time
 
 # ---- reading the checkpoint ---------------------------------------------------------------------
 def infer_task(state_dict):
