@@ -69,16 +69,16 @@ def main(args):
     run = engine.setup(args, TASK)
     config = run.config
 
-    print('Creating dataset')
+    utils.print0('Creating dataset')
     train_loader, test_loader = run.task_loaders(TASK.name, config['batch_size'], config['batch_size'])
     refer = REFER(config['refcoco_data'], 'refcoco+', 'unc')
     dets = load_detections(config['det_file'])
     cocos = load_detections(config['coco_file'])  # Parity: loaded (and checked) but unused
 
-    print('Creating model')
+    utils.print0('Creating model')
     model = ALBEF(config=config, text_encoder=engine.bert_weights(config), tokenizer=run.tokenizer)
     block_num = resolve_block_num(args, config, model)
-    print(f'Grad-CAM: {args.gradcam_mode.upper()} at block {block_num}, '
+    utils.print0(f'Grad-CAM: {args.gradcam_mode.upper()} at block {block_num}, '
           f'{"x".join(map(str, gradcam.patch_grid(model)))} patches')
     training = engine.prepare(run, model)
     engine.fit(run, training, train_loader, train_step,

@@ -42,10 +42,10 @@ def main(args):
     run = engine.setup(args, TASK)
     config = run.config
 
-    print('Creating NLVR2 datasets')
+    utils.print0('Creating NLVR2 datasets')
     train_loader, val_loader, test_loader = run.task_loaders(TASK.name, config['batch_size'], config['batch_size'])
 
-    print('Creating model')
+    utils.print0('Creating model')
     model = ALBEF(config=config, text_encoder=engine.bert_weights(config), tokenizer=run.tokenizer)
     training = engine.prepare(run, model, sync_momentum=config.get('nlvr_momentum_from_checkpoint', False))
     evaluate = engine.split_evaluator({'val': val_loader, 'test': test_loader},

@@ -28,10 +28,10 @@ def main(args):
     run = engine.setup(args, TASK)
     config = run.config
 
-    print('Creating dataset')
+    utils.print0('Creating dataset')
     loader = run.pretrain_loader(config['batch_size'], CaptionCollate(run.tokenizer, padding=engine.text_padding(run)))
 
-    print('Creating model')
+    utils.print0('Creating model')
     init_deit = config.get('init_deit', True) and not args.checkpoint and not args.resume
     training = engine.prepare(run, ALBEF(config=config, text_encoder=engine.bert_weights(config),
                                          tokenizer=run.tokenizer, init_deit=init_deit))

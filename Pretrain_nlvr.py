@@ -26,10 +26,10 @@ def main(args):
     run = engine.setup(args, TASK)
     config = run.config
 
-    print('Creating dataset')
+    utils.print0('Creating dataset')
     loader = run.pretrain_loader(config['batch_size'], CaptionCollate(run.tokenizer))
 
-    print('Creating model')
+    utils.print0('Creating model')
     model = ALBEF(config=config, text_encoder=engine.bert_weights(config), tokenizer=run.tokenizer)
     training = engine.prepare(run, model, find_unused_parameters=True)
     engine.fit(run, training, loader, train_step, alpha_ramp=False)

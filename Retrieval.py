@@ -38,7 +38,7 @@ def evaluation(model, data_loader, tokenizer, device, config):
     model.eval()
     itc_only = config.get('itc_only', False)
     dataset = data_loader.dataset
-    print(f"Evaluating {len(dataset.image)} images x {len(dataset.text)} texts at "
+    utils.print0(f"Evaluating {len(dataset.image)} images x {len(dataset.text)} texts at "
           f"{config['image_res']} px: " + ('ITC similarity only' if itc_only else
                                            f"ITC top-{config['k_test']} re-ranked by ITM"))
     rank, world_size = utils.get_rank(), utils.get_world_size()
@@ -62,7 +62,7 @@ def evaluate_split(model, loader, run):
     dataset = loader.dataset
     result = itm_eval(score_i2t, score_t2i, dataset.txt2img, dataset.img2txt)
     chance = chance_metrics(len(dataset.image), len(dataset.text), len(dataset.text) / len(dataset.image))
-    print(f"r_mean {result['r_mean']:.2f} (txt {result['txt_r_mean']:.2f}, img {result['img_r_mean']:.2f}); "
+    utils.print0(f"r_mean {result['r_mean']:.2f} (txt {result['txt_r_mean']:.2f}, img {result['img_r_mean']:.2f}); "
           f"a random ranking: {chance['r_mean']:.2f}")
     return result
 
@@ -71,12 +71,12 @@ def main(args):
     run = engine.setup(args, TASK)
     config = run.config
 
-    print('Creating retrieval dataset')
+    utils.print0('Creating retrieval dataset')
     # each rank encodes every world-th image of val and test (see evaluation)
     train_loader, val_loader, test_loader = run.task_loaders(TASK.name, config['batch_size_train'],
                                                                  config['batch_size_test'])
 
-    print('Creating model')
+    utils.print0('Creating model')
     training = engine.prepare(run, ALBEF(config=config, text_encoder=engine.bert_weights(config),
                                          tokenizer=run.tokenizer))
     evaluate = engine.split_evaluator({'val': val_loader, 'test': test_loader},

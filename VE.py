@@ -16,13 +16,8 @@ import utils
 from models.model_ve import ALBEF
 
 
-def unpack(batch):
-    image, text, targets = batch
-    return image, text, targets
-
-
 def train_step(model, batch, alpha, run):
-    image, text, targets = utils.to_device(unpack(batch), run.device)
+    image, text, targets = utils.to_device(batch, run.device)
     return {'loss': model(image, run.tokenize(text), targets=targets, train=True, alpha=alpha)}
 
 
@@ -30,15 +25,15 @@ def main(args):
     run = engine.setup(args, TASK)
     config = run.config
 
-    print('Creating SNLI-VE datasets')
+    utils.print0('Creating SNLI-VE datasets')
     train_loader, val_loader, test_loader = run.task_loaders(TASK.name, config['batch_size_train'],
                                                                  config['batch_size_test'])
 
-    print('Creating model')
+    utils.print0('Creating model')
     training = engine.prepare(run, ALBEF(config=config, text_encoder=engine.bert_weights(config),
                                          tokenizer=run.tokenizer))
     evaluate = engine.split_evaluator({'val': val_loader, 'test': test_loader},
-                                      lambda loader: engine.evaluate_accuracy(training.module, loader, run, unpack))
+                                      lambda loader: engine.evaluate_accuracy(training.module, loader, run))
     engine.fit(run, training, train_loader, train_step, evaluate, best_key='val_acc', evaluate_only=args.evaluate,
                alpha_ramp=config['warm_up'], digits=4)
 

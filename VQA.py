@@ -81,7 +81,7 @@ def write_results(run, results, epoch, topk):
         with open(os.path.join(result_dir, f'vqa_result_epoch{epoch}_top{topk}.json'), 'w') as f:
             json.dump([{'question_id': r['question_id'], 'answers': [a for a, _ in r['topk'][:topk]],
                         'probs': [p for _, p in r['topk'][:topk]]} for r in results], f)
-    print(f'result file saved to {path}')
+    utils.print0(f'result file saved to {path}')
     return path
 
 
@@ -93,12 +93,12 @@ def main(args):
         raise engine.ConfigError(f"{args.config}: vqa_normalization must be one of {', '.join(NORMALIZATIONS)}, "
                                  f'got {normalization!r}')
 
-    print('Creating VQA datasets')
+    utils.print0('Creating VQA datasets')
     train_loader, test_loader = run.task_loaders(TASK.name, config['batch_size_train'],
                                                      config['batch_size_test'], collate_fn=vqa_collate_fn)
     test_dataset = test_loader.dataset
 
-    print('Creating model')
+    utils.print0('Creating model')
     text_decoder = (args.text_decoder or config['text_encoder']) if engine.bert_weights(config) else None
     training = engine.prepare(run, ALBEF(config=config, text_encoder=engine.bert_weights(config),
                                          text_decoder=text_decoder, tokenizer=run.tokenizer))
@@ -106,7 +106,7 @@ def main(args):
         engine.fit(run, training, train_loader, train_step, alpha_ramp=config['warm_up'])
     last_epoch = 0 if args.evaluate else config['schedular']['epochs'] - 1
 
-    print('Answering the test questions')
+    utils.print0('Answering the test questions')
     results = evaluation(training.module, test_loader, run.tokenizer, run.device, config)
     results = collect_result(results, run.path('result'), f'vqa_result_epoch{last_epoch}')
     if run.is_main:
@@ -116,9 +116,9 @@ def main(args):
             answered = {r['question_id'] for r in results}  # all of them, unless skip_bad_images skipped some
             scored = [item for item in test_dataset.ann if int(item['question_id']) in answered]
             if len(scored) < len(test_dataset.ann):
-                print(f'{len(test_dataset.ann) - len(scored)} test questions without an answer are not scored')
+                utils.print0(f'{len(test_dataset.ann) - len(scored)} test questions without an answer are not scored')
             accuracy = vqa_accuracy(results, scored, normalization)
-            print(f"VQA accuracy on {accuracy['num_questions']} questions: {accuracy['overall']:.2f}")
+            utils.print0(f"VQA accuracy on {accuracy['num_questions']} questions: {accuracy['overall']:.2f}")
             engine.log_stats(run, {'vqa_acc': round(accuracy['overall'], 2),
                                    **{f'vqa_acc_{t}': round(a, 2) for t, a in accuracy['per_answer_type'].items()},
                                    'epoch': last_epoch})

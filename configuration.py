@@ -57,8 +57,28 @@ class ConfigError(ValueError):
     """A configuration problem, with the file and key in the message."""
 
 
-def _one_line(text):
-    return ' '.join(str(text).split())
+def cache_dir():
+    """The project's cache folder (annotation tables, shard sizes, downloaded released files):
+    $ALBEF_CACHE, else ~/.cache/albef."""
+    return os.environ.get('ALBEF_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'albef')
+
+
+def one_line(error):
+    """The message of `error` (an exception, or a text) on one line, for an `error: ...` line: the
+    project's one helper for it. A DataLoader worker's error arrives as a traceback text ending in
+    `module.Class: message`, of which the last line is kept; the error's own class name in front
+    (`ValueError: x`) is dropped; runs of whitespace, line breaks included, become one space; an
+    empty message gives the class name."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__ if isinstance(error, BaseException) else ''
+    if 'Traceback (most recent call last)' in text:
+        text = text.splitlines()[-1]
+    if isinstance(error, BaseException):
+        names = [f'{c.__module__}.{c.__qualname__}: ' for c in type(error).__mro__]
+        names += [f'{c.__qualname__}: ' for c in type(error).__mro__]
+        text = next((text[len(n):] for n in names if text.startswith(n)), text)
+    return ' '.join(text.split())
 
 
 def load_yaml(path):
@@ -72,13 +92,13 @@ def load_yaml(path):
     except MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f'{path}:{mark.line + 1}:{mark.column + 1}' if mark is not None else path
-        raise ConfigError(f'{where}: YAML syntax error: {_one_line(e.problem or e.context or e)}') from None
+        raise ConfigError(f'{where}: YAML syntax error: {one_line(e.problem or e.context or e)}') from None
     except YAMLError as e:
-        raise ConfigError(f'{path}: YAML syntax error: {_one_line(e)}') from None
+        raise ConfigError(f'{path}: YAML syntax error: {one_line(e)}') from None
     except UnicodeDecodeError as e:
         raise ConfigError(f'{path}: not UTF-8 text (byte {e.start}: {e.reason})') from None
     except OSError as e:
-        raise ConfigError(f'{path}: cannot read file: {_one_line(e.strerror or e)}') from None
+        raise ConfigError(f'{path}: cannot read file: {one_line(e.strerror or e)}') from None
     if not isinstance(config, dict):
         raise ConfigError(f'{path}: expected a mapping of keys to values at the top level')
     return config

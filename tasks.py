@@ -97,6 +97,7 @@ COMMON_KEYS: dict[str, Check] = {
     'save_every_steps': optional(COUNT),
     'skip_bad_images': BOOL,
     'check_images': optional(BOOL),
+    'max_image_pixels': optional(POSITIVE),   # null: no limit (dataset.base.DEFAULT_MAX_IMAGE_PIXELS)
     'augment': BOOL,
     'randaugment_autocontrast': one_of('original', 'pil'),
     'optimizer': MAPPING,                     # OPTIMIZER_KEYS

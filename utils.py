@@ -3,7 +3,6 @@
 Every distributed helper is safe without a process group: with one process the gathers return
 their input, barriers do nothing, the world size is 1 and the rank is 0.
 """
-import builtins
 import datetime
 import os
 import sys
@@ -31,15 +30,17 @@ def is_main_process():
     return get_rank() == 0
 
 
+def print0(*args, **kwargs):
+    """print() on the first process only (on the one process without a process group): what a run
+    reports is said once. Errors are said by every process that meets one (engine.launch.say)."""
+    if is_main_process():
+        print(*args, **kwargs)
+
+
 def barrier():
     """`torch.distributed.barrier()` when a process group exists, else nothing."""
     if is_dist_avail_and_initialized():
         dist.barrier()
-
-
-def save_on_master(*args, **kwargs):
-    if is_main_process():
-        torch.save(*args, **kwargs)
 
 
 @torch.no_grad()
@@ -97,8 +98,8 @@ def launcher_env():
 
 def init_distributed(device='cpu', dist_url='env://', enabled=True):
     """(rank, world_size, local_rank): when a launcher started several processes (and `enabled`),
-    join the process group (gloo for a CPU `device`, NCCL for CUDA, on the local rank's GPU) and
-    silence print() on every rank but the first; else (0, 1, 0)."""
+    join the process group (gloo for a CPU `device`, NCCL for CUDA, on the local rank's GPU); else
+    (0, 1, 0). What a run reports goes through `print0`, which prints on the first process only."""
     env = launcher_env() if enabled else None
     if env is None:
         return 0, 1, 0
@@ -111,20 +112,7 @@ def init_distributed(device='cpu', dist_url='env://', enabled=True):
     dist.init_process_group(backend='nccl' if use_cuda else 'gloo', init_method=dist_url,
                             world_size=world_size, rank=rank)
     barrier()
-    setup_for_distributed(rank == 0)
     return rank, world_size, local_rank
-
-
-def setup_for_distributed(is_master):
-    """Silence print() on every rank but the first (print(..., force=True) still prints)."""
-    builtin_print = builtins.print
-
-    def print(*args, **kwargs):
-        force = kwargs.pop('force', False)
-        if is_master or force:
-            builtin_print(*args, **kwargs)
-
-    builtins.print = print
 
 
 # ---- moving batches to the device ---------------------------------------------------------------
@@ -289,14 +277,14 @@ class MetricLogger:
                 if torch.cuda.is_available():
                     numbers['max_mem_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
                     parts.append(f"max mem: {numbers['max_mem_mb']:.0f}MB")
-                print(self.delimiter.join(p for p in parts if p), flush=True)
+                print0(self.delimiter.join(p for p in parts if p), flush=True)
                 if on_log is not None:
                     on_log(i, {**{name: meter.median for name, meter in self.meters.items()}, **numbers})
             i += 1
             end = time.time()
         steps = max(i - start, 1)
         total_time = time.time() - start_time
-        print(f'{header} Total time: {datetime.timedelta(seconds=int(total_time))} '
+        print0(f'{header} Total time: {datetime.timedelta(seconds=int(total_time))} '
               f'({total_time / steps:.4f} s / it)', flush=True)
 
 
@@ -359,14 +347,3 @@ def significant(value, digits=6):
     """A float to `digits` significant digits (72.39999999999999 -> 72.4); anything else as it is."""
     return float(f'{value:.{digits}g}') if isinstance(value, float) else value
 
-
-def short_message(error):
-    """The last line of an error message (DataLoader workers wrap theirs in a traceback, whose last
-    line starts with the exception's class name and module path), without that class name."""
-    text = str(error).strip() or type(error).__name__
-    last = text.splitlines()[-1]
-    for cls in type(error).__mro__:
-        for prefix in (f'{cls.__module__}.{cls.__qualname__}: ', f'{cls.__qualname__}: '):
-            if last.startswith(prefix):
-                return last[len(prefix):]
-    return last

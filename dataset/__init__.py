@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import tasks
-from .base import AnnotationDataset, DataError, ImageError
+from .base import AnnotationDataset, DataError, ImageError, max_image_pixels
 from .caption_dataset import pretrain_dataset, re_eval_dataset, re_train_dataset
 from .grounding_dataset import grounding_dataset
 from .loaders import create_loader, create_sampler, eval_loader, train_loader
@@ -196,7 +196,8 @@ def create_dataset(dataset: str, config: dict, uint8: bool = False) -> Annotatio
         raise DataError("config has no 'image_res'")
     check = config.get('check_images')  # unset: the dataset class decides (see AnnotationDataset)
     options = {'skip_bad_images': bool(config.get('skip_bad_images', False)),
-               'check_images': None if check is None else bool(check)}
+               'check_images': None if check is None else bool(check),
+               'max_image_pixels': max_image_pixels(config)}
     # `augment: false` trains on the test transform (the demo world, whose captions hinge on colours
     # and left/right, which colour augmentations and flips would falsify)
     augment = config.get('augment', True)

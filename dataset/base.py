@@ -5,8 +5,9 @@ Every error is a `DataError` (a ValueError) with a one-line message. A dataset v
 annotation items when it is built and, unless `check_images=False`, checks that every image file
 exists (a class may leave that check out by default above `check_images_above` items: the
 pre-training sets do, so that 14M items start in seconds; a missing image then stops the run
-with the same one-line error when it is reached). With `skip_bad_images=True` an item whose image is missing or unreadable is replaced by the
-next readable item instead of stopping the run, and `num_skipped` counts the replacements.
+with the same one-line error when it is reached). An image over `max_image_pixels` pixels is
+unreadable. With `skip_bad_images=True` an item whose image is missing or unreadable is replaced
+by the next readable item instead of stopping the run; `num_skipped` counts the replacements.
 """
 from __future__ import annotations
 
@@ -23,11 +24,17 @@ import numpy as np
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
+from configuration import one_line
+
 # The original sets LOAD_TRUNCATED_IMAGES globally, which trains on a cut-off file's missing part
 # as grey without a word; here a truncated image is unreadable (an error, or skipped with
-# `skip_bad_images`). Very large images are allowed, as in the original.
+# `skip_bad_images`).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-Image.MAX_IMAGE_PIXELS = None
+
+# A dataset's limit on an image's pixels against decompression bombs (a 10 MB PNG can declare
+# gigapixels): Pillow's own refusal threshold, 2 x PIL.Image.MAX_IMAGE_PIXELS (about 13,400^2). A
+# config may raise it (`max_image_pixels: N`, null: none); the demo and models.load keep Pillow's.
+DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 # modes with more than 8 bits per sample (16-bit and 32-bit greyscale, float)
 HIGH_BIT_DEPTH_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F')
@@ -65,11 +72,6 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _one_line(error: BaseException) -> str:
-    text = ' '.join(str(error).split())
-    return text or type(error).__name__
-
-
 def read_json(path: str) -> Any:
     """Parse the JSON file at `path`, raising DataError for a missing file or invalid JSON."""
     if not os.path.isfile(path):
@@ -82,7 +84,7 @@ def read_json(path: str) -> Any:
     except UnicodeDecodeError as e:
         raise DataError(f'{path}: not UTF-8 text (byte {e.start}: {e.reason})') from None
     except OSError as e:
-        raise DataError(f'{path}: cannot read file: {_one_line(e)}') from None
+        raise DataError(f'{path}: cannot read file: {one_line(e)}') from None
 
 
 def read_json_list(path: str) -> list:
@@ -110,33 +112,71 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(values).astype(np.uint8), 'L').convert('RGB')
 
 
-def load_rgb(path: str, where: str) -> Image.Image:
-    """Open and fully decode `path` as an 8-bit RGB PIL image (`to_rgb8`); `where` ('item i of
-    file') goes into the error message. A truncated file is unreadable."""
+def max_image_pixels(config: dict) -> int | None:
+    """A config's limit on an image's pixels: `max_image_pixels`, else the default; null: none."""
+    return config.get('max_image_pixels', DEFAULT_MAX_IMAGE_PIXELS)
+
+
+def allow_in_pillow(max_pixels: int | None) -> None:
+    """Pillow refuses an image over 2 x PIL.Image.MAX_IMAGE_PIXELS (process-wide) before a dataset sees
+    it: a higher limit raises Pillow's to match in the process that reads (training); the default doesn't."""
+    guard = Image.MAX_IMAGE_PIXELS
+    if guard is not None and (max_pixels is None or max_pixels > 2 * guard):
+        Image.MAX_IMAGE_PIXELS = None if max_pixels is None else -(-max_pixels // 2)
+
+
+def too_many_pixels(img: Image.Image | None, max_pixels: int | None) -> str | None:
+    """Why an opened image (None: one Pillow refused as too large) is over `max_pixels`, else None."""
+    if max_pixels is None or (img is not None and img.width * img.height <= max_pixels):
+        return None
+    size = '' if img is None else f'{img.width} x {img.height}, '
+    return f'{size}more than max_image_pixels = {max_pixels} pixels (a decompression bomb? raise the key to read it)'
+
+
+def open_image(source: Any, where: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """`Image.open(source)`, not decoded; ImageError naming `where` if missing, unreadable or over `max_pixels`."""
+    allow_in_pillow(max_pixels)
     try:
-        with Image.open(path) as img:
+        img = Image.open(source)
+    except FileNotFoundError:
+        raise ImageError(f'image not found: {source} ({where})') from None
+    except Image.DecompressionBombError:
+        raise ImageError(f'cannot read image {source} ({where}): {too_many_pixels(None, max_pixels)}') from None
+    except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, ...)
+        raise ImageError(f'cannot read image {source} ({where}): {one_line(e)}') from None
+    if problem := too_many_pixels(img, max_pixels):
+        img.close()
+        raise ImageError(f'cannot read image {source} ({where}): {problem}')
+    return img
+
+
+def load_rgb(path: str, where: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open and fully decode `path` as an 8-bit RGB PIL image (`to_rgb8`); `where` ('item i of
+    file') goes into the error message. A truncated file, or one over `max_pixels`, is unreadable."""
+    with open_image(path, where, max_pixels) as img:
+        try:
             img.load()
             return to_rgb8(img)
-    except FileNotFoundError:
-        raise ImageError(f'image not found: {path} ({where})') from None
-    except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, ...)
-        raise ImageError(f'cannot read image {path} ({where}): {_one_line(e)}') from None
+        except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, ...)
+            raise ImageError(f'cannot read image {path} ({where}): {one_line(e)}') from None
 
 
-def probe_image(path: str, where: str) -> tuple[str, str] | None:
-    """Check that `path` exists and that PIL can verify it and decode it fully, as training does.
-    Returns None if so, else (kind, message) with kind 'missing_image', 'bad_image', or 'note'
-    (a high-bit-depth image, which training scales to 8 bits by its range)."""
+def probe_image(path: str, where: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[str, str] | None:
+    """Check that `path` exists and that PIL can verify it and decode it fully, as training does (under
+    `max_pixels`). None if so, else (kind, message), kind 'missing_image', 'bad_image', or 'note' (a
+    high-bit-depth image, which training scales to 8 bits by its range)."""
     if not os.path.isfile(path):
         return 'missing_image', f'image not found: {path} ({where})'
     try:
-        with Image.open(path) as img:
+        with open_image(path, where, max_pixels) as img:
             img.verify()
-        with Image.open(path) as img:
+        with open_image(path, where, max_pixels) as img:
             img.load()
             mode = img.mode
+    except ImageError as e:
+        return 'bad_image', str(e)
     except Exception as e:
-        return 'bad_image', f'cannot read image {path} ({where}): {_one_line(e)}'
+        return 'bad_image', f'cannot read image {path} ({where}): {one_line(e)}'
     if mode in HIGH_BIT_DEPTH_MODES:
         return 'note', f'image {path} ({where}) has mode {mode}: scaled to 8 bits by its range of values'
     return None
@@ -212,14 +252,17 @@ class AnnotationDataset(Dataset):
             None: always check).
         strict: False records each problem in `problems` and leaves the bad items out instead of
             raising (used by `dataset.check`).
+        max_image_pixels: an image with more pixels is unreadable (None: no limit).
     """
     keys: tuple[str, ...] = ()
     check_images_above: int | None = None
 
     def __init__(self, ann_file: str | Sequence[str], transform: Callable | None, *,
-                 skip_bad_images: bool = False, check_images: bool | None = None, strict: bool = True) -> None:
+                 skip_bad_images: bool = False, check_images: bool | None = None, strict: bool = True,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.transform = transform
         self.skip_bad_images = skip_bad_images
+        self.max_image_pixels = max_image_pixels
         self.strict = strict
         self.num_skipped = 0
         self.num_missing_images = 0
@@ -327,7 +370,7 @@ class AnnotationDataset(Dataset):
     # ---- images ----------------------------------------------------------------------------
     def load_image(self, path: str, index: int) -> Image.Image:
         """The RGB image of item `index` (ImageError naming the item if missing or unreadable)."""
-        return load_rgb(path, self.where(index))
+        return load_rgb(path, self.where(index), self.max_image_pixels)
 
     def apply_transform(self, image: Image.Image) -> Any:
         return self.transform(image) if self.transform is not None else image
@@ -365,7 +408,7 @@ class AnnotationDataset(Dataset):
 
         def probe(job: tuple[int, str]) -> Problem | None:
             index, path = job
-            found = probe_image(path, self.where(index))
+            found = probe_image(path, self.where(index), self.max_image_pixels)
             return None if found is None else Problem(found[0], *self.origin(index), found[1])
 
         with ThreadPoolExecutor(max(1, workers)) as pool:

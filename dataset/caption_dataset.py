@@ -12,10 +12,11 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from configuration import cache_dir as default_cache_dir, one_line
 from .annotation_cache import write_table
-from .base import (AnnotationDataset, DataError, ImageError, ImageRootDataset, StringColumn, _one_line, list_problem,
-                   read_json_list, type_problem)
-from .utils import cache_dir as default_cache_dir, pre_caption
+from .base import (DEFAULT_MAX_IMAGE_PIXELS, AnnotationDataset, DataError, ImageError, ImageRootDataset,
+                   StringColumn, list_problem, open_image, read_json_list, type_problem)
+from .utils import pre_caption
 
 
 class CaptionTable:
@@ -124,17 +125,15 @@ class CaptionTable:
                 + (self.first.nbytes if self.first is not None else 0) + sum(len(f) for f in self.folders))
 
 
-def lazy_transform(source, where: str, transform: Callable):
+def lazy_transform(source, where: str, transform: Callable, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
     """`transform` applied to the image at `source` (a path or a file object) as opened, before
-    it is decoded (for DraftRandomResizedCrop); ImageError naming `where` if it is unusable."""
-    from PIL import Image
-    try:
-        with Image.open(source) as img:
+    it is decoded (for DraftRandomResizedCrop); ImageError naming `where` if it is unusable (as
+    `open_image`: missing, unreadable or over `max_pixels`)."""
+    with open_image(source, where, max_pixels) as img:
+        try:
             return transform(img)
-    except FileNotFoundError:
-        raise ImageError(f'image not found: {source} ({where})') from None
-    except Exception as e:
-        raise ImageError(f'cannot read image {source} ({where}): {_one_line(e)}') from None
+        except Exception as e:
+            raise ImageError(f'cannot read image {source} ({where}): {one_line(e)}') from None
 
 
 def _rss_mib() -> float:
@@ -274,7 +273,7 @@ class pretrain_dataset(AnnotationDataset):
     def get_item(self, index: int) -> tuple:
         if getattr(self.transform, 'lazy_decode', False):  # the transform decodes (jpeg_draft)
             path = self.ann.image(index)
-            image = lazy_transform(path, self.where(index), self.transform)
+            image = lazy_transform(path, self.where(index), self.transform, self.max_image_pixels)
         else:
             image = self.apply_transform(self.load_image(self.ann.image(index), index))
         caption = self.ann.caption(index)

@@ -22,10 +22,10 @@ from collections import Counter
 from typing import Sequence
 
 import tasks
-from configuration import ConfigError, check_config, load_yaml, world_size
+from configuration import ConfigError, check_config, load_yaml, one_line, world_size
 
 from . import TASKS
-from .base import DataError, Problem, as_file_list, read_json_list
+from .base import DataError, Problem, as_file_list, max_image_pixels, read_json_list
 
 UNK_LIMIT = 0.05  # above this share of [UNK] word pieces the scripts warn
 TEXT_KEYS = ('caption', 'sentence', 'question', 'text')
@@ -127,7 +127,7 @@ def vocabulary_line(config: dict) -> str:
         from models.tokenization_bert import BertTokenizer
         tokenizer = BertTokenizer.from_pretrained(text_encoder)
     except Exception as e:  # offline, a missing directory, ...
-        return f'vocabulary: cannot load the tokenizer of {text_encoder} ({str(e).splitlines()[0][:200]})'
+        return f'vocabulary: cannot load the tokenizer of {text_encoder} ({one_line(e)[:200]})'
     line = unk_report(items, tokenizer, text_encoder, always=True)
     return f'vocabulary: {line}' if line else 'vocabulary: no training texts to measure'
 
@@ -147,7 +147,8 @@ def scan(config: dict, task: str, workers: int = 8, progress: bool = True) -> tu
                 continue
             done.add(key)
             try:
-                dataset = split.build(config, ann_file=path, check_images=False, strict=False)
+                dataset = split.build(config, ann_file=path, check_images=False, strict=False,
+                                      max_image_pixels=max_image_pixels(config))
             except DataError as e:  # a config key is missing
                 problems.append(Problem('file', '', None, str(e)))
                 break

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import random
 import signal
 import sys
 import weakref
@@ -24,7 +23,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from .base import DataError
+import utils
+
+from .base import DataError, max_image_pixels
+from .utils import Seeded
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch) * 1_000_033 + index
@@ -53,21 +55,10 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        seed = sample_seed(self.seed, epoch, index)
-        random.seed(seed)
-        np.random.seed(seed % 2 ** 32)
-        # the CPU generator only (what the transforms draw from): torch.manual_seed would also queue
-        # a lazy CUDA seeding, recording a stack trace each time (milliseconds per sample)
-        torch.default_generator.manual_seed(seed)
         skipped = getattr(self.dataset, 'num_skipped', 0)
-        try:
+        with Seeded(sample_seed(self.seed, epoch, index)):
             item = self.dataset[index]
-            return item, getattr(self.dataset, 'num_skipped', 0) - skipped
-        finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch.set_rng_state(states[2])
+        return item, getattr(self.dataset, 'num_skipped', 0) - skipped
 
 
 class ResumableSampler(DistributedSampler):
@@ -235,7 +226,7 @@ class StreamLoader:
                 self.marks[self.stream.available + shard] = 1
                 if shard not in self.reported:
                     self.reported.add(shard)
-                    print(f'warning: shard {self.stream.urls[shard]} has {found} samples, its count says '
+                    utils.print0(f'warning: shard {self.stream.urls[shard]} has {found} samples, its count says '
                           f'{counted} (cut short after it was counted?); the epoch trains others in their place',
                           file=sys.stderr, flush=True)
             yield batch, skipped
@@ -277,10 +268,11 @@ def shard_loader(dataset, batch_size, config, rank=0, world_size=1, seed=0, pin_
     stream = ShardStream(urls, transform, batch_size=batch_size, num_workers=num_workers, rank=rank,
                          world_size=world_size, seed=seed, sizes=sizes,
                          samples_per_epoch=config.get('samples_per_epoch'),
-                         shuffle_buffer=config.get('shuffle_buffer', DEFAULT_SHUFFLE_BUFFER), json_dataset=dataset)
+                         shuffle_buffer=config.get('shuffle_buffer', DEFAULT_SHUFFLE_BUFFER), json_dataset=dataset,
+                         max_image_pixels=max_image_pixels(config))
     used = stream.steps * batch_size * world_size
     rest = f', leaving {stream.available - used} for the next' if used < stream.available else ''
-    print(f'{stream.samples_per_epoch} samples per epoch ({sum(sizes)} in {len(urls)} shards'
+    utils.print0(f'{stream.samples_per_epoch} samples per epoch ({sum(sizes)} in {len(urls)} shards'
           f'{f", {len(dataset)} from train_file" if dataset is not None else ""}): {stream.steps} steps of '
           f'{batch_size} x {world_size} processes, {num_workers} loader workers each; each epoch trains '
           f'{used} of them once{rest}')
@@ -300,7 +292,7 @@ def check_batch_count(num_items, batch_size, world_size=1, files=None, config_pa
     steps = per_process // batch_size
     used = steps * batch_size * world_size
     if used < num_items:
-        print(f'drop_last: {num_items - used} of {num_items} training items are left out of each epoch '
+        utils.print0(f'drop_last: {num_items - used} of {num_items} training items are left out of each epoch '
               f'({steps} batches of {batch_size} in each of {world_size} process(es))')
 
 
@@ -309,7 +301,7 @@ def check_vocabulary(dataset, tokenizer, text_encoder, limit=0.05):
     from .check import unk_report
     message = unk_report(dataset, tokenizer, text_encoder, limit=limit)
     if message:
-        print(f'warning: {message}', file=sys.stderr, flush=True)
+        utils.print0(f'warning: {message}', file=sys.stderr, flush=True)
 
 
 def train_loader(dataset, batch_size, config, rank=0, world_size=1, seed=0, pin_memory=False, collate_fn=None,

@@ -22,6 +22,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+import utils
+from configuration import one_line
 from .base import DataError, read_json
 from .utils import computeIoU
 
@@ -54,7 +56,7 @@ def load_plain_pickle(path: str) -> Any:
         raise DataError(f"{path}: refused to unpickle: it asks for the Python object '{e}' (a refs file holds "
                         f'only lists, dicts, strings and numbers; this file may be malicious)') from None
     except Exception as e:  # truncated or corrupt files raise EOFError, ValueError, ...
-        raise DataError(f'{path}: not a readable pickle: {type(e).__name__}: {" ".join(str(e).split())}') from None
+        raise DataError(f'{path}: not a readable pickle: {type(e).__name__}: {one_line(e)}') from None
 
 
 class REFER:
@@ -94,7 +96,7 @@ class REFER:
                 raise DataError(f"{refs_file}: ref {ref['ref_id']} is on image {ref['image_id']}, "
                                 f'which {instances_file} does not have')
             self.refToAnn[ref['ref_id']] = self.Anns[ref['ann_id']]
-        print(f'{dataset} ({splitBy}): {len(self.Refs)} refs, {len(self.Anns)} annotations, '
+        utils.print0(f'{dataset} ({splitBy}): {len(self.Refs)} refs, {len(self.Anns)} annotations, '
               f'{len(self.Imgs)} images')
 
 
@@ -181,9 +183,9 @@ def grounding_eval(results: list[dict], dets: dict, cocos: Any, refer: REFER, al
         elif computeIoU(gt_box, box[:4]) >= 0.5:
             correct[ref['split']] += 1
     if no_proposals:
-        print(f'{no_proposals} expressions had no detection proposals for their image (counted as wrong)')
+        utils.print0(f'{no_proposals} expressions had no detection proposals for their image (counted as wrong)')
     accuracy = {}
     for split in list(SPLITS) + sorted(set(total) - set(SPLITS)):
         accuracy[f'{split}_d'] = correct[split] / total[split] if total[split] else float('nan')
-        print(f'{split}_d: {accuracy[split + "_d"]:.3f}')
+        utils.print0(f'{split}_d: {accuracy[split + "_d"]:.3f}')
     return accuracy

@@ -12,7 +12,8 @@ from typing import Sequence
 import webdataset as wds
 from PIL import Image
 
-from .base import DataError, _one_line
+from configuration import one_line
+from .base import DataError
 
 logger = logging.getLogger('dataset.shards')
 
@@ -46,7 +47,7 @@ def convert(config: dict, out: str, shard_size: int = 10_000, progress: bool = T
                 data = None
             except Exception as error:
                 summary['unreadable'] += 1
-                logger.warning('cannot read image %s (%s): %s', path, dataset.where(index), _one_line(error))
+                logger.warning('cannot read image %s (%s): %s', path, dataset.where(index), one_line(error))
                 data = None
             if data is not None:
                 ext = {'jpeg': 'jpg', 'png': 'png', 'webp': 'webp'}.get(fmt)

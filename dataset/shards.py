@@ -49,16 +49,16 @@ import sys
 import tarfile
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from .base import DataError, _one_line
+from configuration import cache_dir as default_cache_dir, one_line
+from .base import DEFAULT_MAX_IMAGE_PIXELS, DataError, allow_in_pillow, too_many_pixels
 from .dealing import EpochPlan, Share, quotas_of, seed_of as _seed
 from .shard_writer import convert, main  # noqa: F401 - `python -m dataset.shards` runs main
-from .utils import cache_dir as default_cache_dir, pre_caption
+from .utils import Seeded, pre_caption
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def count_samples(url: str) -> int:
                     return int(json.load(f)['successes'])
             except (ValueError, KeyError, TypeError) as error:
                 raise DataError(f"train_shards: {stats}: expected img2dataset's stats with a number "
-                                f"'successes' ({_one_line(error)})") from None
+                                f"'successes' ({one_line(error)})") from None
     keys, members = set(), 0
     try:
         with wds.gopen(url, 'rb') as stream, tarfile.open(fileobj=stream, mode='r|*') as tar:
@@ -124,9 +124,9 @@ def count_samples(url: str) -> int:
                     keys.add(key)
     except Exception as error:
         if not members:
-            raise DataError(f'train_shards: {url} is not a tar file ({_one_line(error)})') from None
+            raise DataError(f'train_shards: {url} is not a tar file ({one_line(error)})') from None
         # a truncated shard: count what is readable, as the stream will
-        logger.warning('shard %s is readable only up to its %d-th sample: %s', url, len(keys), _one_line(error))
+        logger.warning('shard %s is readable only up to its %d-th sample: %s', url, len(keys), one_line(error))
     return len(keys)
 
 
@@ -140,7 +140,7 @@ def parts_of(sample: dict, key: str) -> tuple[str, list]:
         try:
             meta = json.loads(sample['json'])
         except ValueError as error:
-            raise DataError(f'{key}: invalid json: {_one_line(error)}') from None
+            raise DataError(f'{key}: invalid json: {one_line(error)}') from None
         captions = meta.get('captions') if isinstance(meta, dict) else None
         if captions is None and isinstance(meta, dict) and isinstance(meta.get('caption'), str):
             captions = [meta['caption']]
@@ -199,28 +199,8 @@ def shard_sizes(urls: Sequence[str], cache_dir: str | None = None, progress: boo
             json.dump(sizes, f)
         os.replace(tmp, cache)
     except OSError as error:
-        logger.warning('cannot cache the shard sizes in %s: %s', cache_dir, _one_line(error))
+        logger.warning('cannot cache the shard sizes in %s: %s', cache_dir, one_line(error))
     return sizes
-
-
-class _Seeded:
-    """The global random generators (python, numpy, torch) seeded for one sample and restored
-    after it: a sample's augmentation depends only on (seed, epoch, its key)."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def __enter__(self) -> None:
-        self.states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(self.seed)
-        np.random.seed(self.seed % 2 ** 32)
-        torch.default_generator.manual_seed(self.seed % 2 ** 63)  # not torch.manual_seed: it records a
-        # stack trace for the lazy CUDA seeding, a few ms per sample
-
-    def __exit__(self, *exc: Any) -> None:
-        random.setstate(self.states[0])
-        np.random.set_state(self.states[1])
-        torch.set_rng_state(self.states[2])
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -238,13 +218,15 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, urls: Sequence[str], transform: Callable | None, *, batch_size: int, num_workers: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, sizes: Sequence[int] | None = None,
                  samples_per_epoch: int | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                 max_words: int = 30, json_dataset: Any = None) -> None:
+                 max_words: int = 30, json_dataset: Any = None,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.urls, self.transform = list(urls), transform
         self.batch_size, self.num_workers = batch_size, max(1, num_workers)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.sizes = list(sizes) if sizes is not None else shard_sizes(self.urls)
         self.shuffle_buffer, self.max_words, self.json_dataset = max(1, shuffle_buffer), max_words, json_dataset
         self.num_json = len(json_dataset) if json_dataset is not None else 0
+        self.max_image_pixels = max_image_pixels
         self.available = sum(self.sizes) + self.num_json
         self.samples_per_epoch = min(samples_per_epoch or self.available, self.available)
         self.steps = self.samples_per_epoch // (world_size * batch_size)
@@ -287,7 +269,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             samples.close()  # stopped early: the file is closed now
             if errors:  # one shard may report its error at several levels: counted once
                 counter[0] += 1
-                warn(f'skipped the rest of shard {url}: {_one_line(errors[0])}')
+                warn(f'skipped the rest of shard {url}: {one_line(errors[0])}')
             if index < end:
                 events.append((shard, index, self.sizes[shard]))
 
@@ -328,22 +310,28 @@ class ShardStream(torch.utils.data.IterableDataset):
         """(key, (image, caption)); DataError for a sample that cannot be used."""
         if isinstance(sample, tuple):  # an item of the JSON dataset
             index = sample[1]
-            with _Seeded(_seed(self.seed, self.epoch, 'json', index)):
+            with Seeded(_seed(self.seed, self.epoch, 'json', index)):
                 return f'json:{index}', self.json_dataset[index]
         key = f"{sample.get('__url__', '')}:{sample.get('__key__', '')}"
         ext, captions = parts_of(sample, key)
-        with _Seeded(_seed(self.seed, self.epoch, key)):
+        with Seeded(_seed(self.seed, self.epoch, key)):
             caption = random.choice(captions) if len(captions) > 1 else captions[0]
+            allow_in_pillow(self.max_image_pixels)
             try:
                 with Image.open(io.BytesIO(sample[ext])) as img:
+                    if problem := too_many_pixels(img, self.max_image_pixels):
+                        raise DataError(problem)
                     if getattr(self.transform, 'lazy_decode', False):  # it decodes (jpeg_draft)
                         image = self.transform(img)
                     else:
                         image = img.convert('RGB')
                         if self.transform is not None:
                             image = self.transform(image)
+            except Image.DecompressionBombError:
+                raise DataError(f'cannot decode image {key}.{ext}: {too_many_pixels(None, self.max_image_pixels)}') \
+                    from None
             except Exception as error:  # PIL raises many types
-                raise DataError(f'cannot decode image {key}.{ext}: {_one_line(error)}') from None
+                raise DataError(f'cannot decode image {key}.{ext}: {one_line(error)}') from None
         return key, (image, pre_caption(caption, self.max_words))
 
     def __iter__(self) -> Iterator[tuple]:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 import utils
@@ -20,10 +22,28 @@ _DELETED = re.compile(r"[,.'!?\"()*#:;~]")
 _WHITESPACE_RUN = re.compile(r'\s{2,}')
 
 
-def cache_dir() -> str:
-    """The project's cache folder (annotation tables, shard sizes, downloaded released files):
-    $ALBEF_CACHE, else ~/.cache/albef."""
-    return os.environ.get('ALBEF_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'albef')
+class Seeded:
+    """The global random generators (python, numpy, torch's CPU generator) seeded with `seed` for one
+    sample and restored after it, so that a sample's random augmentation depends on its seed alone
+    (dataset.loaders.SeededSamples, dataset.shards.ShardStream)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self.states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(self.seed)
+        np.random.seed(self.seed % 2 ** 32)
+        torch.default_generator.manual_seed(self.seed % 2 ** 63)  # not torch.manual_seed: it would also
+        # queue a lazy CUDA seeding, recording a stack trace each time (milliseconds per sample)
+
+    def __exit__(self, *exc: Any) -> None:
+        random.setstate(self.states[0])
+        np.random.set_state(self.states[1])
+        torch.set_rng_state(self.states[2])
+
+
+CAPTION_WORDS = 30  # the caption limit of ALBEF's datasets, of models.load and the demo (pre_caption's default is 50)
 
 
 def _truncate(text: str, max_words: int) -> str:

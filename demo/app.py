@@ -7,7 +7,8 @@
 * Classify: zero-shot classification among typed class names (demo/classify.py).
 
 Every handler turns bad input into a `gr.Error`: one line in the page (and an `AppError` carrying the
-same line for gradio_client), never a stack trace.
+same line for gradio_client), never a stack trace. Uploaded and folder images are opened under
+Pillow's own decompression-bomb guard (PIL.Image.MAX_IMAGE_PIXELS), which the project never changes.
 """
 import os
 import threading
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 import tasks
-from dataset.utils import pre_caption, pre_question
+from dataset.utils import CAPTION_WORDS, pre_caption, pre_question
 from models import gradcam
 from models.api import TaskError
 
@@ -98,7 +99,7 @@ def _caption(text, what='caption'):
     if text is None or not text.strip():
         wanted = 'what to search for' if what == 'text' else f'a {what}'
         raise _error(f'the {what} is empty: type {wanted} first')
-    cleaned = pre_question(text) if what == 'question' else pre_caption(text, 30)
+    cleaned = pre_question(text) if what == 'question' else pre_caption(text, CAPTION_WORDS)
     if not cleaned.strip():
         raise _error(f'the {what} {text!r} has no words left after lowercasing and removing punctuation')
     return text
@@ -222,10 +223,7 @@ def block_choices(loaded):
     layer is left out: there only the [CLS] row reaches the ITM head, so every word's map is zero."""
     if loaded is None:
         return [8], 8
-    layers = gradcam.fusion_layers(loaded.model)
-    layers = layers[:-1] if len(layers) > 1 else layers
-    default = min(max(gradcam.default_block_num(loaded.model, 'itm'), layers[0]), layers[-1])
-    return layers, default
+    return gradcam.word_blocks(loaded.model), gradcam.word_block(loaded.model)
 
 
 def image_and_text(tab, text_label, placeholder):

@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from configuration import one_line
+
 DEMO_OUTPUT = os.path.join('output', 'demo')
 DEMO_WORLD = os.path.join('data', 'demo')
 DEMO_COMMAND = 'the demo command of README.md (python -m dataset.toy --out data/demo, then Pretrain.py and Retrieval.py)'
@@ -108,7 +110,7 @@ def load(path, args, what, **kwargs):
             return load_model(path, device=args.device, text_encoder=args.text_encoder,
                               trust_checkpoint=args.trust_checkpoint, **kwargs)
     except Exception as error:  # CheckpointError, TaskError, a file that is no checkpoint, ...: one line
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = one_line(error)
         raise BadInput(message if path in message else f'{what} {path}: {message}') from None
 
 

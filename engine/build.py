@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import utils
-from configuration import ConfigError
+from configuration import ConfigError, one_line
 from models.checkpoint import load_checkpoint
 from models.fetch import resolve_checkpoint  # a released name: its download
 from models.freeze import freeze_towers, parameter_counts
@@ -101,7 +101,7 @@ def freeze(model, config):
     except ValueError as error:
         raise ConfigError(str(error)) from None
     trained, total = parameter_counts(model)
-    print(f'trained parameters: {trained:,} of {total:,}' + (f' ({frozen} frozen)' if frozen else ''), flush=True)
+    utils.print0(f'trained parameters: {trained:,} of {total:,}' + (f' ({frozen} frozen)' if frozen else ''), flush=True)
 
 
 def wrap_model(model, run, find_unused_parameters=False):
@@ -167,7 +167,7 @@ def step_compile_options(device):
     on any other device the default mode, and a line saying CUDA graphs are not used."""
     if device.type == 'cuda':
         return {'mode': 'reduce-overhead'}
-    print(f'compile step: CUDA graphs (reduce-overhead) are not used on {device.type}', flush=True)
+    utils.print0(f'compile step: CUDA graphs (reduce-overhead) are not used on {device.type}', flush=True)
     return {}
 
 
@@ -263,7 +263,7 @@ class CompileFallback:
                 self.failed = True
                 if self.regions:  # compiled in place: only the stance turns them off
                     torch.compiler.set_stance('force_eager')
-                print(f'torch.compile failed ({type(error).__name__}: {utils.short_message(error)}); '
+                utils.print0(f'torch.compile failed ({type(error).__name__}: {one_line(error)}); '
                       f'continuing in eager mode', flush=True)
         return self.eager(*args, **kwargs)
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import utils
-from configuration import ConfigError
+from configuration import ConfigError, one_line
 from models.checkpoint import CheckpointError
 from models.freeze import FREEZE_KEYS
 
@@ -171,10 +171,10 @@ class Checkpointer:
             try:
                 ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
             except Exception as e:
-                print(f'skipping unreadable {path}: {utils.short_message(e)}')
+                utils.print0(f'skipping unreadable {path}: {one_line(e)}')
                 continue
             if not isinstance(ckpt, dict):
-                print(f'skipping {path}: not a training checkpoint')
+                utils.print0(f'skipping {path}: not a training checkpoint')
                 continue
             resume = ckpt.get('resume')
             position = (resume['epoch'], resume['step']) if resume else (ckpt.get('epoch', -1) + 1, 0)
@@ -203,10 +203,10 @@ class Checkpointer:
         if rng and len(rng) == self.world_size:
             set_rng_state(rng[self.rank])
         elif rng:
-            print(f'resuming with {self.world_size} processes from a run with {len(rng)}: '
+            utils.print0(f'resuming with {self.world_size} processes from a run with {len(rng)}: '
                   f'random streams are not continued')
         self.last_saved = path
-        print(f'resumed from {path} at epoch {state.epoch}, step {state.step}')
+        utils.print0(f'resumed from {path} at epoch {state.epoch}, step {state.step}')
         return state
 
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import dataset.loaders
 import tracking
 import utils
-from configuration import ConfigError
+from configuration import ConfigError, one_line
 from models.checkpoint import CheckpointError
 from .checkpointing import DiskFullError
 from .loop import NonFiniteLossError
@@ -26,17 +26,17 @@ def launch(main, parser, argv=None):
     try:
         main(args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, NonFiniteLossError, DiskFullError) as error:
-        message = error.strerror if isinstance(error, DiskFullError) else utils.short_message(error)
+        message = error.strerror if isinstance(error, DiskFullError) else one_line(error)
         # every process reads the same config, checkpoint and weights, and the first speaks for all;
         # a data error in training is this process's own (its share of the data)
         if utils.is_main_process() or (SIGNALS.active and isinstance(error, DataError)):
             say(f'error: {message}')
         sys.exit(2)
     except Interrupted as interrupt:
-        print(interrupt, file=sys.stderr, flush=True)
+        utils.print0(interrupt, file=sys.stderr, flush=True)
         sys.exit(interrupt.code)
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
-        print('interrupted; nothing more was written (continue with --resume from the last checkpoint, if any)',
+        utils.print0('interrupted; nothing more was written (continue with --resume from the last checkpoint, if any)',
               file=sys.stderr, flush=True)
         sys.exit(130)
     except RuntimeError as error:
@@ -56,8 +56,7 @@ def launch(main, parser, argv=None):
 
 
 def say(line):
-    """A line on stderr from any process (print() is silenced on all but the first, see
-    utils.setup_for_distributed)."""
+    """A line on stderr from any process (utils.print0 prints on the first only)."""
     sys.stderr.write(line + '\n')
     sys.stderr.flush()
 

@@ -124,7 +124,7 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
     bare_model.momentum_paused = False
     guard.check()
     logger.synchronize_between_processes()
-    print('Averaged stats:', logger.global_avg())
+    utils.print0('Averaged stats:', logger.global_avg())
     state.step, state.meters = 0, None
     stats = {name: float(f'{meter.global_avg:.{digits}g}') if name == 'lr' else round(meter.global_avg, digits)
              for name, meter in logger.meters.items()}
@@ -150,7 +150,7 @@ def fit(run, training, loader, train_step, evaluate=None, best_key=None, evaluat
     """
     state, checkpointer = training.state, training.checkpointer
     epochs = run.config['schedular']['epochs']
-    print('Start evaluation' if evaluate_only else 'Start training')
+    utils.print0('Start evaluation' if evaluate_only else 'Start training')
     SIGNALS.start(run)
     for epoch in range(state.epoch, epochs):
         state.epoch = epoch
@@ -199,7 +199,7 @@ def check_replicas(model, run):
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     hashes = [None] * run.world_size
     dist.all_gather_object(hashes, digest.hexdigest()[:16])
-    print(f'final weights sha256 on each process: {" ".join(hashes)}')
+    utils.print0(f'final weights sha256 on each process: {" ".join(hashes)}')
     if len(set(hashes)) > 1:
         raise RuntimeError(f'the processes finished with different weights: {hashes}')
 

@@ -161,9 +161,9 @@ def setup(args, task):
               scaler=torch.amp.GradScaler(device.type, enabled=config['amp'] == 'fp16'))
     run.writer = tracking.ScalarWriter(run.output_dir, backends, config, enabled=run.is_main)
     if run.distributed:
-        print(f'process {run.rank} of {run.world_size} on {device} ({dist.get_backend()})', force=True)
+        print(f'process {run.rank} of {run.world_size} on {device} ({dist.get_backend()})')  # every process says where it runs
     else:
-        print(f'single process on {device}')
+        utils.print0(f'single process on {device}')
     return run
 
 
@@ -173,7 +173,7 @@ def check_output_dir(args):
     --overwrite or --evaluate), saying what --overwrite replaces; returns those file names."""
     replaced = configuration.check_output_dir(args)
     if replaced:
-        print(f"--overwrite: this run replaces {', '.join(replaced)} in {args.output_dir} "
+        utils.print0(f"--overwrite: this run replaces {', '.join(replaced)} in {args.output_dir} "
               f"(removed when it writes its first file)")
     return replaced
 

@@ -14,29 +14,30 @@ the checkpoint's stored config. Where the file has none (the released files), th
 off the weights (ViT width, depth, patch size and resolution from `visual_encoder.pos_embed` and
 the patch projection; BERT widths, vocabulary and fusion layer from the text encoder) and the rest
 are the released models' (ViT-B/16 and BERT-base heads of width 64, `configs/config_bert.json`,
-the `bert-base-uncased` tokenizer). Images are PIL images, paths or uint8 arrays, resized to
-`image_res` by the evaluation transform; texts are cleaned as in training (`pre_caption`,
-`pre_question`).
+the `bert-base-uncased` tokenizer). What the loaded model does (its task methods, images and texts
+as they take them) is models/loaded.py's `LoadedModel`.
 
 A pre-training checkpoint is loaded into the retrieval model (without its MLM head, as zero-shot
 retrieval does). Momentum encoders and feature queues only serve training and are not built.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 import tasks
-import utils
-from .checkpoint import (CheckpointError, SAFETENSORS_FILE, is_pretrain_layout, load_checkpoint, read_checkpoint,
+from configuration import load_yaml
+from .base import ContrastiveALBEF
+from .checkpoint import (CheckpointError, is_pretrain_layout, load_checkpoint, read_checkpoint,
                          strip_for_release)
 from .fetch import resolve_checkpoint
+from .loaded import GradCam, LoadedModel, TaskError, VE_LABELS, to_pil  # noqa: F401 (load's results, as before)
+from .tokenization_bert import BertTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASED_BERT_CONFIG = os.path.join(ROOT, 'configs', 'config_bert.json')
@@ -49,37 +50,6 @@ TASKS = tuple(task.name for task in tasks.TASKS if task.heads)  # the tasks a ch
 MODEL_KEYS = ('image_res', 'patch_size', 'vision_width', 'vision_depth', 'vision_num_heads', 'embed_dim', 'temp',
               'mlm_probability', 'eos')
 DEFAULTS = {'temp': 0.07, 'momentum': 0.995, 'mlm_probability': 0.15, 'alpha': 0.4, 'eos': '[SEP]'}
-MAX_WORDS = 30        # pre_caption's limit everywhere in ALBEF
-MAX_QUESTION_WORDS = 50  # pre_question's limit at VQA test time
-
-# method -> (the tasks whose checkpoints serve it, from tasks.py; what it needs)
-NEEDS = {
-    'embed': (tasks.serving('embed'), 'image and text embeddings (ITC) need a pre-training or retrieval '
-                                      'checkpoint (ALBEF.pth, mscoco.pth, flickr30k.pth)'),
-    'itm': (tasks.serving('itm'), 'image-text matching (ITM) needs a pre-training, retrieval or grounding '
-                                  'checkpoint (ALBEF.pth, mscoco.pth, flickr30k.pth, refcoco.pth)'),
-    'gradcam': (tasks.serving('gradcam'), 'Grad-CAM maps need the ITM head of a pre-training, retrieval or '
-                                          'grounding checkpoint (ALBEF.pth, mscoco.pth, refcoco.pth)'),
-    'answer': (tasks.serving('answer'), 'answering questions needs a VQA checkpoint (vqa.pth)'),
-    've': (tasks.serving('ve'), 'visual entailment needs an SNLI-VE checkpoint'),
-}
-VE_LABELS = ('contradiction', 'neutral', 'entailment')  # the class order of the VE head
-
-
-class TaskError(ValueError):
-    """A method that needs a head the loaded checkpoint's task does not have."""
-
-
-@dataclass
-class GradCam:
-    """Per-word Grad-CAM of the ITM head: `maps[i]` (H, W) in [0, 1] at the image's own size is
-    where word piece `words[i]` looks; `itm` is the pair's ITM match probability; `caption_map`
-    the whole caption's (the mean over its word pieces, models/gradcam.caption_map), scaled alike."""
-    words: list
-    maps: np.ndarray
-    itm: float
-    caption_map: np.ndarray = None
-
 
 # ---- reading the checkpoint ---------------------------------------------------------------------
 def infer_task(state_dict):
@@ -210,8 +180,7 @@ def resolve(checkpoint, task=None, text_encoder=None, answer_list=None, trust_ch
             answers = _repo_path(stored['answer_list'])
     if config is not None:
         if not isinstance(config, dict):
-            from configuration import load_yaml  # ConfigError (a ValueError) for a bad file
-            config = load_yaml(os.fspath(config))
+            config = load_yaml(os.fspath(config))  # ConfigError (a ValueError) for a bad file
         stored = {**stored, **config}
         if isinstance(config.get('text_encoder'), str):
             tokenizer_source = _repo_path(config['text_encoder'])
@@ -242,7 +211,6 @@ def _read_answer_list(path):
 
 
 def load_tokenizer(source):
-    from .tokenization_bert import BertTokenizer
     try:
         return BertTokenizer.from_pretrained(source)
     except Exception as error:
@@ -252,21 +220,13 @@ def load_tokenizer(source):
 
 def build_model(task, config, tokenizer):
     """The task's model, for inference: no momentum encoders, no queues (they serve training only)."""
-    import importlib
-    config = {**config, 'distill': False, 'queue_size': 1}
+    config = {**config, 'distill': False}
     module = importlib.import_module('models.model_' + ('retrieval' if task == 'pretrain' else task))
     if task == 'vqa':
-        model = module.ALBEF(text_encoder=None, text_decoder=None, tokenizer=tokenizer, config=config)
-    else:
-        model = module.ALBEF(text_encoder=None, tokenizer=tokenizer, config=config)
-    for name, _ in list(model.named_children()):
-        if name.endswith('_m'):
-            delattr(model, name)
-    for name in ('image_queue', 'text_queue', 'idx_queue', 'queue_ptr'):
-        if hasattr(model, name):
-            delattr(model, name)
-    model.model_pairs = []
-    return model
+        return module.ALBEF(text_encoder=None, text_decoder=None, tokenizer=tokenizer, config=config)
+    if issubclass(module.ALBEF, ContrastiveALBEF):  # its momentum encoders fill the queues in training
+        return module.ALBEF(text_encoder=None, tokenizer=tokenizer, config=config, momentum=False)
+    return module.ALBEF(text_encoder=None, tokenizer=tokenizer, config=config)
 
 
 # ---- the loaded model ---------------------------------------------------------------------------
@@ -298,200 +258,3 @@ def load(checkpoint, task=None, device=None, *, text_encoder=None, answer_list=N
                        resolved.answer_list)
 
 
-def _as_list(items):
-    """A list of items, or a (B, 3, H, W) batch of already transformed images as it is."""
-    if torch.is_tensor(items):
-        return items if items.dim() == 4 else items.unsqueeze(0)
-    return list(items) if isinstance(items, (list, tuple)) else [items]
-
-
-def _repeat(items, n):
-    return items.expand(n, *items.shape[1:]) if torch.is_tensor(items) else items * n
-
-
-def to_pil(image):
-    """A PIL RGB image from a PIL image, a path or an (H, W[, 3]) uint8 array (what Gradio passes)."""
-    from PIL import Image
-    if isinstance(image, Image.Image):
-        return image.convert('RGB')
-    if isinstance(image, np.ndarray):
-        return Image.fromarray(image).convert('RGB')
-    if isinstance(image, (str, os.PathLike)):
-        if not os.path.isfile(image):
-            raise FileNotFoundError(f'image not found: {image}')
-        with Image.open(image) as f:
-            return f.convert('RGB')
-    raise TypeError(f'expected a PIL image, a path or a uint8 array, got {type(image).__name__}')
-
-
-class LoadedModel:
-    """An ALBEF model with its image transform and tokenizer; see `load`.
-
-    Attributes: model (eval mode), task, config (the model config), tokenizer, transform (PIL ->
-    normalised tensor at config['image_res'], the evaluation transform), device.
-    """
-
-    def __init__(self, model, task, config, tokenizer, device, answer_list=None):
-        from dataset import build_transform
-        self.model, self.task, self.config, self.tokenizer, self.device = model, task, config, tokenizer, device
-        self.transform = build_transform('test', config['image_res'])
-        self.answer_list = answer_list
-        self._answer_input = None
-
-    def __repr__(self):
-        return (f"LoadedModel(task={self.task!r}, image_res={self.config['image_res']}, "
-                f"embed_dim={self.config.get('embed_dim')}, device='{self.device}')")
-
-    def _need(self, what):
-        tasks, message = NEEDS[what]
-        if self.task not in tasks:
-            raise TaskError(f'this is a {self.task!r} checkpoint; {message}')
-
-    # ---- batching --------------------------------------------------------------------------
-    @staticmethod
-    def _batches(n, batch_size, progress, desc):
-        return utils.progress(range(0, n, batch_size), desc=desc, disable=not progress, leave=False)
-
-    def _images(self, images):
-        """(B, 3, H, W) on the device, from PIL images and paths (or a transformed batch)."""
-        if torch.is_tensor(images):
-            return images.to(self.device)
-        return torch.stack([self.transform(to_pil(i)) for i in images]).to(self.device)
-
-    def _texts(self, texts):
-        from dataset.utils import pre_caption
-        return [pre_caption(t, MAX_WORDS) for t in texts]
-
-    # ---- ITC -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def embed_images(self, images, batch_size=64, progress=False):
-        """(N, embed_dim) float32 on the CPU: L2-normalised image features of the ITC space."""
-        from .retrieval_eval import image_features
-        self._need('embed')
-        images = _as_list(images)
-        out = [image_features(self.model, self._images(images[s:s + batch_size]))[1].float().cpu()
-               for s in self._batches(len(images), batch_size, progress, 'images')]
-        return torch.cat(out) if out else torch.zeros(0, self.config['embed_dim'])
-
-    @torch.no_grad()
-    def embed_texts(self, texts, batch_size=256, progress=False):
-        """(N, embed_dim) float32 on the CPU: L2-normalised text features of the ITC space."""
-        from .retrieval_eval import text_features
-        self._need('embed')
-        texts = self._texts(_as_list(texts))
-        out = [text_features(self.model, texts[s:s + batch_size], self.tokenizer, self.device,
-                             max_length=MAX_WORDS)[1].float().cpu()
-               for s in self._batches(len(texts), batch_size, progress, 'texts')]
-        return torch.cat(out) if out else torch.zeros(0, self.config['embed_dim'])
-
-    def similarity(self, images, texts):
-        """(len(images), len(texts)): ITC cosine similarity of every image with every text."""
-        return self.embed_images(images) @ self.embed_texts(texts).T
-
-    # ---- ITM -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def itm(self, images, texts, batch_size=64, progress=False):
-        """(N,): the ITM match probability of each pair (images[i], texts[i]); one image (or one
-        text) is paired with every text (every image)."""
-        return F.softmax(self.itm_logits(images, texts, batch_size, progress), dim=1)[:, 1]
-
-    @torch.no_grad()
-    def itm_logits(self, images, texts, batch_size=64, progress=False):
-        """(N, 2) float32 on the CPU: the ITM head's (no match, match) logits of each pair; the
-        match logit is the retrieval evaluation's re-ranking score."""
-        from .retrieval_eval import image_features, itm_logits, text_features
-        self._need('itm')
-        images, texts = _as_list(images), _as_list(texts)
-        if len(images) == 1 and len(texts) > 1:
-            images = _repeat(images, len(texts))
-        elif len(texts) == 1 and len(images) > 1:
-            texts = texts * len(images)
-        if len(images) != len(texts):
-            raise ValueError(f'itm scores pairs: got {len(images)} images and {len(texts)} texts')
-        texts = self._texts(texts)
-        scores = []
-        for s in self._batches(len(texts), batch_size, progress, 'pairs'):
-            image_feats = image_features(self.model, self._images(images[s:s + batch_size]))[0]
-            text_feats, _, text_atts = text_features(self.model, texts[s:s + batch_size], self.tokenizer,
-                                                     self.device, max_length=MAX_WORDS)
-            scores.append(itm_logits(self.model, image_feats, text_feats, text_atts).float().cpu())
-        return torch.cat(scores) if scores else torch.zeros(0, 2)
-
-    # ---- Grad-CAM --------------------------------------------------------------------------
-    def gradcam(self, image, text, block_num=8):
-        """Per-word Grad-CAM of the ITM head at the cross-attention of text layer `block_num`.
-
-        8 is ALBEF's (fusion layers 6-11). `block_num` is clipped to the fusion layers but the
-        last: in the last layer only the [CLS] row reaches the ITM head, so every word's map
-        would be zero there (the demo model, fused at 3-5, gets 4). None: the grounding default
-        of models/gradcam.py. Returns a `GradCam` (per-word maps and the whole caption's)."""
-        from . import gradcam
-        self._need('gradcam')
-        picture = to_pil(image)
-        layers = gradcam.fusion_layers(self.model)
-        if block_num is None:
-            block_num = gradcam.default_block_num(self.model, 'itm')
-        block_num = min(max(int(block_num), layers[0]), layers[-2] if len(layers) > 1 else layers[0])
-        caption = self._texts([text])[0]
-        tokens = self.tokenizer(caption, return_tensors='pt').to(self.device)  # [CLS] + word pieces
-        token_maps, _ = gradcam.itm_gradcam(self.model, self._images([picture]), tokens, block_num)
-        words = [self.tokenizer.decode([i]) for i in tokens.input_ids[0, 1:].tolist()]
-        whole = gradcam.caption_map(token_maps, tokens, [self.tokenizer.sep_token_id])
-        maps = gradcam.to_image_size(torch.cat([token_maps[0, 1:], whole]), *picture.size)
-        return GradCam(words, maps[:-1], float(self.itm([picture], [text])[0]), maps[-1])
-
-    def classify(self, images, class_names, templates=None, k=5, rerank=0, batch_size=64, progress=False):
-        """Zero-shot classification by ITC over prompt templates, optionally re-ranked by ITM: one
-        `zeroshot.Prediction` (top-k classes and scores) per image; see models/zeroshot.py."""
-        from .zeroshot import classify
-        return classify(self, images, class_names, templates, k, rerank, batch_size, progress)
-
-    # ---- VQA -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def answer(self, images, questions, k=5, batch_size=32, progress=False):
-        """The k most probable answers of each question, [[(answer, probability), ...], ...], ranked
-        among the candidate answers as VQA.py evaluates; one image is asked every question."""
-        from dataset.utils import pre_question
-        self._need('answer')
-        if not self.answer_list:
-            raise TaskError('answering questions needs the list of candidate answers: load with '
-                            'answer_list= a JSON list of strings (the answer_list.json of VQA)')
-        images, questions = _as_list(images), _as_list(questions)
-        if len(images) == 1 and len(questions) > 1:
-            images = _repeat(images, len(questions))
-        if len(images) != len(questions):
-            raise ValueError(f'answer asks one question per image: got {len(images)} images and '
-                             f'{len(questions)} questions')
-        if self._answer_input is None:
-            self._answer_input = self.tokenizer([a + self.config.get('eos', '[SEP]') for a in self.answer_list],
-                                                padding='longest', return_tensors='pt').to(self.device)
-        k = max(1, min(k, len(self.answer_list)))
-        results = []
-        for s in self._batches(len(questions), batch_size, progress, 'questions'):
-            question = self.tokenizer([pre_question(q, MAX_QUESTION_WORDS) for q in questions[s:s + batch_size]],
-                                      padding='longest', return_tensors='pt').to(self.device)
-            topk_ids, topk_probs = self.model(self._images(images[s:s + batch_size]), question, self._answer_input,
-                                              train=False, k=k)
-            results += [[(self.answer_list[i], float(p)) for i, p in zip(ids, probs)]
-                        for ids, probs in zip(topk_ids.tolist(), topk_probs.tolist())]
-        return results
-
-    # ---- SNLI-VE ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def entailment(self, images, texts, batch_size=64, progress=False):
-        """(N, 3) probabilities of (contradiction, neutral, entailment) of each pair (images[i],
-        texts[i]) (`VE_LABELS`); an SNLI-VE checkpoint only."""
-        self._need('ve')
-        images, texts = _as_list(images), _as_list(texts)
-        if len(images) == 1 and len(texts) > 1:
-            images = _repeat(images, len(texts))
-        if len(images) != len(texts):
-            raise ValueError(f'entailment scores pairs: got {len(images)} images and {len(texts)} texts')
-        texts = self._texts(texts)
-        out = []
-        for s in self._batches(len(texts), batch_size, progress, 'pairs'):
-            text = self.tokenizer(texts[s:s + batch_size], padding='longest', return_tensors='pt').to(self.device)
-            logits = self.model(self._images(images[s:s + batch_size]), text, torch.zeros(len(text.input_ids)),
-                                train=False)
-            out.append(F.softmax(logits.float(), dim=1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, 3)

@@ -35,6 +35,7 @@ def read_bert_config(config, **overrides):
 class ALBEFBase(nn.Module):
     checkpoint_conversion = None  # how models/checkpoint.py converts a pre-training checkpoint
     new_heads = ()                # heads a pre-trained checkpoint does not have
+    model_pairs = ()              # (online, momentum) module pairs: none without momentum encoders
 
     def __init__(self, config, tokenizer=None, text_encoder=None, text_cls=BertModel, init_deit=False,
                  **bert_overrides):
@@ -158,17 +159,19 @@ class ContrastiveALBEF(ALBEFBase):
     itm_eps = 0.0  # retrieval adds 1e-4 before the sampling softmax (bit-level parity)
 
     def __init__(self, config, tokenizer=None, text_encoder=None, text_cls=BertModel, init_deit=False,
-                 with_idx=False):
+                 with_idx=False, momentum=True):
         """The encoders, then the projections and temperature, `itm_head`, the momentum encoders
-        and the feature queues (with `idx_queue` for retrieval's image indices: `with_idx`)."""
+        and the feature queues (with `idx_queue` for retrieval's image indices: `with_idx`).
+        `momentum=False` builds neither momentum encoders nor queues: they serve training only
+        (models.load builds its models so)."""
         super().__init__(config, tokenizer, text_encoder, text_cls, init_deit)
         self._build_projections(config['embed_dim'], config['temp'])
-        self.queue_size = config['queue_size']
         self.momentum = config['momentum']
         self.itm_head = nn.Linear(self.text_encoder.config.hidden_size, 2)
-        # the momentum encoders exist even without distillation: they fill the queues
-        self._create_momentum('visual_encoder', 'vision_proj', 'text_encoder', 'text_proj')
-        self._create_queues(config['embed_dim'], self.queue_size, with_idx=with_idx)
+        if momentum:  # the momentum encoders exist even without distillation: they fill the queues
+            self.queue_size = config['queue_size']
+            self._create_momentum('visual_encoder', 'vision_proj', 'text_encoder', 'text_proj')
+            self._create_queues(config['embed_dim'], self.queue_size, with_idx=with_idx)
 
     def _text_bert(self, encoder):
         return encoder.base_model  # BertModel for retrieval, `.bert` of BertForMaskedLM for pre-training

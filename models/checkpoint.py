@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+import utils
+from configuration import one_line
 from .vit import interpolate_pos_embed
 
 QUEUE_BUFFERS = ('image_queue', 'text_queue', 'idx_queue', 'queue_ptr')
@@ -109,12 +111,12 @@ def read_checkpoint(path, trust=False):
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
         if 'weights_only' not in str(error):
-            raise CheckpointError(f'{path} is not a PyTorch checkpoint ({short_error(error)})') from None
+            raise CheckpointError(f'{path} is not a PyTorch checkpoint ({one_line(error)})') from None
         needs = _unsafe_globals(path)
     except Exception as error:  # a truncated zip, a torn write, ...
-        raise CheckpointError(f'{path} is not a PyTorch checkpoint ({short_error(error)})') from None
+        raise CheckpointError(f'{path} is not a PyTorch checkpoint ({one_line(error)})') from None
     if trust:
-        print(f'{path}: fully unpickled, as --trust_checkpoint asks (it holds {", ".join(needs) or "Python objects"})')
+        utils.print0(f'{path}: fully unpickled, as --trust_checkpoint asks (it holds {", ".join(needs) or "Python objects"})')
         return torch.load(path, map_location='cpu', weights_only=False)
     released = _read_released(path, needs)
     if released is not None:
@@ -122,11 +124,6 @@ def read_checkpoint(path, trust=False):
     raise CheckpointError(
         f'{path} holds Python objects besides tensors ({", ".join(needs) or "unknown"}), and unpickling them '
         f'can run code: pass --trust_checkpoint (config key trust_checkpoint: true) if you trust its source')
-
-
-def short_error(error):
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def _check_is_torch_file(path):
@@ -165,7 +162,7 @@ def _read_released(path, needs):
     if not (isinstance(checkpoint, dict) and 'model' in checkpoint and set(checkpoint) <= TRAINING_CHECKPOINT_KEYS
             and isinstance(checkpoint['model'], dict) and 'visual_encoder.pos_embed' in checkpoint['model']):
         return None
-    print(f'{path}: a released ALBEF checkpoint (recognised by its keys); its {", ".join(needs)} '
+    utils.print0(f'{path}: a released ALBEF checkpoint (recognised by its keys); its {", ".join(needs)} '
           f'read with the restricted unpickler')
     return checkpoint
 
@@ -311,7 +308,7 @@ def load_checkpoint(model, checkpoint, allow_new_heads=True, sync_momentum=True,
     if from_online:
         model.copy_params()
     report = LoadReport(str(source), description, missing, unexpected, from_online)
-    print(report)
+    utils.print0(report)
     return report
 
 

@@ -23,7 +23,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from configuration import is_bare_name  # also read by precheck, before torch loads
+from configuration import cache_dir, is_bare_name  # also read by precheck, before torch loads
 
 BASE_URL = 'https://storage.googleapis.com/sfr-pcl-data-research/ALBEF/'
 BASE_URL_ENV = 'ALBEF_BASE_URL'
@@ -66,7 +66,6 @@ def url_of(name):
 
 
 def cached_path(name, cache=None):
-    from dataset.utils import cache_dir
     return os.path.join(cache or cache_dir(), file_name(name))
 
 

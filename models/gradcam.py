@@ -50,6 +50,21 @@ def default_block_num(model, mode):
     raise ValueError(f"Grad-CAM mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
+def word_blocks(model):
+    """The fusion layers whose per-word ITM Grad-CAM is informative: all but the last, where only
+    the [CLS] row reaches the ITM head, so every word's map is zero (all of them if there is one)."""
+    layers = fusion_layers(model)
+    return layers[:-1] if len(layers) > 1 else layers
+
+
+def word_block(model, block_num=None):
+    """`block_num` (default `default_block_num(model, 'itm')`) clipped to `word_blocks(model)`:
+    8 stays 8 for ALBEF (6-10); the demo model, fused at 3-5, gets 4."""
+    blocks = word_blocks(model)
+    block_num = default_block_num(model, 'itm') if block_num is None else int(block_num)
+    return min(max(block_num, blocks[0]), blocks[-1])
+
+
 def check_block_num(model, mode, block_num):
     """Raise ValueError, naming the valid range, unless `block_num` is a usable block for `mode`."""
     if mode == 'itm':

@@ -7,8 +7,8 @@ class ALBEF(ContrastiveALBEF):
     itm_eps = 1e-4  # added before the negative-sampling softmax, as in the original
     checkpoint_conversion = 'strip_bert'  # from a pre-training checkpoint (models/checkpoint.py)
 
-    def __init__(self, text_encoder=None, tokenizer=None, config=None):
-        super().__init__(config, tokenizer, text_encoder, with_idx=True)
+    def __init__(self, text_encoder=None, tokenizer=None, config=None, momentum=True):
+        super().__init__(config, tokenizer, text_encoder, with_idx=True, momentum=momentum)
         self.distill = config['distill']  # the ITC targets; the momentum encoders exist either way
 
     def forward(self, image, text, alpha, idx):

@@ -28,6 +28,8 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models import vision_transformer as timm_vit
 from torch import nn
 
+import utils
+
 DEIT_BASE_URL = 'https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth'
 
 
@@ -113,7 +115,7 @@ def interpolate_pos_embed(pos_embed_checkpoint, visual_encoder):
     resized = resample_abs_pos_embed(pos_embed_checkpoint, new_size=new_size, old_size=(orig_size, orig_size),
                                      num_prefix_tokens=num_extra_tokens, interpolation='bicubic',
                                      antialias=False, align_corners=False)
-    print(f'reshape position embedding from {orig_size ** 2} to {num_patches}')
+    utils.print0(f'reshape position embedding from {orig_size ** 2} to {num_patches}')
     return resized
 
 
@@ -133,5 +135,5 @@ def load_deit(visual_encoder, path_or_url=DEIT_BASE_URL):
     if result.missing_keys or unexpected:
         raise ValueError(f'{path_or_url} is not a matching DeiT checkpoint: missing {result.missing_keys}, '
                          f'unexpected {unexpected}')
-    print(f'initialised the ViT from {path_or_url}')
+    utils.print0(f'initialised the ViT from {path_or_url}')
     return result

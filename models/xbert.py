@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig
 
+import utils
+
 __all__ = ['BertConfig', 'BertModel', 'BertForMaskedLM', 'BertLMHeadModel', 'ModelOutput']
 
 MODES = ('text', 'fusion', 'multi_modal')
@@ -545,7 +547,7 @@ class BertPreTrainedModel(nn.Module):
         model.tie_weights()
         model.loading_info = {'missing_keys': missing, 'unexpected_keys': []}
         if missing:
-            print(f'{cls.__name__} from {name_or_path}: {len(missing)} weights newly initialised '
+            utils.print0(f'{cls.__name__} from {name_or_path}: {len(missing)} weights newly initialised '
                   f'(cross-attention and layers beyond the checkpoint): '
                   f'{_summarise_keys(missing)}')
         return model

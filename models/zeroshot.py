@@ -25,6 +25,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from configuration import one_line
+from dataset.utils import CAPTION_WORDS
+from .api import load
+from .checkpoint import CheckpointError
+from .loaded import _as_list
+from .retrieval_eval import image_features, itm_logits, text_features
+
 # CLIP's 80 prompt templates for ImageNet (Radford et al. 2021, its prompt-engineering notebook)
 TEMPLATES = (
     'a bad photo of a {}.', 'a photo of many {}.', 'a sculpture of a {}.', 'a photo of the hard to see {}.',
@@ -112,12 +119,10 @@ def temperature(loaded):
 def itm_probabilities(loaded, image_feats, texts_per_class, candidates, batch_size=64):
     """(N, R): ITM match probability of image n with class candidates[n, r], averaged over that
     class's texts (`texts_per_class[c]`, one per template); `image_feats` (N, patches, D) from the ViT."""
-    from .api import MAX_WORDS
-    from .retrieval_eval import itm_logits, text_features
     classes = candidates.unique().tolist()
     texts = loaded._texts([t for c in classes for t in texts_per_class[c]])
     text_feats, _, text_atts = text_features(loaded.model, texts, loaded.tokenizer, loaded.device,
-                                             max_length=MAX_WORDS)
+                                             max_length=CAPTION_WORDS)
     per_class = len(texts_per_class[classes[0]])
     row = {c: i for i, c in enumerate(classes)}
     # pair p: image pair_image[p] with text pair_text[p]; every (image, candidate, template)
@@ -136,7 +141,6 @@ def itm_probabilities(loaded, image_feats, texts_per_class, candidates, batch_si
 def rank(loaded, images, class_embeds, texts_per_class, rerank=0):
     """For a (N, 3, H, W) batch: (order (N, C) of the class indices, best first; similarities (N, C);
     probs (N, C); itm (N, C), NaN where not re-ranked)."""
-    from .retrieval_eval import image_features
     with torch.no_grad():
         image_feats, image_embeds = image_features(loaded.model, images.to(loaded.device))
     sims = image_embeds.float().cpu() @ class_embeds.T
@@ -153,7 +157,6 @@ def rank(loaded, images, class_embeds, texts_per_class, rerank=0):
 
 
 def _batches(loaded, images, batch_size):
-    from .api import _as_list
     images = _as_list(images)
     for s in range(0, len(images), batch_size):
         yield loaded._images(images[s:s + batch_size])
@@ -183,7 +186,7 @@ def evaluate(loaded, folder, templates=None, rerank=0, batch_size=64, progress=T
     try:
         data = ImageFolder(folder)
     except (FileNotFoundError, OSError) as error:
-        raise FileNotFoundError(f'{folder}: {str(error).strip().splitlines()[0]} (expected one folder of images '
+        raise FileNotFoundError(f'{folder}: {one_line(error)} (expected one folder of images '
                                 f'per class)') from None
     names = [c.replace('_', ' ') for c in data.classes]
     templates = read_templates(templates)
@@ -242,8 +245,6 @@ def main(argv=None):
                         help='allow unpickling Python objects from a checkpoint you trust')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
     args = parser.parse_args(argv)
-    from .api import load
-    from .checkpoint import CheckpointError
     try:
         if not os.path.isdir(args.data):
             raise FileNotFoundError(f'--data {args.data}: not a directory')
@@ -255,7 +256,7 @@ def main(argv=None):
         loaded._need('embed')
         result = evaluate(loaded, args.data, templates, args.rerank, args.batch_size, progress=not args.quiet)
     except (CheckpointError, ValueError, OSError) as error:  # TaskError is a ValueError
-        print(f'error: {str(error).strip().splitlines()[0]}', file=sys.stderr, flush=True)
+        print(f'error: {one_line(error)}', file=sys.stderr, flush=True)
         return 2
     result = {'checkpoint': args.checkpoint, **result}
     print(report(result))

@@ -8,9 +8,11 @@ import errno
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
+import zlib
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from PIL import Image
 
 import configuration
 import engine
+import tasks
 import engine.run
 import Pretrain
 from conftest import ROOT
@@ -206,6 +209,46 @@ def test_16_bit_image_is_scaled_by_its_range(tmp_path):
     expected = np.rint((np.array([[1000, 2000], [3000, 5000]]) - 1000) * 255 / 4000).astype(np.uint8)
     assert expected.tolist() == [[0, 64], [128, 255]]
     assert (np.asarray(image) == expected[..., None]).all()
+
+
+def bomb_png(path, width=20000, height=20000):
+    """A PNG of about 100 bytes that declares width x height pixels (1.2 GB as RGB); its data is cut short."""
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0))
+                     + chunk(b'IDAT', zlib.compress(b'\0' * 64)) + chunk(b'IEND', b''))
+    return str(path)
+
+
+def test_decompression_bomb_is_refused_unless_the_config_raises_the_limit(demo_world, tmp_path, monkeypatch):
+    from dataset import create_dataset
+    from dataset.base import DEFAULT_MAX_IMAGE_PIXELS, probe_image
+    from models.loaded import to_pil
+    assert Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_IMAGE_PIXELS // 2  # importing the datasets left Pillow's guard
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', Image.MAX_IMAGE_PIXELS)  # as it is now, after this test
+    bomb = bomb_png(tmp_path / 'bomb.png')
+    with pytest.raises(Image.DecompressionBombError):  # models.load and the demo: Pillow's own guard
+        to_pil(bomb)
+    too_large = rf'^cannot read image {bomb} \(item 0 of a.json\): more than max_image_pixels = {DEFAULT_MAX_IMAGE_PIXELS}'
+    with pytest.raises(ImageError, match=too_large):
+        load_rgb(bomb, 'item 0 of a.json')
+    assert probe_image(bomb, 'item 0 of a.json')[0] == 'bad_image'  # dataset.check
+    good = items_of(demo_world, 1)[0]
+    ann = annotations(tmp_path, [{'image': bomb, 'caption': 'a red circle'}, good])
+    config = {'train_file': [ann], 'image_res': 32}
+    with pytest.raises(ImageError, match=rf'^cannot read image {bomb} \(item 0 of .*ann.json\): more than '
+                                         rf'max_image_pixels = {DEFAULT_MAX_IMAGE_PIXELS} pixels'):
+        create_dataset('pretrain', config)[0]
+    skipping = create_dataset('pretrain', {**config, 'skip_bad_images': True})
+    assert skipping[0][1] == 'a red circle' and skipping.num_skipped == 1  # a bad image: skipped and counted
+    with pytest.raises(ImageError) as raised:  # no limit: read as far as its data goes
+        create_dataset('pretrain', {**config, 'max_image_pixels': None})[0]
+    assert 'max_image_pixels' not in str(raised.value) and Image.MAX_IMAGE_PIXELS is None
+    small = create_dataset('pretrain', {**config, 'max_image_pixels': 10})  # the limit is the config's
+    with pytest.raises(ImageError, match=r'\d+ x \d+, more than max_image_pixels = 10 pixels'):
+        small[1]
+    check = tasks.COMMON_KEYS['max_image_pixels']  # the config key: a positive integer, or null for no limit
+    assert check(10) and check(None) and not check(0) and not check(1.5) and not check(True)
 
 
 def test_truncated_image_is_unreadable(demo_config, demo_world, tmp_path, capsys):

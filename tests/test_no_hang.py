@@ -19,6 +19,7 @@ import engine
 import Pretrain
 import Retrieval
 import utils
+from configuration import one_line
 from conftest import ROOT, descendants, leftovers, run_script
 
 launch_module = sys.modules['engine.launch']  # engine.launch is also the function's name
@@ -205,15 +206,38 @@ def test_ctrl_c_while_importing_is_one_line(demo_config, tmp_path):
 
 
 # ---- one line means one line --------------------------------------------------------------------
-def test_short_message_drops_the_module_path():
+def test_one_line_drops_the_module_path():
     # a DataLoader worker's error comes back as its traceback text, ending in the qualified class name
     from dataset.base import ImageError
     wrapped = ImageError('Caught ImageError in DataLoader worker process 0.\nOriginal Traceback (most recent '
                          'call last):\n  File "x.py", line 1, in f\ndataset.base.ImageError: cannot read image a.png '
                          '(item 3 of ann.json): truncated')
-    assert utils.short_message(wrapped) == 'cannot read image a.png (item 3 of ann.json): truncated'
-    assert utils.short_message(ValueError('ValueError: x: y')) == 'x: y'
-    assert utils.short_message(ValueError('KeyError: x')) == 'KeyError: x'  # another class: part of the message
+    assert one_line(wrapped) == 'cannot read image a.png (item 3 of ann.json): truncated'
+    assert one_line(ValueError('ValueError: x: y')) == 'x: y'
+    assert one_line(ValueError('KeyError: x')) == 'KeyError: x'  # another class: part of the message
+    assert one_line(OSError('cannot\n  read\tit ')) == 'cannot read it'  # one line, whatever the lines
+    assert one_line(ValueError()) == 'ValueError' and one_line('a\nb') == 'a b'
+
+
+def test_print0_says_it_on_the_first_process_and_print_stays_print(monkeypatch, capsys):
+    import builtins
+    import socket
+    original = builtins.print
+    with socket.socket() as free:
+        free.bind(('127.0.0.1', 0))
+        port = free.getsockname()[1]
+    for key, value in {'RANK': '0', 'WORLD_SIZE': '1', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port)}.items():
+        monkeypatch.setenv(key, value)
+    assert utils.init_distributed('cpu') == (0, 1, 0)
+    try:
+        assert builtins.print is original  # joining a process group patches nothing
+        utils.print0('said once')
+        monkeypatch.setattr(utils.dist, 'get_rank', lambda: 1)  # as process 1 of the group
+        utils.print0('not said')
+        print('print prints')
+    finally:
+        utils.dist.destroy_process_group()
+    assert capsys.readouterr().out == 'said once\nprint prints\n'
 
 
 def test_peer_lost_is_told_from_a_bug():

@@ -126,21 +126,21 @@ def test_released_format_and_two_processes(retrieval, tmp_path):
 
 
 def test_embedding_api(retrieval):
-    from models import search
+    import models
     from ruamel.yaml import YAML
     config = YAML(typ='safe').load(open(retrieval['config']))
-    model = search.load(str(retrieval['finetuned'] / 'checkpoint_best.pth'), config, device='cpu')
+    model = models.load(str(retrieval['finetuned'] / 'checkpoint_best.pth'), device='cpu', config=config)
     with open(config['test_file']) as f:
         items = json.load(f)[:4]
     images = [os.path.join(config['image_root'], item['image']) for item in items]
     texts = [item['caption'][0] for item in items]
-    image_embeds, text_embeds = search.image_embeddings(model, images), search.text_embeddings(model, texts)
+    image_embeds, text_embeds = model.embed_images(images), model.embed_texts(texts)
     assert image_embeds.shape == text_embeds.shape == (4, config['embed_dim'])
     torch.testing.assert_close(image_embeds.norm(dim=1), torch.ones(4))
-    scores = search.itm_scores(model, images, texts)
+    scores = model.itm(images, texts)
     assert scores.shape == (4,) and ((scores >= 0) & (scores <= 1)).all()
     # the raw logits are the re-ranking scores of the evaluation
-    logits = search.itm_scores(model, images, texts, probability=False)
+    logits = model.itm_logits(images, texts)[:, 1]
     assert logits.shape == (4,) and torch.isfinite(logits).all()
     with pytest.raises(ValueError, match='scores pairs: got 4 images and 3 texts'):
-        search.itm_scores(model, images, texts[:3])
+        model.itm(images, texts[:3])

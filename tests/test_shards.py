@@ -6,6 +6,7 @@ import glob
 import io
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -111,20 +112,37 @@ def test_uint8_images_normalised_on_device_equal_the_float_pipeline(kind):
     images = [Image.fromarray((rng.rand(40, 50, 3) * 255).astype(np.uint8)) for _ in range(3)]
     as_float, as_uint8 = dataset.build_transform(kind, 32), dataset.build_transform(kind, 32, uint8=True)
     expected, got = [], []
-    from dataset.shards import _Seeded
+    from dataset.utils import Seeded
     for i, image in enumerate(images):  # the same random crops, flips and RandomAugment ops
-        with _Seeded(i):
+        with Seeded(i):
             expected.append(as_float(image))
-        with _Seeded(i):
+        with Seeded(i):
             got.append(as_uint8(image))
     batch = torch.stack(got)
     assert batch.dtype == torch.uint8 and batch.shape == (3, 3, 32, 32)
     assert torch.equal(dataset.normalize(batch), torch.stack(expected))
 
 
+def test_seeded_draws_depend_on_the_seed_alone_and_leave_the_generators_as_they_were():
+    from dataset.utils import Seeded
+    draws = lambda: (random.random(), float(np.random.rand()), float(torch.rand(1)))  # noqa: E731
+    with Seeded(7):
+        first = draws()
+    draws()  # the generators move on between the two samples
+    with Seeded(7):
+        assert draws() == first
+    with Seeded(8):
+        assert all(a != b for a, b in zip(draws(), first))
+    after = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    with Seeded(9):
+        draws()
+    assert random.getstate() == after[0] and np.array_equal(np.random.get_state()[1], after[1])
+    assert torch.equal(torch.get_rng_state(), after[2])
+
+
 def test_jpeg_draft_decodes_smaller_only_where_the_crop_keeps_its_resolution(tmp_path, monkeypatch):
     from PIL import JpegImagePlugin
-    from dataset.shards import _Seeded
+    from dataset.utils import Seeded
     rng = np.random.RandomState(0)
     paths = {}
     for name, (w, h) in {'big': (1024, 768), 'small': (300, 200)}.items():
@@ -140,9 +158,9 @@ def test_jpeg_draft_decodes_smaller_only_where_the_crop_keeps_its_resolution(tmp
     for seed in range(6):
         for name, path in paths.items():
             drafts.clear()
-            with _Seeded(seed):
+            with Seeded(seed):
                 got = draft(Image.open(path))
-            with _Seeded(seed):
+            with Seeded(seed):
                 expected = plain(Image.open(path).convert('RGB'))
             if not drafts:  # no reduction: exactly RandomResizedCrop's pixels
                 assert torch.equal(got, expected), (name, seed)
