@@ -11,15 +11,13 @@ TASK = tasks.PRETRAIN_NLVR  # its config keys and their checks, datasets, model:
 configuration.precheck(__name__, TASK)  # config mistakes in a second, before torch loads
 
 import engine
-import utils
-from dataset import CaptionCollate, normalize
+from dataset import normalize
 from models.model_pretrain_nlvr import ALBEF
 
 
-def train_step(model, batch, alpha, run):
-    image, text = batch  # uint8 images; text tokenised by the loader workers (CaptionCollate)
-    image = normalize(utils.to_device(image, run.device))
-    return {'loss': model(image, utils.to_device(text, run.device))}
+def train_step(model, batch, alpha, run, update_momentum=True):
+    batch = batch.to(run.device)  # uint8 images; text tokenised by the loader workers (dataset.CaptionCollate)
+    return {'loss': model(normalize(batch.image), batch.text)}  # (no momentum encoders)
 
 
 def main(args):
@@ -27,7 +25,7 @@ def main(args):
     config = run.config
 
     print('Creating dataset')
-    loader = run.pretrain_loader(config['batch_size'], CaptionCollate(run.tokenizer))
+    loader = engine.pretrain_loader(run, TASK, config['batch_size'])
 
     print('Creating model')
     model = ALBEF(config=config, text_encoder=engine.bert_weights(config), tokenizer=run.tokenizer)

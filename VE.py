@@ -12,18 +12,13 @@ TASK = tasks.VE  # its config keys and their checks, datasets, model: tasks.py
 configuration.precheck(__name__, TASK)  # config mistakes in a second, before torch loads
 
 import engine
-import utils
 from models.model_ve import ALBEF
 
 
-def unpack(batch):
-    image, text, targets = batch
-    return image, text, targets
-
-
-def train_step(model, batch, alpha, run):
-    image, text, targets = utils.to_device(unpack(batch), run.device)
-    return {'loss': model(image, run.tokenize(text), targets=targets, train=True, alpha=alpha)}
+def train_step(model, batch, alpha, run, update_momentum=True):
+    batch = batch.to(run.device)  # hypotheses tokenised by the loader workers (dataset.VECollate)
+    return {'loss': model(batch.image, batch.text, targets=batch.targets, train=True, alpha=alpha,
+                          update_momentum=update_momentum)}
 
 
 def main(args):
@@ -31,14 +26,14 @@ def main(args):
     config = run.config
 
     print('Creating SNLI-VE datasets')
-    train_loader, val_loader, test_loader = run.task_loaders(TASK.name, config['batch_size_train'],
-                                                                 config['batch_size_test'])
+    train_loader, val_loader, test_loader = engine.task_loaders(run, TASK, config['batch_size_train'],
+                                                                config['batch_size_test'])
 
     print('Creating model')
     training = engine.prepare(run, ALBEF(config=config, text_encoder=engine.bert_weights(config),
                                          tokenizer=run.tokenizer))
     evaluate = engine.split_evaluator({'val': val_loader, 'test': test_loader},
-                                      lambda loader: engine.evaluate_accuracy(training.module, loader, run, unpack))
+                                      lambda loader: engine.evaluate_accuracy(training.module, loader, run))
     engine.fit(run, training, train_loader, train_step, evaluate, best_key='val_acc', evaluate_only=args.evaluate,
                alpha_ramp=config['warm_up'], digits=4)
 

@@ -1,10 +1,11 @@
 """The training scaffold the seven task scripts share (docs/ARCHITECTURE.md). A script reads the
 flags, calls `setup` (config, processes, device, tokenizer: a `Run`), builds its datasets and
-loaders (`run.train_loader`, `run.eval_loader`) and model, `prepare`s it (optimizer, schedule,
+loaders (`task_loaders`, `pretrain_loader`) and model, `prepare`s it (optimizer, schedule,
 --checkpoint / --resume, DDP) and hands it to `fit`. One home per concept:
 
     options.py     the shared flags and how they override the config (the effective config)
     run.py         process and device setup: `setup(args, task) -> Run` (task: its record in tasks.py)
+    data.py        the task's loaders: its datasets batched by its collate (`task_loaders`, `pretrain_loader`)
     build.py       tokenizer, text-encoder weights, `prepare` (optimizer + schedule, checkpoint, wrapping)
     loop.py        `fit` (the epochs) and `train_one_epoch` (the steps), the epoch log
     signals.py     SIGINT / SIGTERM acted on between steps, on every rank at once
@@ -22,6 +23,7 @@ A script is started in any of these ways, with the same code path:
     srun python Pretrain.py ...                                                 (SLURM)
 """
 from configuration import ConfigError
+from .data import eval_loader, pretrain_loader, task_loaders, train_loader
 from .build import Training, bert_weights, prepare, text_padding
 from .evaluation import evaluate_accuracy, split_evaluator
 from .launch import launch
@@ -31,4 +33,5 @@ from .run import Run, setup
 
 __all__ = ['ConfigError', 'Training', 'bert_weights', 'prepare', 'text_padding',
            'evaluate_accuracy', 'split_evaluator', 'launch', 'fit', 'log_stats', 'train_one_epoch',
-           'get_args_parser', 'task_parser', 'Run', 'setup']
+           'get_args_parser', 'task_parser', 'Run', 'setup', 'task_loaders', 'pretrain_loader', 'train_loader',
+           'eval_loader']
