@@ -1,5 +1,5 @@
-"""Datasets, image transforms, samplers and loaders (dataset/loaders.py) of the six tasks
-(docs/DESIGN.md, "Data").
+"""Datasets, image transforms, samplers and loaders (dataset/loaders.py) and batches
+(dataset/collate.py) of the six tasks (docs/DESIGN.md, "Data").
 
 `create_dataset(name, config)` builds the datasets a task script uses from the original YAML keys
 (`train_file`/`val_file`/`test_file`, `image_root`, `vqa_root`, `vg_root`, `answer_list`,

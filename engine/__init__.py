@@ -13,8 +13,8 @@ loaders (`task_loaders`, `pretrain_loader`) and model, `prepare`s it (optimizer,
     launch.py      the entry point: one-line errors, exit statuses
 
 Config loading and validation live in configuration.py, samplers and loaders in
-dataset/loaders.py, checkpoints (load, convert, save, resume) in models/checkpoint.py, the
-warm-up + cosine schedule in scheduler/.
+dataset/loaders.py, each task's batches (its collate) in dataset/collate.py, checkpoints (load,
+convert, save, resume) in models/checkpoint.py, the warm-up + cosine schedule in scheduler/.
 
 A script is started in any of these ways, with the same code path:
     python Pretrain.py --config configs/Pretrain.yaml --output_dir out          (one process)
