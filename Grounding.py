@@ -23,11 +23,10 @@ from models import gradcam
 from models.model_retrieval import ALBEF
 
 
-def train_step(model, batch, alpha, run):
-    image, caption, idx = batch  # idx: the image file's number, so captions of one image are positives
-    image, idx = utils.to_device((image, idx), run.device)
-    # max_length without truncation truncates nothing, as in the original
-    loss_ita, loss_itm = model(image, run.tokenize(caption, max_length=30), alpha=alpha, idx=idx)
+def train_step(model, batch, alpha, run, update_momentum=True):
+    # idx: the image file's number, so captions of one image are positives (dataset.GroundingCollate)
+    batch = batch.to(run.device)
+    loss_ita, loss_itm = model(batch.image, batch.text, alpha=alpha, idx=batch.idx, update_momentum=update_momentum)
     return {'loss_itm': loss_itm, 'loss_ita': loss_ita}
 
 
@@ -36,11 +35,11 @@ def evaluation(model, data_loader, run, mode, block_num):
     with gradients: Grad-CAM differentiates the ITM logit (or the ITC similarity)."""
     model.eval()
     result = []
-    for image, text, ref_ids in utils.progress(data_loader, desc=f'Grad-CAM ({mode}, block {block_num})',
-                                                disable=not run.is_main, leave=False):
-        maps = gradcam.expression_gradcam(model, utils.to_device(image, run.device), run.tokenize(text), mode,
-                                          block_num).cpu()
-        result += [{'ref_id': int(ref_id), 'pred': m} for ref_id, m in zip(ref_ids, maps)]
+    for batch in utils.progress(data_loader, desc=f'Grad-CAM ({mode}, block {block_num})',
+                                disable=not run.is_main, leave=False):
+        batch = batch.to(run.device)
+        maps = gradcam.expression_gradcam(model, batch.image, batch.text, mode, block_num).cpu()
+        result += [{'ref_id': int(ref_id), 'pred': m} for ref_id, m in zip(batch.ids, maps)]
     return result
 
 
@@ -70,7 +69,7 @@ def main(args):
     config = run.config
 
     utils.print0('Creating dataset')
-    train_loader, test_loader = run.task_loaders(TASK.name, config['batch_size'], config['batch_size'])
+    train_loader, test_loader = engine.task_loaders(run, TASK, config['batch_size'], config['batch_size'])
     refer = REFER(config['refcoco_data'], 'refcoco+', 'unc')
     dets = load_detections(config['det_file'])
     cocos = load_detections(config['coco_file'])  # Parity: loaded (and checked) but unused

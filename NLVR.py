@@ -20,22 +20,16 @@ import tasks
 TASK = tasks.NLVR  # its config keys and their checks, datasets, model: tasks.py
 configuration.precheck(__name__, TASK)  # config mistakes in a second, before torch loads
 
-import torch
-
 import engine
 import utils
 from models.model_nlvr import ALBEF
 
 
-def unpack(batch):
-    """(images, texts, targets): the two images of each pair stacked as [image0 ; image1] on dim 0."""
-    image0, image1, text, targets = batch
-    return torch.cat([image0, image1], dim=0), text, targets
-
-
-def train_step(model, batch, alpha, run):
-    image, text, targets = utils.to_device(unpack(batch), run.device)
-    return {'loss': model(image, run.tokenize(text), targets=targets, train=True, alpha=alpha)}
+def train_step(model, batch, alpha, run, update_momentum=True):
+    # the two images of each pair stacked as [image0 ; image1] on dim 0 (dataset.NLVRCollate)
+    batch = batch.to(run.device)
+    return {'loss': model(batch.image, batch.text, targets=batch.targets, train=True, alpha=alpha,
+                          update_momentum=update_momentum)}
 
 
 def main(args):
@@ -43,13 +37,13 @@ def main(args):
     config = run.config
 
     utils.print0('Creating NLVR2 datasets')
-    train_loader, val_loader, test_loader = run.task_loaders(TASK.name, config['batch_size'], config['batch_size'])
+    train_loader, val_loader, test_loader = engine.task_loaders(run, TASK, config['batch_size'], config['batch_size'])
 
     utils.print0('Creating model')
     model = ALBEF(config=config, text_encoder=engine.bert_weights(config), tokenizer=run.tokenizer)
     training = engine.prepare(run, model, sync_momentum=config.get('nlvr_momentum_from_checkpoint', False))
     evaluate = engine.split_evaluator({'val': val_loader, 'test': test_loader},
-                                      lambda loader: engine.evaluate_accuracy(training.module, loader, run, unpack))
+                                      lambda loader: engine.evaluate_accuracy(training.module, loader, run))
     engine.fit(run, training, train_loader, train_step, evaluate, best_key='val_acc', evaluate_only=args.evaluate,
                alpha_ramp=config['warm_up'], digits=4)
 

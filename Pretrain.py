@@ -12,15 +12,16 @@ configuration.precheck(__name__, TASK)  # config mistakes in a second, before to
 
 import engine
 import utils
-from dataset import CaptionCollate, normalize
+from dataset import normalize
 from models.model_pretrain import ALBEF
 
 
-def train_step(model, batch, alpha, run):
-    image, text = batch  # uint8 images; text tokenised by the loader workers (CaptionCollate)
-    image = normalize(utils.to_device(image, run.device))
-    # text left on the CPU: the model draws the MLM masks there, then moves it
-    loss_mlm, loss_ita, loss_itm = model(image, text, alpha=alpha)
+def train_step(model, batch, alpha, run, update_momentum=True):
+    # uint8 images; captions tokenised and MLM masks drawn by the loader workers (dataset.MaskedCaptionCollate).
+    # The text and masks stay on the host: the model reads the padding and masked positions there, then moves them
+    batch = batch.to(run.device, keep=('text', 'mlm'))
+    loss_mlm, loss_ita, loss_itm = model(normalize(batch.image), batch.text, alpha=alpha, mlm=batch.mlm,
+                                         update_momentum=update_momentum)
     return {'loss_mlm': loss_mlm, 'loss_ita': loss_ita, 'loss_itm': loss_itm}
 
 
@@ -29,7 +30,7 @@ def main(args):
     config = run.config
 
     utils.print0('Creating dataset')
-    loader = run.pretrain_loader(config['batch_size'], CaptionCollate(run.tokenizer, padding=engine.text_padding(run)))
+    loader = engine.pretrain_loader(run, TASK, config['batch_size'])
 
     utils.print0('Creating model')
     init_deit = config.get('init_deit', True) and not args.checkpoint and not args.resume

@@ -12,14 +12,13 @@ configuration.precheck(__name__, TASK)  # config mistakes in a second, before to
 
 import engine
 import utils
-from dataset import CaptionCollate, normalize
+from dataset import normalize
 from models.model_pretrain_nlvr import ALBEF
 
 
-def train_step(model, batch, alpha, run):
-    image, text = batch  # uint8 images; text tokenised by the loader workers (CaptionCollate)
-    image = normalize(utils.to_device(image, run.device))
-    return {'loss': model(image, utils.to_device(text, run.device))}
+def train_step(model, batch, alpha, run, update_momentum=True):
+    batch = batch.to(run.device)  # uint8 images; text tokenised by the loader workers (dataset.CaptionCollate)
+    return {'loss': model(normalize(batch.image), batch.text)}  # (no momentum encoders)
 
 
 def main(args):
@@ -27,7 +26,7 @@ def main(args):
     config = run.config
 
     utils.print0('Creating dataset')
-    loader = run.pretrain_loader(config['batch_size'], CaptionCollate(run.tokenizer))
+    loader = engine.pretrain_loader(run, TASK, config['batch_size'])
 
     utils.print0('Creating model')
     model = ALBEF(config=config, text_encoder=engine.bert_weights(config), tokenizer=run.tokenizer)

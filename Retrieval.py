@@ -19,11 +19,9 @@ from models.model_retrieval import ALBEF
 from models.retrieval_eval import chance_metrics, image_features, itm_eval, retrieval_scores, text_features
 
 
-def train_step(model, batch, alpha, run):
-    image, caption, idx = batch
-    image, idx = utils.to_device((image, idx), run.device)
-    # max_length without truncation truncates nothing, as in the original
-    loss_ita, loss_itm = model(image, run.tokenize(caption, max_length=30), alpha=alpha, idx=idx)
+def train_step(model, batch, alpha, run, update_momentum=True):
+    batch = batch.to(run.device)  # captions tokenised by the loader workers (dataset.RetrievalCollate)
+    loss_ita, loss_itm = model(batch.image, batch.text, alpha=alpha, idx=batch.idx, update_momentum=update_momentum)
     return {'loss_itm': loss_itm, 'loss_ita': loss_ita}
 
 
@@ -46,9 +44,9 @@ def evaluation(model, data_loader, tokenizer, device, config):
         utils.gather_rows(t, len(dataset.text), strided=True)
         for t in text_features(model, dataset.text[rank::world_size], tokenizer, device))
     image_feats, image_embeds = [], []
-    for image, _ in utils.progress(data_loader, desc='image features', disable=not utils.is_main_process(),
-                                   leave=False):
-        feats, embeds = image_features(model, utils.to_device(image, device))
+    for batch in utils.progress(data_loader, desc='image features', disable=not utils.is_main_process(),
+                                leave=False):
+        feats, embeds = image_features(model, utils.to_device(batch.image, device))
         image_feats.append(feats)
         image_embeds.append(embeds)
     image_feats, image_embeds = (utils.gather_rows(torch.cat(t), len(dataset.image), strided=True)
@@ -73,8 +71,8 @@ def main(args):
 
     utils.print0('Creating retrieval dataset')
     # each rank encodes every world-th image of val and test (see evaluation)
-    train_loader, val_loader, test_loader = run.task_loaders(TASK.name, config['batch_size_train'],
-                                                                 config['batch_size_test'])
+    train_loader, val_loader, test_loader = engine.task_loaders(run, TASK, config['batch_size_train'],
+                                                                config['batch_size_test'])
 
     utils.print0('Creating model')
     training = engine.prepare(run, ALBEF(config=config, text_encoder=engine.bert_weights(config),

@@ -16,9 +16,10 @@ import utils
 from models.model_ve import ALBEF
 
 
-def train_step(model, batch, alpha, run):
-    image, text, targets = utils.to_device(batch, run.device)
-    return {'loss': model(image, run.tokenize(text), targets=targets, train=True, alpha=alpha)}
+def train_step(model, batch, alpha, run, update_momentum=True):
+    batch = batch.to(run.device)  # hypotheses tokenised by the loader workers (dataset.VECollate)
+    return {'loss': model(batch.image, batch.text, targets=batch.targets, train=True, alpha=alpha,
+                          update_momentum=update_momentum)}
 
 
 def main(args):
@@ -26,8 +27,8 @@ def main(args):
     config = run.config
 
     utils.print0('Creating SNLI-VE datasets')
-    train_loader, val_loader, test_loader = run.task_loaders(TASK.name, config['batch_size_train'],
-                                                                 config['batch_size_test'])
+    train_loader, val_loader, test_loader = engine.task_loaders(run, TASK, config['batch_size_train'],
+                                                                config['batch_size_test'])
 
     utils.print0('Creating model')
     training = engine.prepare(run, ALBEF(config=config, text_encoder=engine.bert_weights(config),

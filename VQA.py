@@ -27,17 +27,15 @@ import torch
 
 import engine
 import utils
-from dataset import vqa_collate_fn
 from dataset.utils import collect_result
 from dataset.vqa_eval import NORMALIZATIONS, has_ground_truth, vqa_accuracy
 from models.model_vqa import ALBEF
 
 
-def train_step(model, batch, alpha, run):
-    image, question, answer, weights, n = batch
-    image, weights = utils.to_device((image, weights), run.device)
-    question_input = run.tokenize(question, padding=engine.text_padding(run), truncation=True, max_length=25)
-    return {'loss': model(image, question_input, run.tokenize(answer), train=True, alpha=alpha, k=n, weights=weights)}
+def train_step(model, batch, alpha, run, update_momentum=True):
+    batch = batch.to(run.device)  # questions and answers tokenised by the loader workers (dataset.VQACollate)
+    return {'loss': model(batch.image, batch.text, batch.answer, train=True, alpha=alpha, k=batch.k,
+                          weights=batch.weights, update_momentum=update_momentum)}
 
 
 @torch.no_grad()
@@ -50,11 +48,10 @@ def evaluation(model, data_loader, tokenizer, device, config):
                              return_tensors='pt').to(device)
     k = min(config['k_test'], len(answer_list))
     result = []
-    for image, question, question_id in data_loader:
-        image = image.to(device, non_blocking=True)
-        question_input = tokenizer(question, padding='longest', return_tensors='pt').to(device)
-        topk_ids, topk_probs = model(image, question_input, answer_input, train=False, k=k)
-        for qid, ids, probs in zip(question_id, topk_ids.tolist(), topk_probs.tolist()):
+    for batch in data_loader:
+        batch = batch.to(device)  # questions tokenised by the loader workers (dataset.VQACollate)
+        topk_ids, topk_probs = model(batch.image, batch.text, answer_input, train=False, k=k)
+        for qid, ids, probs in zip(batch.ids, topk_ids.tolist(), topk_probs.tolist()):
             # re-sorted by probability: the first candidate is the answer
             result.append({'question_id': int(qid), 'answer': answer_list[ids[0]]})
             if config.get('topk_answers'):
@@ -94,8 +91,7 @@ def main(args):
                                  f'got {normalization!r}')
 
     utils.print0('Creating VQA datasets')
-    train_loader, test_loader = run.task_loaders(TASK.name, config['batch_size_train'],
-                                                     config['batch_size_test'], collate_fn=vqa_collate_fn)
+    train_loader, test_loader = engine.task_loaders(run, TASK, config['batch_size_train'], config['batch_size_test'])
     test_dataset = test_loader.dataset
 
     utils.print0('Creating model')

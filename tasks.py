@@ -3,7 +3,7 @@
 A `Task` names its script, its config keys (required and optional; every key's value check is
 declared once, in `COMMON_KEYS`, `PRETRAIN_DATA_KEYS`, `TASK_KEYS`, `OPTIMIZER_KEYS` or
 `SCHEDULER_KEYS`, beside the key), its datasets (`splits`), its model module, the heads that
-identify its checkpoints, and its training collate. configuration.py checks configs against it,
+identify its checkpoints, and the collate of its loaders. configuration.py checks configs against it,
 dataset/ builds the datasets from it, models/api.py reads checkpoints with it, and the scripts
 name their record (`TASK = tasks.RETRIEVAL`). Plain data, no torch: it is read before torch loads.
 
@@ -181,7 +181,7 @@ class Task:
     model: str = ''             # the module of its model class ALBEF
     heads: tuple = ()           # (key prefix, rows of dim 0 or None): all present in its checkpoints
     serves: tuple = ()          # the models.load methods its checkpoints answer
-    collate: str | None = None  # its training collate, in dataset/
+    collate: str = ''           # the collate of its loaders: 'dataset.module.Class' (see dataset/collate.py)
     train_batch: str = 'batch_size'  # the key of the per-process training batch
     image_pairs: bool = False   # two images per text: each fusion layer split in two (models/model_nlvr.py)
     aliases: tuple = ()         # other names users type (create_dataset('re', ...), --task re)
@@ -212,12 +212,12 @@ PRETRAIN = Task(
     'pretrain', script='Pretrain.py', model='models.model_pretrain',
     required=_PRETRAIN + ('temp', 'mlm_probability', 'queue_size', 'momentum', 'alpha'),
     optional=('init_deit', 'deit_checkpoint', *PRETRAIN_DATA_KEYS),
-    splits=PRETRAIN_SPLITS, collate='CaptionCollate',
+    splits=PRETRAIN_SPLITS, collate='dataset.collate.MaskedCaptionCollate',
     heads=(_ITC, ('text_encoder.bert.', None)), serves=('embed', 'itm', 'gradcam'))
 PRETRAIN_NLVR = Task(
     'pretrain_nlvr', script='Pretrain_nlvr.py', model='models.model_pretrain_nlvr',
     required=_PRETRAIN, optional=('temp', 'alpha', *PRETRAIN_DATA_KEYS),
-    splits=PRETRAIN_SPLITS, collate='CaptionCollate',
+    splits=PRETRAIN_SPLITS, collate='dataset.collate.CaptionCollate',
     heads=(('ta_head.weight', None),), image_pairs=True)
 RETRIEVAL = Task(
     'retrieval', aliases=('re',), script='Retrieval.py', model='models.model_retrieval',
@@ -226,7 +226,7 @@ RETRIEVAL = Task(
     optional=('itc_only', 'rerank_pairs_per_pass'), train_batch='batch_size_train',
     splits=_splits('caption_dataset', 're_train_dataset', 're_eval_dataset', 'train', ('train', 'val', 'test'),
                    ('image_root',)),
-    heads=(_ITC,), serves=('embed', 'itm', 'gradcam'))
+    collate='dataset.collate.RetrievalCollate', heads=(_ITC,), serves=('embed', 'itm', 'gradcam'))
 VQA = Task(
     'vqa', script='VQA.py', model='models.model_vqa',
     required=_FINETUNE + ('train_file', 'test_file', 'answer_list', 'vqa_root', 'vg_root', 'batch_size_train',
@@ -234,27 +234,28 @@ VQA = Task(
     optional=('topk_answers', 'vqa_normalization'), train_batch='batch_size_train',
     splits=_splits('vqa_dataset', 'vqa_dataset', 'vqa_dataset', 'train', ('train', 'test'), ('vqa_root', 'vg_root'),
                    (('split', 'train'),), (('split', 'test'),), (('answer_list', 'answer_list'),)),
-    collate='vqa_collate_fn', heads=(('text_decoder.', None),), serves=('answer',))
+    collate='dataset.collate.VQACollate', heads=(('text_decoder.', None),), serves=('answer',))
 VE = Task(
     've', script='VE.py', model='models.model_ve',
     required=_FINETUNE + ('train_file', 'val_file', 'test_file', 'image_root', 'batch_size_train', 'batch_size_test'),
     train_batch='batch_size_train',
     splits=_splits('ve_dataset', 've_dataset', 've_dataset', 'train', ('train', 'val', 'test'), ('image_root',)),
-    heads=(('cls_head.2.weight', 3),), serves=('ve',))
+    collate='dataset.collate.VECollate', heads=(('cls_head.2.weight', 3),), serves=('ve',))
 NLVR = Task(
     'nlvr', script='NLVR.py', model='models.model_nlvr',
     required=_FINETUNE + ('train_file', 'val_file', 'test_file', 'image_root', 'batch_size'),
     # eval_ema: a key of the original NLVR.yaml that nothing reads, accepted so that config loads
     optional=('eval_ema', 'nlvr_momentum_from_checkpoint'),
     splits=_splits('nlvr_dataset', 'nlvr_dataset', 'nlvr_dataset', 'train', ('train', 'val', 'test'), ('image_root',)),
-    heads=(('cls_head.2.weight', 2),), image_pairs=True)
+    collate='dataset.collate.NLVRCollate', heads=(('cls_head.2.weight', 2),), image_pairs=True)
 GROUNDING = Task(
     'grounding', script='Grounding.py', model='models.model_retrieval',
     required=_FINETUNE + ('train_file', 'test_file', 'refcoco_data', 'det_file', 'coco_file', 'image_root',
                           'batch_size', 'queue_size', 'momentum', 'vision_width', 'embed_dim', 'temp'),
     optional=('block_num',),
     splits=_splits('grounding_dataset', 'grounding_dataset', 'grounding_dataset', 'grounding_train',
-                   ('train', 'test'), ('image_root',), (('mode', 'train'),), (('mode', 'test'),)))
+                   ('train', 'test'), ('image_root',), (('mode', 'train'),), (('mode', 'test'),)),
+    collate='dataset.collate.GroundingCollate')
 # (grounding checkpoints have the retrieval heads: models.load reads them as retrieval ones)
 
 TASKS = (PRETRAIN, PRETRAIN_NLVR, RETRIEVAL, VQA, VE, NLVR, GROUNDING)

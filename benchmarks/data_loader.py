@@ -134,7 +134,7 @@ def loader_rate(args):
     for rnd in range(args.rounds + 1):  # round 0 starts the workers and is not timed
         if rnd == 1:
             start = time.perf_counter()
-        for (images, _), _skipped in loader:
+        for images, _ in loader:
             pairs += images.size(0) if rnd else 0
     rate = pairs / (time.perf_counter() - start)
     row = {'size': size, 'workers': args.workers, 'loader_pairs_per_s': rate}

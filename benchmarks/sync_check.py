@@ -21,6 +21,8 @@ if __name__ == '__main__' and not torch.cuda.is_available():  # before the slowe
     print(json.dumps({'sync_check': 'skipped: no CUDA device'}))
     sys.exit(0)
 import engine  # noqa: E402
+from dataset import Batch  # noqa: E402
+from models.losses import mask_tokens  # noqa: E402
 from engine.checkpointing import TrainState  # noqa: E402
 import Pretrain  # noqa: E402
 import train_step as bench  # noqa: E402
@@ -32,7 +34,7 @@ class Batches:
 
     def __init__(self, batches, start, stop):
         self.batches, self.start, self.stop = batches, start, stop
-        self.batch_size = len(batches[0][0])
+        self.batch_size = len(batches[0].image)
         self.sampler = argparse.Namespace(set_epoch=lambda epoch, start=0: None)
 
     def __len__(self):
@@ -45,7 +47,7 @@ class Batches:
                 if i in (1, 3):
                     (self.stop if watching else self.start)()
                     watching = not watching
-                yield batch, 0
+                yield batch
         finally:
             if watching:  # the loop stopped inside the window (an error in step 2 or 3)
                 self.stop()
@@ -71,11 +73,15 @@ def main():
     batch = args.batch or bench.SIZES[args.size]['batch']
     model, optimizer = bench.build('default', config, device)
     batches = []
-    for i in range(4):  # as the loader delivers them: pinned uint8 images, captions tokenised in its workers
+    for i in range(4):  # as the loader delivers them: pinned uint8 images, captions tokenised and masked
         _, text = bench.fixed_batch(config, batch, seed=i)
         image = torch.randint(0, 256, (batch, 3, config['image_res'], config['image_res']), dtype=torch.uint8,
                               generator=torch.Generator().manual_seed(i))
-        batches.append((image.pin_memory(), text))
+        input_ids, labels = text.input_ids.clone(), text.input_ids.clone()
+        tokenizer = model.tokenizer
+        mask_tokens(input_ids, model.text_encoder.config.vocab_size, tokenizer.pad_token_id, tokenizer.cls_token_id,
+                    tokenizer.mask_token_id, targets=labels, probability_matrix=torch.full(labels.shape, 0.15))
+        batches.append(Batch(image=image, text=text, mlm=(input_ids, labels)).pin_memory())
     run = engine.Run(args=argparse.Namespace(seed=0), config={
         'alpha': 0.4, 'print_freq': 1000, 'schedular': {'warmup_epochs': 0}}, device=device, amp=args.amp,
         scaler=torch.amp.GradScaler('cuda', enabled=args.amp == 'fp16'))
@@ -86,7 +92,7 @@ def main():
     result = {'sync_check': 'passed', 'size': args.size, 'batch': batch, 'amp': args.amp}
     try:
         engine.train_one_epoch(model, Batches(batches, sync_errors_on, sync_errors_off), optimizer, NoScheduler(), 1, run, TrainState(),
-                               lambda m, b, a: Pretrain.train_step(m, b, a, run))
+                               lambda m, b, a, **step: Pretrain.train_step(m, b, a, run, **step))
     except RuntimeError as error:
         sync_errors_off()
         result['sync_check'] = f'failed: {str(error).splitlines()[0]}'

@@ -1,5 +1,5 @@
-"""Datasets, image transforms, samplers and loaders (dataset/loaders.py) of the six tasks
-(docs/DESIGN.md, "Data").
+"""Datasets, image transforms, samplers and loaders (dataset/loaders.py) and batches
+(dataset/collate.py) of the six tasks (docs/DESIGN.md, "Data").
 
 `create_dataset(name, config)` builds the datasets a task script uses from the original YAML keys
 (`train_file`/`val_file`/`test_file`, `image_root`, `vqa_root`, `vg_root`, `answer_list`,
@@ -21,6 +21,7 @@ import torch
 import tasks
 from .base import AnnotationDataset, DataError, ImageError, max_image_pixels
 from .caption_dataset import pretrain_dataset, re_eval_dataset, re_train_dataset
+from .collate import Batch, CaptionCollate, MaskedCaptionCollate, collate_for
 from .grounding_dataset import grounding_dataset
 from .loaders import create_loader, create_sampler, eval_loader, train_loader
 from .nlvr_dataset import nlvr_dataset
@@ -29,7 +30,8 @@ from .ve_dataset import ve_dataset
 from .vqa_dataset import vqa_dataset
 
 __all__ = ['DataError', 'ImageError', 'create_dataset', 'create_sampler', 'create_loader',
-           'vqa_collate_fn', 'build_transform', 'normalize', 'CaptionCollate', 'ToUint8', 'pretrain_dataset', 're_train_dataset', 're_eval_dataset',
+           'vqa_collate_fn', 'build_transform', 'normalize', 'Batch', 'CaptionCollate', 'MaskedCaptionCollate',
+           'collate_for', 'ToUint8', 'pretrain_dataset', 're_train_dataset', 're_eval_dataset',
            'vqa_dataset', 've_dataset', 'nlvr_dataset', 'grounding_dataset', 'TASKS', 'train_loader',
            'eval_loader']
 
@@ -65,22 +67,6 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
                                                    for v in (MEAN, STD))
     mean, std = stats
     return images.to(torch.float32).div(255).sub(mean).div(std)
-
-
-class CaptionCollate:
-    """Collate (image, caption) items into (images, tokenised captions) inside the DataLoader
-    workers: the tokenizer's BatchEncoding of tensors (at most `max_length` tokens, padded to the
-    longest caption, or to `max_length` with padding='max_length' for static shapes under
-    --compile), ready for `.to(device, non_blocking=True)`."""
-
-    def __init__(self, tokenizer, max_length: int = 25, padding: str = 'longest') -> None:
-        self.tokenizer, self.max_length, self.padding = tokenizer, max_length, padding
-
-    def __call__(self, items: Sequence[tuple]) -> tuple:
-        images, captions = zip(*items)
-        text = self.tokenizer(list(captions), padding=self.padding, truncation=True, max_length=self.max_length,
-                              return_tensors='pt')
-        return torch.stack(images, dim=0), text
 
 
 class DraftRandomResizedCrop:

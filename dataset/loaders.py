@@ -4,7 +4,7 @@
   augmentation is a function of (seed, epoch, index) alone (`SeededSamples`, `ResumableSampler`),
   so an interrupted run continues with exactly the batches it would have seen; with the config key
   `train_shards` the batches stream from tar shards (`dataset.shards.ShardStream`). Iterating yields
-  (batch, number of bad images skipped to make it).
+  the batches; the loader's `skipped` counts the bad images skipped this epoch on this process.
 - Evaluation (`eval_loader`): file order; across processes each takes every world-th item, with
   no padding, so nothing is counted twice.
 - `create_sampler` / `create_loader`: the original's helpers, on the same loader construction.
@@ -32,14 +32,21 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch) * 1_000_033 + index
 
 
+def collate_seed(first_sample_seed: int) -> int:
+    """The seed of a batch's collate (its random draws, e.g. the MLM masks), from its first sample's
+    seed: a function of (seed, epoch, that sample) alone, and apart from the sample's own stream."""
+    return (first_sample_seed * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407) % 2 ** 63
+
+
 class SeededSamples(Dataset):
     """Makes the random augmentation of each sample a function of (seed, epoch, index) alone.
 
     Indices arrive as (epoch, index) pairs from ResumableSampler; the global random generators
     (python, numpy, torch) are seeded for the sample and restored afterwards. Sample k of an epoch
     is therefore the same tensor whether the run was interrupted or not, whatever the number of
-    workers. Each item comes with the number of bad images skipped to produce it
-    (`skip_bad_images`), which the collate function sums, so the count reaches the main process.
+    workers. Each item comes as (item, bad images skipped to produce it (`skip_bad_images`), its
+    seed): `SeededCollate` sums the counts, so they reach the main process, and seeds the collate
+    from the first seed.
     """
 
     def __init__(self, dataset, seed):
@@ -55,10 +62,11 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
+        seed = sample_seed(self.seed, epoch, index)
         skipped = getattr(self.dataset, 'num_skipped', 0)
-        with Seeded(sample_seed(self.seed, epoch, index)):
+        with Seeded(seed):
             item = self.dataset[index]
-        return item, getattr(self.dataset, 'num_skipped', 0) - skipped
+        return item, getattr(self.dataset, 'num_skipped', 0) - skipped, seed
 
 
 class ResumableSampler(DistributedSampler):
@@ -78,15 +86,19 @@ class ResumableSampler(DistributedSampler):
         return iter([(self.epoch, i) for i in indices])
 
 
-class CountSkipped:
-    """Collate (item, skipped) pairs into (batch, total skipped)."""
+class SeededCollate:
+    """Collate SeededSamples' (item, skipped, seed) triples into (batch, total skipped): the batch
+    is made by `collate_fn` with the global generators seeded from the first sample's seed
+    (`collate_seed`), so its random draws are the same on a resumed run."""
 
     def __init__(self, collate_fn=None):
         self.collate_fn = collate_fn or torch.utils.data.default_collate
 
-    def __call__(self, pairs):
-        items, skipped = zip(*pairs)
-        return self.collate_fn(list(items)), sum(skipped)
+    def __call__(self, triples):
+        items, skipped, seeds = zip(*triples)
+        with Seeded(collate_seed(seeds[0])):
+            batch = self.collate_fn(list(items))
+        return batch, sum(skipped)
 
 
 def local_processes() -> int:
@@ -168,47 +180,78 @@ def shutdown_workers():
 atexit.register(shutdown_workers)
 
 
+class _CountingLoader(_Loader):
+    """A training DataLoader whose collate returns (batch, bad images skipped) (`SeededCollate`):
+    iterating yields the batches, and `skipped` counts the skips of the epoch so far on this
+    process (None unless `count_skipped`: data that skip nothing report no count)."""
+
+    def __init__(self, *args, count_skipped: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.count_skipped = count_skipped
+        self.skipped = 0 if count_skipped else None
+
+    def __iter__(self):
+        if self.count_skipped:
+            self.skipped = 0
+        for batch, skipped in super().__iter__():
+            if self.count_skipped:
+                self.skipped += skipped
+            yield batch
+
+
 def make_loader(dataset, batch_size: int, *, train: bool, sampler=None, num_workers: int = 0,
-                collate_fn: Callable | None = None, pin_memory: bool = False, seed: int | None = None) -> DataLoader:
+                collate_fn: Callable | None = None, pin_memory: bool = False, seed: int | None = None,
+                count_skipped: bool | None = None) -> DataLoader:
     """The one DataLoader construction: training loaders drop the last partial batch, shuffle when
     they have no sampler and keep their workers between epochs; evaluation loaders do none of it.
-    Workers ignore SIGINT/SIGTERM (the main process stops training between steps)."""
+    Workers ignore SIGINT/SIGTERM (the main process stops training between steps). With
+    `count_skipped` (True or False) the collate returns (batch, skipped) and the loader is a
+    `_CountingLoader`."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return _Loader(dataset, batch_size=batch_size, sampler=sampler, shuffle=train and sampler is None,
-                   num_workers=num_workers, collate_fn=collate_fn, drop_last=train, pin_memory=pin_memory,
-                   persistent_workers=train and num_workers > 0, generator=generator,
-                   worker_init_fn=_worker_init)
+    options = dict(batch_size=batch_size, sampler=sampler, shuffle=train and sampler is None, num_workers=num_workers,
+                   collate_fn=collate_fn, drop_last=train, pin_memory=pin_memory,
+                   persistent_workers=train and num_workers > 0, generator=generator, worker_init_fn=_worker_init)
+    if count_skipped is None:
+        return _Loader(dataset, **options)
+    return _CountingLoader(dataset, count_skipped=count_skipped, **options)
 
 
 class StreamCollate:
     """Collate a shard stream's (item, info) pairs into (batch, (skipped, ids, short shards, ids
-    delivered before a resume)); see dataset.shards.ShardStream."""
+    delivered before a resume)); see dataset.shards.ShardStream. The batch is made by `collate_fn`
+    with the global generators seeded from (the stream's seed, its epoch, the batch's first sample),
+    so its random draws are the same on a resumed run."""
 
-    def __init__(self, collate_fn=None):
+    def __init__(self, stream, collate_fn=None):
+        self.stream = stream
         self.collate_fn = collate_fn or torch.utils.data.default_collate
 
     def __call__(self, pairs):
         items, infos = zip(*pairs)
-        return self.collate_fn(list(items)), (sum(i[0] for i in infos), [i[1] for i in infos],
-                                              [e for i in infos for e in i[2]], [k for i in infos for k in i[3]])
+        ids = [i[1] for i in infos]
+        with Seeded(collate_seed(sample_seed(self.stream.seed, self.stream.epoch, int(ids[0])))):
+            batch = self.collate_fn(list(items))
+        return batch, (sum(i[0] for i in infos), ids, [e for i in infos for e in i[2]],
+                       [k for i in infos for k in i[3]])
 
 
 class StreamLoader:
     """Training batches from a `dataset.shards.ShardStream`: a DataLoader made afresh each epoch
     (its workers read the epoch and start position); the stream stands in for the sampler
     (`loader.sampler.set_epoch(epoch, start)`), as the training loop expects. Iterating yields
-    (batch, bad samples skipped); it also counts, for `epoch_counts`, the samples trained, which of
-    them are distinct and the shards found shorter than their count (each reported once per run)."""
+    the batches of `collate_fn` (see StreamCollate); `skipped` counts the bad samples skipped this
+    epoch so far, and `epoch_counts` the samples trained, which of them are distinct and the shards
+    found shorter than their count (each reported once per run)."""
 
-    def __init__(self, stream, **loader_kwargs):
+    def __init__(self, stream, collate_fn=None, **loader_kwargs):
         self.stream = self.sampler = self.dataset = stream
         self.batch_size = stream.batch_size
-        self.loader_kwargs = loader_kwargs
+        self.loader_kwargs = dict(loader_kwargs, collate_fn=StreamCollate(stream, collate_fn))
         self.reported = set()
         self._reset()
 
     def _reset(self):
-        self.trained = 0
+        self.trained = self.skipped = 0
         self.marks = np.zeros(self.stream.available + len(self.stream.urls), dtype=np.uint8)  # samples, shards
 
     def __len__(self):
@@ -220,6 +263,7 @@ class StreamLoader:
         loader = _Loader(self.stream, batch_size=self.batch_size, drop_last=True,
                          generator=torch.Generator().manual_seed(self.stream.seed), **self.loader_kwargs)
         for batch, (skipped, ids, short, earlier) in loader:
+            self.skipped += skipped
             self.trained += len(ids) + len(earlier)
             self.marks[ids + earlier] = 1
             for shard, found, counted in short:
@@ -229,7 +273,7 @@ class StreamLoader:
                     utils.print0(f'warning: shard {self.stream.urls[shard]} has {found} samples, its count says '
                           f'{counted} (cut short after it was counted?); the epoch trains others in their place',
                           file=sys.stderr, flush=True)
-            yield batch, skipped
+            yield batch
 
     def epoch_counts(self):
         """The epoch's counts over all processes (a collective: every rank calls it): samples
@@ -276,7 +320,7 @@ def shard_loader(dataset, batch_size, config, rank=0, world_size=1, seed=0, pin_
           f'{f", {len(dataset)} from train_file" if dataset is not None else ""}): {stream.steps} steps of '
           f'{batch_size} x {world_size} processes, {num_workers} loader workers each; each epoch trains '
           f'{used} of them once{rest}')
-    return StreamLoader(stream, num_workers=num_workers, collate_fn=StreamCollate(collate_fn),
+    return StreamLoader(stream, num_workers=num_workers, collate_fn=collate_fn,
                         pin_memory=pin_memory, worker_init_fn=_worker_init)
 
 
@@ -306,7 +350,8 @@ def check_vocabulary(dataset, tokenizer, text_encoder, limit=0.05):
 
 def train_loader(dataset, batch_size, config, rank=0, world_size=1, seed=0, pin_memory=False, collate_fn=None,
                  tokenizer=None, check_batches=True, config_path='the config'):
-    """Shuffled, resumable training batches; iterating yields (batch, images skipped). With the
+    """Shuffled, resumable training batches; the loader's `skipped` counts the epoch's bad images
+    skipped (with `skip_bad_images`; None without). With the
     config key `train_shards` the batches stream from tar shards (`shard_loader`). `check_batches`
     checks there is a batch for every process; `tokenizer` also reports a vocabulary that turns
     many of the texts' words into [UNK]."""
@@ -318,8 +363,8 @@ def train_loader(dataset, batch_size, config, rank=0, world_size=1, seed=0, pin_
         check_vocabulary(dataset, tokenizer, config.get('text_encoder'))
     return make_loader(SeededSamples(dataset, seed), batch_size, train=True,
                        sampler=ResumableSampler(dataset, world_size, rank, seed=seed),
-                       num_workers=num_workers_of(config), collate_fn=CountSkipped(collate_fn),
-                       pin_memory=pin_memory, seed=seed)
+                       num_workers=num_workers_of(config), collate_fn=SeededCollate(collate_fn),
+                       pin_memory=pin_memory, seed=seed, count_skipped=bool(config.get('skip_bad_images')))
 
 
 def eval_loader(dataset, batch_size, config, rank=0, world_size=1, pin_memory=False, collate_fn=None,

@@ -1,10 +1,11 @@
 """The training scaffold the seven task scripts share (docs/ARCHITECTURE.md). A script reads the
 flags, calls `setup` (config, processes, device, tokenizer: a `Run`), builds its datasets and
-loaders (`run.train_loader`, `run.eval_loader`) and model, `prepare`s it (optimizer, schedule,
+loaders (`task_loaders`, `pretrain_loader`) and model, `prepare`s it (optimizer, schedule,
 --checkpoint / --resume, DDP) and hands it to `fit`. One home per concept:
 
     options.py     the shared flags and how they override the config (the effective config)
     run.py         process and device setup: `setup(args, task) -> Run` (task: its record in tasks.py)
+    data.py        the task's loaders: its datasets batched by its collate (`task_loaders`, `pretrain_loader`)
     build.py       tokenizer, text-encoder weights, `prepare` (optimizer + schedule, checkpoint, wrapping)
     checkpointing.py  saving checkpoints, keep-N, --resume (exact: position, meters, RNG states)
     loop.py        `fit` (the epochs) and `train_one_epoch` (the steps), the epoch log
@@ -13,7 +14,8 @@ loaders (`run.train_loader`, `run.eval_loader`) and model, `prepare`s it (optimi
     launch.py      the entry point: one-line errors, exit statuses
 
 Config loading and validation live in configuration.py, samplers and loaders in
-dataset/loaders.py, reading, converting and loading checkpoints in models/checkpoint.py, the
+dataset/loaders.py, each task's batches (its collate) in dataset/collate.py, reading, converting
+and loading checkpoints in models/checkpoint.py (saving and resuming in engine/checkpointing.py), the
 warm-up + cosine schedule in scheduler/.
 
 A script is started in any of these ways, with the same code path:
@@ -23,6 +25,7 @@ A script is started in any of these ways, with the same code path:
     srun python Pretrain.py ...                                                 (SLURM)
 """
 from configuration import ConfigError
+from .data import eval_loader, pretrain_loader, task_loaders, train_loader
 from .build import Training, bert_weights, prepare, text_padding
 from .evaluation import evaluate_accuracy, split_evaluator
 from .launch import launch
@@ -32,4 +35,5 @@ from .run import Run, setup
 
 __all__ = ['ConfigError', 'Training', 'bert_weights', 'prepare', 'text_padding',
            'evaluate_accuracy', 'split_evaluator', 'launch', 'fit', 'log_stats', 'train_one_epoch',
-           'get_args_parser', 'task_parser', 'Run', 'setup']
+           'get_args_parser', 'task_parser', 'Run', 'setup', 'task_loaders', 'pretrain_loader', 'train_loader',
+           'eval_loader']

@@ -264,14 +264,8 @@ class CompileFallback:
                 if self.regions:  # compiled in place: only the stance turns them off
                     torch.compiler.set_stance('force_eager')
                 utils.print0(f'torch.compile failed ({type(error).__name__}: {one_line(error)}); '
-                      f'continuing in eager mode', flush=True)
+                             f'continuing in eager mode', flush=True)
         return self.eager(*args, **kwargs)
 
     def __getattr__(self, name):  # train(), eval(), no_sync(), module, ...
         return getattr(self.eager, name)
-
-    def __setattr__(self, name, value):  # momentum_paused (the loop sets it) goes to the model
-        if name in ('compiled', 'eager', 'regions', 'failed'):
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.eager, name, value)

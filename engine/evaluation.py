@@ -21,21 +21,20 @@ def split_evaluator(loaders, score):
 
 
 @torch.no_grad()
-def evaluate_accuracy(model, loader, run, unpack=None):
+def evaluate_accuracy(model, loader, run):
     """Classification accuracy of `model` over a whole split: {'acc': fraction}, rounded to 4 decimals
     as the original prints it.
 
-    With a `run.eval_loader` each rank scores its own share and the counts are summed over ranks, so
-    every example counts exactly once. A batch is (image, texts, targets), or `unpack(batch)` makes
-    it so; texts are tokenised with padding='longest'.
+    With an `engine.eval_loader` each rank scores its own share and the counts are summed over ranks, so
+    every example counts exactly once. The batches (dataset.Batch) carry image, text (tokenised by
+    the loader workers) and targets.
     """
     model.eval()
     counts = torch.zeros(2, dtype=torch.long, device=run.device)  # correct, seen
     for batch in loader:
-        image, text, targets = unpack(batch) if unpack is not None else batch
-        image, targets = utils.to_device((image, targets), run.device)
-        prediction = model(image, run.tokenize(text), targets, train=False)
-        counts[0] += (prediction.argmax(dim=1) == targets).sum()
-        counts[1] += targets.numel()
+        batch = batch.to(run.device)
+        prediction = model(batch.image, batch.text, batch.targets, train=False)
+        counts[0] += (prediction.argmax(dim=1) == batch.targets).sum()
+        counts[1] += batch.targets.numel()
     correct, seen = utils.all_reduce_sum(counts).tolist()
     return {'acc': round(correct / max(seen, 1), 4)}

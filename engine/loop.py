@@ -47,9 +47,13 @@ def _since(checkpointer):
 
 def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, train_step, checkpointer=None,
                     alpha_ramp=True, digits=3, optimizer_step=None):
-    """One epoch: `train_step(model, batch, alpha)` returns a dict of named losses, which are
-    summed, back-propagated and logged. Owns the alpha ramp of epoch 0, the non-finite-loss stop
-    and mid-epoch checkpoints, and steps the schedule's warm-up (`lr_scheduler.step_iteration`).
+    """One epoch: `train_step(model, batch, alpha, update_momentum)` returns a dict of named losses,
+    which are summed, back-propagated and logged (`update_momentum`: whether the model's momentum
+    encoders move in this forward; with gradient accumulation, on the first micro-batch of each
+    optimizer step only). The bad images skipped are the loader's count (`loader.skipped`, None
+    where it counts none), read at checkpoints and at the epoch's end. Owns the alpha ramp of epoch
+    0, the non-finite-loss stop and mid-epoch checkpoints, and steps the schedule's warm-up
+    (`lr_scheduler.step_iteration`).
     Returns the epoch averages as numbers: the losses rounded to `digits` decimals (the precision
     the original prints), the lr to `digits` significant digits."""
     config = run.config
@@ -63,25 +67,28 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
     save_every = config.get('save_every_steps') or 0
     print_freq = config.get('print_freq', 50)
     guard = LossGuard()
-    skipped = state.extra.get('skipped_images', 0) if state.step else 0
+    skipped_before = state.extra.get('skipped_images', 0) if state.step else 0  # before a resume, this epoch
     saved_step = state.step  # the step the newest checkpoint continues from
+
+    def loader_skipped():
+        return getattr(loader, 'skipped', None)
 
     def save_position():
         guard.check()
-        state.meters, state.extra['skipped_images'] = logger.state_dict(), skipped
+        state.meters, state.extra['skipped_images'] = logger.state_dict(), skipped_before + (loader_skipped() or 0)
         checkpointer.save('checkpoint_last.pth', state)
         return state.step
 
     accum = run.accum_steps
     # clipping (grad_clip_norm), the step and the loss scale; compiled under --compile step
     optimizer_step = optimizer_step or make_optimizer_step(optimizer, run)
-    bare_model = getattr(model, 'module', model)  # under DistributedDataParallel
+
     # the step line's numbers also go to TensorBoard / W&B, at the global step (the same after a resume)
     def to_writer(i, numbers):
         run.writer.step(epoch * num_steps + i, numbers)
 
     on_log = to_writer if run.writer is not None and run.writer.active else None
-    for i, (batch, skipped_now) in logger.log_every(loader, print_freq, f'Train Epoch: [{epoch}]', start=state.step,
+    for i, batch in logger.log_every(loader, print_freq, f'Train Epoch: [{epoch}]', start=state.step,
                                                     total=num_steps, on_log=on_log,
                                                     samples_per_step=loader.batch_size * run.world_size):
         alpha = config.get('alpha', 0)
@@ -89,15 +96,13 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
             alpha = alpha * min(1, i / num_steps)
         if config.get('compile'):  # a tensor: a new value each step is new data, not a new graph
             alpha = torch.tensor(alpha, dtype=torch.float32)
-        skipped += skipped_now
         # accumulation: the momentum encoders move once per optimizer step (on its first micro-batch)
         # and the gradients are all-reduced only on its last
         last_micro = (i + 1) % accum == 0 or i + 1 == num_steps
-        bare_model.momentum_paused = i % accum != 0
         sync = contextlib.nullcontext() if last_micro or not run.distributed else model.no_sync()
         with sync:
             with run.autocast():
-                losses = train_step(model, batch, alpha)
+                losses = train_step(model, batch, alpha, update_momentum=i % accum == 0)
                 loss = sum(losses.values())
             run.scaler.scale(loss / accum if accum > 1 else loss).backward()
         if last_micro:
@@ -121,15 +126,14 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, run, state, t
             written = checkpointer and checkpointer.last_saved == checkpointer.path('checkpoint_last.pth') \
                 and saved_step == state.step
             stop(signum, epoch, state.step, 'checkpoint_last.pth written' if written else _since(checkpointer))
-    bare_model.momentum_paused = False
     guard.check()
     logger.synchronize_between_processes()
     utils.print0('Averaged stats:', logger.global_avg())
     state.step, state.meters = 0, None
     stats = {name: float(f'{meter.global_avg:.{digits}g}') if name == 'lr' else round(meter.global_avg, digits)
              for name, meter in logger.meters.items()}
-    if config.get('skip_bad_images') or config.get('train_shards'):  # shards always skip and count
-        count = torch.tensor(skipped, device=run.device)  # on the GPU under NCCL
+    if loader_skipped() is not None:  # the loader counts skips (skip_bad_images; shards always do)
+        count = torch.tensor(skipped_before + loader_skipped(), device=run.device)  # on the GPU under NCCL
         stats['skipped_images'] = int(utils.all_reduce_sum(count).item())
     if hasattr(loader, 'epoch_counts'):  # a stream's loader counts what the epoch trained (a collective)
         stats.update(loader.epoch_counts())
@@ -140,7 +144,7 @@ def fit(run, training, loader, train_step, evaluate=None, best_key=None, evaluat
         digits=3):
     """The epoch loop of every script: train one epoch, evaluate, log one JSON line, step the
     schedule, checkpoint. `training` is what `engine.prepare` returns; `train_step(model, batch,
-    alpha, run)` returns the step's named losses.
+    alpha, run, update_momentum)` returns the step's named losses (see `train_one_epoch`).
 
     With `evaluate(epoch) -> {name: value}` (fine-tuning) the evaluation runs after every epoch,
     `checkpoint_best.pth` keeps the epoch with the highest `best_key`, `checkpoint_last.pth` the
@@ -157,8 +161,8 @@ def fit(run, training, loader, train_step, evaluate=None, best_key=None, evaluat
         stats = {}
         if not evaluate_only:
             train_stats = train_one_epoch(training.model, loader, training.optimizer, training.lr_scheduler, epoch,
-                                          run, state, lambda m, b, a: train_step(m, b, a, run), checkpointer,
-                                          alpha_ramp=alpha_ramp, digits=digits,
+                                          run, state, lambda m, b, a, update_momentum: train_step(m, b, a, run, update_momentum),
+                                          checkpointer, alpha_ramp=alpha_ramp, digits=digits,
                                           optimizer_step=training.optimizer_step)
             stats.update({f'train_{k}': v for k, v in train_stats.items()})
         if evaluate is not None:

@@ -15,7 +15,6 @@ from ruamel.yaml import YAML
 
 import configuration
 import dataset.loaders
-from dataset import create_dataset
 import tracking
 import utils
 from configuration import ConfigError
@@ -99,39 +98,6 @@ class Run:
             name = 'config_evaluate.yaml'  # beside the training run's, which stays as it was
         with open(self.path(name), 'w') as f:
             YAML(typ='safe').dump(self.config, f)
-
-    def tokenize(self, texts, padding='longest', **kwargs):
-        """The tokenizer's tensors for `texts`, on the run's device (kwargs: max_length, truncation)."""
-        return utils.to_device(self.tokenizer(texts, padding=padding, return_tensors='pt', **kwargs), self.device)
-
-    # ---- the task's data, for this process (dataset/loaders.py) ----
-    def task_loaders(self, task, train_batch_size, eval_batch_size, collate_fn=None):
-        """(training loader, one evaluation loader per split) of a fine-tuning task's datasets (task:
-        its name in tasks.py), in the order `dataset.create_dataset(task, config)` returns them;
-        `collate_fn` collates training batches."""
-        train, *evaluation = create_dataset(task, self.config)
-        return (self.train_loader(train, train_batch_size, collate_fn),
-                *(self.eval_loader(split, eval_batch_size) for split in evaluation))
-
-    def train_loader(self, data, batch_size, collate_fn=None):
-        """Shuffled, resumable training batches of this rank (see dataset.loaders.train_loader)."""
-        return dataset.loaders.train_loader(
-            data, batch_size, self.config, rank=self.rank, world_size=self.world_size, seed=self.seed,
-            pin_memory=self.device.type == 'cuda', collate_fn=collate_fn, tokenizer=self.tokenizer,
-            check_batches=not self.evaluating, config_path=getattr(self.args, 'config', 'the config'))
-
-    def pretrain_loader(self, batch_size, collate_fn):
-        """Image-caption batches of the pre-training data: a JSON `train_file`, tar `train_shards`,
-        or both (uint8 images, for dataset.normalize on the device)."""
-        configuration.require_one_of(self.config, getattr(self.args, 'config', 'the config'),
-                                     ('train_file', 'train_shards'))
-        pairs = create_dataset('pretrain', self.config, uint8=True) if self.config.get('train_file') else None
-        return self.train_loader(pairs, batch_size, collate_fn)
-
-    def eval_loader(self, data, batch_size, collate_fn=None):
-        """This rank's share of an evaluation split, in file order (see dataset.loaders.eval_loader)."""
-        return dataset.loaders.eval_loader(data, batch_size, self.config, rank=self.rank, world_size=self.world_size,
-                                           pin_memory=self.device.type == 'cuda', collate_fn=collate_fn)
 
 
 def setup(args, task):

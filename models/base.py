@@ -95,12 +95,11 @@ class ALBEFBase(nn.Module):
                 param_m.data.copy_(param.data)
                 param_m.requires_grad = False
 
-    momentum_paused = False  # set by the engine on all but the first micro-batch of an accumulated step
-
     @torch.no_grad()
     def _momentum_update(self):
-        if self.momentum_paused:
-            return
+        """theta_m <- m theta_m + (1 - m) theta. The forwards call it unless given
+        `update_momentum=False` (gradient accumulation: the training loop asks for it on the first
+        micro-batch of each optimizer step only)."""
         online, momentum, frozen, frozen_m = [], [], [], []
         for model, model_m in self.model_pairs:
             for param, param_m in zip(model.parameters(), model_m.parameters()):
@@ -200,7 +199,7 @@ class ContrastiveALBEF(ALBEFBase):
             return feat.float() @ feat_all.float() / self.temp
 
     def contrastive_forward(self, image, text, alpha, idx=None, distill=True, mlm_input_ids=None, itm_noise=None,
-                            host_mask=None, mlm_positions=None):
+                            host_mask=None, mlm_positions=None, update_momentum=True):
         """Returns (loss_ita, loss_itm, image_embeds, image_embeds_m) for one batch.
 
         `idx` (B,) are image indices (retrieval); None means pre-training's diagonal positives.
@@ -211,7 +210,8 @@ class ContrastiveALBEF(ALBEFBase):
         text.attention_mask, from which the text and fusion passes on another device learn which
         tokens to skip (xbert.Packing) without reading the device. `mlm_positions` (M,: flat
         positions b * L + l of the tokens the MLM head reads, on the device): the MLM outputs are
-        then those tokens' alone, (M, width), and the last fusion layer computes no others.
+        then those tokens' alone, (M, width), and the last fusion layer computes no others. `update_momentum`: see
+        _momentum_update.
         """
         if host_mask is not None and image.device.type == 'cpu':
             host_mask = None  # the passes find the tokens from the mask itself
@@ -231,7 +231,8 @@ class ContrastiveALBEF(ALBEFBase):
             sim_targets = pos / pos.sum(1, keepdim=True)
 
         with torch.no_grad():
-            self._momentum_update()
+            if update_momentum:
+                self._momentum_update()
             image_embeds_m, image_feat_m = self._image_features(self.visual_encoder_m, self.vision_proj_m, image)
             image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
             _, text_feat_m, mlm_embeds_m = self._text_pass(self.text_encoder_m, self.text_proj_m, text,
@@ -372,7 +373,7 @@ class ClassifierALBEF(ALBEFBase):
                               encoder_attention_mask=atts, return_dict=True)
         return cls_head(output.last_hidden_state[:, 0, :])
 
-    def forward(self, image, text, targets, alpha=0, train=True):
+    def forward(self, image, text, targets, alpha=0, train=True, update_momentum=True):
         from .losses import classification_distill_loss
         batch_size = targets.size(0)
         prediction = self._predict(self.visual_encoder, self.text_encoder, self.cls_head, image, text, batch_size)
@@ -381,7 +382,8 @@ class ClassifierALBEF(ALBEFBase):
         prediction_m = None
         if self.distill:
             with torch.no_grad():
-                self._momentum_update()
+                if update_momentum:
+                    self._momentum_update()
                 prediction_m = self._predict(self.visual_encoder_m, self.text_encoder_m, self.cls_head_m,
                                              image, text, batch_size)
         return classification_distill_loss(prediction, targets, prediction_m, alpha)

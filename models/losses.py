@@ -87,3 +87,28 @@ def sample_negatives(weights, noise=None):
     if noise is None:
         noise = torch.empty_like(weights).exponential_(1)
     return torch.argmax(weights / noise, dim=-1)
+
+
+def mask_tokens(input_ids, vocab_size, pad_token_id, cls_token_id, mask_token_id, targets=None,
+                masked_indices=None, probability_matrix=None):
+    """BERT masking of `input_ids` in place: of the chosen tokens 80% become [MASK], 10% a random
+    token, 10% stay; `targets` (in place too) keep their value only where a token was chosen.
+
+    Every random draw is made on the CPU generator, in the original's order (bernoulli of
+    `probability_matrix`, 0.8, 0.5, then randint over the whole shape), and [PAD] and [CLS] are
+    never chosen. The ids may be on any device; the draws are the same."""
+    ids_cpu = input_ids.cpu()
+    if masked_indices is None:
+        masked_indices = torch.bernoulli(probability_matrix).bool()
+    # (masked_fill and where rather than boolean-mask indexing: the same values, and no
+    # data-dependent shapes, so nothing here reads the device even with the ids on it)
+    special = (ids_cpu == pad_token_id) | (ids_cpu == cls_token_id)
+    masked_indices = masked_indices.cpu() & ~special
+    if targets is not None:
+        targets.masked_fill_(~masked_indices.to(targets.device), -100)  # loss only on masked tokens
+    replaced = torch.bernoulli(torch.full(input_ids.shape, 0.8)).bool() & masked_indices
+    random_words = torch.bernoulli(torch.full(input_ids.shape, 0.5)).bool() & masked_indices & ~replaced
+    random_ids = torch.randint(vocab_size, input_ids.shape, dtype=torch.long)
+    input_ids.masked_fill_(replaced.to(input_ids.device), mask_token_id)
+    input_ids.copy_(torch.where(random_words, random_ids, input_ids.cpu()).to(input_ids.device))
+    return (input_ids, targets) if targets is not None else input_ids

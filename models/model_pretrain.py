@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from utils import to_device
 from .base import ContrastiveALBEF
-from .losses import mlm_loss
+from .losses import mask_tokens, mlm_loss
 from .xbert import BertForMaskedLM
 
 
@@ -20,19 +20,25 @@ class ALBEF(ContrastiveALBEF):
         # (--compile step); regional compilation (engine.build.compile_regions) leaves the MLM head eager
         self.mlm_positions = None
 
-    def forward(self, image, text, alpha=0):
-        """(loss_mlm, loss_ita, loss_itm). `text` is best passed on the CPU, as the tokenizer returns
-        it: the MLM masks are drawn there, on the host's own copy, and the text is moved to the
-        device without the host waiting for it. Text already on the device is copied back once."""
+    def forward(self, image, text, alpha=0, mlm=None, update_momentum=True):
+        """(loss_mlm, loss_ita, loss_itm). `mlm`: (input_ids, labels), the masked captions and their
+        MLM labels as the loader's collate drew them (dataset.MaskedCaptionCollate); without it the
+        masks are drawn here, after the ITM noise (the original's order of random draws). `text`
+        and `mlm` are best passed on the CPU, as the loader gives them: the masked positions and
+        the padding are read from the host's copy, and the tensors are moved to the device
+        without the host waiting. `update_momentum`: see _momentum_update."""
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
-        # the ITM negatives' noise first, then the MLM masks: the original's order of random draws
         itm_noise = self.draw_itm_noise(image.size(0), image.device)
-        input_ids = text.input_ids.cpu().clone()  # masked in place below; the caller's text is untouched
-        labels = input_ids.clone()
-        probability_matrix = torch.full(labels.shape, self.mlm_probability)
-        input_ids, labels = self.mask(input_ids, self.text_encoder.config.vocab_size, image.device,
-                                      targets=labels, probability_matrix=probability_matrix)
+        if mlm is None:
+            input_ids = text.input_ids.cpu().clone()  # masked in place below; the caller's text is untouched
+            labels = input_ids.clone()
+            probability_matrix = torch.full(labels.shape, self.mlm_probability)
+            input_ids, labels = self.mask(input_ids, self.text_encoder.config.vocab_size, image.device,
+                                          targets=labels, probability_matrix=probability_matrix)
+        else:
+            input_ids, labels = mlm
+            labels = labels.cpu()  # read on the host below (the loader's copy is there already)
         # The loss reads only the masked positions (about 15%), so the MLM head, whose vocabulary
         # projection costs about three BERT-base layers per token, runs on those alone: same loss.
         size = self.mlm_positions
@@ -51,7 +57,7 @@ class ALBEF(ContrastiveALBEF):
         # The fusion passes return the masked tokens' outputs only (M, width), in the order of `masked`.
         loss_ita, loss_itm, mlm_states, mlm_states_m = self.contrastive_forward(
             image, text, alpha, mlm_input_ids=input_ids, itm_noise=itm_noise, host_mask=host_mask,
-            mlm_positions=masked.clamp(min=0))
+            mlm_positions=masked.clamp(min=0), update_momentum=update_momentum)
         with torch.no_grad():
             logits_m = self.text_encoder_m.cls(mlm_states_m)
         logits = self.text_encoder.cls(mlm_states)
@@ -60,26 +66,11 @@ class ALBEF(ContrastiveALBEF):
 
     @torch.compiler.disable  # host work on the CPU generator (and the tokenizer): not traced when compiled
     def mask(self, input_ids, vocab_size, device, targets=None, masked_indices=None, probability_matrix=None):
-        """BERT masking: of the chosen tokens 80% become [MASK], 10% a random token, 10% stay.
-
-        Every random draw is made on the CPU generator, in the original's order (bernoulli 0.15,
-        0.8, 0.5, then randint over the whole shape), and [PAD] and [CLS] are never chosen.
-        """
-        ids_cpu = input_ids.cpu()
-        if masked_indices is None:
-            masked_indices = torch.bernoulli(probability_matrix).bool()
-        # (masked_fill and where rather than boolean-mask indexing: the same values, and no
-        # data-dependent shapes, so nothing here reads the device even with the ids on it)
-        special = (ids_cpu == self.tokenizer.pad_token_id) | (ids_cpu == self.tokenizer.cls_token_id)
-        masked_indices = masked_indices.cpu() & ~special
-        if targets is not None:
-            targets.masked_fill_(~masked_indices.to(targets.device), -100)  # loss only on masked tokens
-        replaced = torch.bernoulli(torch.full(input_ids.shape, 0.8)).bool() & masked_indices
-        random_words = torch.bernoulli(torch.full(input_ids.shape, 0.5)).bool() & masked_indices & ~replaced
-        random_ids = torch.randint(vocab_size, input_ids.shape, dtype=torch.long)
-        input_ids.masked_fill_(replaced.to(input_ids.device), self.tokenizer.mask_token_id)
-        input_ids.copy_(torch.where(random_words, random_ids, input_ids.cpu()).to(input_ids.device))
-        return (input_ids, targets) if targets is not None else input_ids
+        """BERT masking (models.losses.mask_tokens) with this model's tokenizer: of the chosen tokens
+        80% become [MASK], 10% a random token, 10% stay; draws on the CPU generator."""
+        return mask_tokens(input_ids, vocab_size, self.tokenizer.pad_token_id, self.tokenizer.cls_token_id,
+                           self.tokenizer.mask_token_id, targets=targets, masked_indices=masked_indices,
+                           probability_matrix=probability_matrix)
 
 
 def masked_index_bound(tokens, probability):

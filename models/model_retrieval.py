@@ -11,6 +11,7 @@ class ALBEF(ContrastiveALBEF):
         super().__init__(config, tokenizer, text_encoder, with_idx=True, momentum=momentum)
         self.distill = config['distill']  # the ITC targets; the momentum encoders exist either way
 
-    def forward(self, image, text, alpha, idx):
-        loss_ita, loss_itm, _, _ = self.contrastive_forward(image, text, alpha, idx=idx, distill=self.distill)
+    def forward(self, image, text, alpha, idx, update_momentum=True):
+        loss_ita, loss_itm, _, _ = self.contrastive_forward(image, text, alpha, idx=idx, distill=self.distill,
+                                                            update_momentum=update_momentum)
         return loss_ita, loss_itm

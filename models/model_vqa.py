@@ -37,7 +37,7 @@ class ALBEF(ALBEFBase):
                             encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
                             return_dict=True).last_hidden_state
 
-    def forward(self, image, quesiton, answer=None, alpha=0, k=None, weights=None, train=True):
+    def forward(self, image, quesiton, answer=None, alpha=0, k=None, weights=None, train=True, update_momentum=True):
         question = quesiton  # the original keyword is spelled this way; scripts pass it positionally
         question_output = self._question_states(self.visual_encoder, self.text_encoder, image, question)
         if not train:
@@ -56,7 +56,8 @@ class ALBEF(ALBEFBase):
         soft_labels = None
         if self.distill:
             with torch.no_grad():
-                self._momentum_update()
+                if update_momentum:
+                    self._momentum_update()
                 question_output_m = self._question_states(self.visual_encoder_m, self.text_encoder_m, image, question)
                 question_states_m = torch.repeat_interleave(question_output_m, repeats, dim=0, output_size=rows)
                 logits_m = self.text_decoder_m(answer.input_ids, attention_mask=answer.attention_mask,

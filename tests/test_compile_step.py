@@ -127,12 +127,3 @@ def test_a_compiler_error_turns_every_compiled_layer_back_to_eager(make_model, c
         torch._dynamo.reset()
     torch.testing.assert_close(out, expected)
     assert first.failed and capsys.readouterr().out.count('torch.compile failed (BackendCompilerFailed') == 1
-
-
-def test_the_loop_pauses_the_momentum_update_of_a_compiled_model(make_model):
-    """train_one_epoch sets momentum_paused on what it calls (accumulation): through the compile
-    wrapper it must reach the model, whose compiled forward reads it."""
-    model = make_model('pretrain')
-    wrapped = engine.build.CompileFallback(model, model)
-    wrapped.momentum_paused = True
-    assert model.momentum_paused is True and wrapped.momentum_paused is True

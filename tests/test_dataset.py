@@ -471,9 +471,9 @@ def test_loaders(configs):
     order += order[:-len(order) % 2]  # DistributedSampler pads to a multiple of the world size
     loader.sampler.set_epoch(3)
     assert [(epoch, i) for epoch, i in loader.sampler] == [(3, i) for i in order[1::2]]
-    (_, caption, idx), skipped = next(iter(loader))
+    _, caption, idx = next(iter(loader))
     _, expected_caption, expected_idx = train[order[1]]
-    assert (list(caption), idx.tolist(), skipped) == ([expected_caption], [expected_idx], 0)
+    assert (list(caption), idx.tolist(), loader.skipped) == ([expected_caption], [expected_idx], None)
     loader = eval_loader(val, 2, options, rank=1, world_size=2)
     assert list(loader.sampler) == list(range(1, len(val), 2)) and not loader.drop_last
     assert [index.tolist() for _, index in loader] == [list(range(1, len(val), 2))[k:k + 2]

@@ -15,7 +15,7 @@ from PIL import Image
 
 from dataset import DataError
 from dataset.dealing import EpochPlan, quotas_of
-from dataset.loaders import StreamCollate, StreamLoader
+from dataset.loaders import StreamLoader
 from dataset.shards import ShardStream, check_first_samples, expand, shard_sizes
 
 SIZES = [48, 47, 49, 50, 49, 50, 10]  # what img2dataset wrote for 310 URLs at 50 per shard
@@ -159,7 +159,7 @@ def test_short_shard_is_reported_once_and_every_rank_keeps_its_steps(tmp_path, c
     for rank in range(2):
         stream = ShardStream(urls, None, batch_size=5, num_workers=2, rank=rank, world_size=2, seed=1,
                              sizes=sizes, shuffle_buffer=4)
-        loader = StreamLoader(stream, num_workers=2, collate_fn=StreamCollate(lambda items: items))
+        loader = StreamLoader(stream, num_workers=2, collate_fn=lambda items: items)
         for epoch in range(2):
             stream.set_epoch(epoch)
             batches = list(loader)
@@ -177,9 +177,9 @@ def test_short_shard_is_reported_once_and_every_rank_keeps_its_steps(tmp_path, c
 def test_epoch_counts_with_real_workers(web_shards):
     urls = expand(os.path.join(web_shards, '{00000..00006}.tar'))
     stream = ShardStream(urls, None, batch_size=20, num_workers=2, seed=0, sizes=SIZES)
-    loader = StreamLoader(stream, num_workers=2, collate_fn=StreamCollate(lambda items: items))
+    loader = StreamLoader(stream, num_workers=2, collate_fn=lambda items: items)
     stream.set_epoch(0)
-    captions = [c for batch, _ in loader for _, c in batch]
+    captions = [c for batch in loader for _, c in batch]
     assert len(captions) == len(set(captions)) == 300
     assert loader.epoch_counts() == {'samples': 300, 'distinct_samples': 300, 'left_out_samples': 3,
                                      'shards_cut_short': 0}

@@ -480,11 +480,11 @@ def test_signals_in_one_process(demo_config, tmp_path, capsys, monkeypatch, defa
     for signum, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         steps, out = [], tmp_path / signum.name
 
-        def step_then_signal(model, batch, alpha, run):
+        def step_then_signal(model, batch, alpha, run, update_momentum=True):
             steps.append(len(steps))
             if len(steps) == 3:
                 os.kill(os.getpid(), signum)
-            return train_step(model, batch, alpha, run)
+            return train_step(model, batch, alpha, run, update_momentum)
 
         monkeypatch.setattr(Pretrain, 'train_step', step_then_signal)
         capsys.readouterr()

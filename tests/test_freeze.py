@@ -10,6 +10,7 @@ import torch
 import engine
 import Pretrain
 from configuration import COMMON_KEYS, ConfigError
+from dataset import Batch
 from engine.options import effective_config, get_args_parser
 from models.freeze import freeze_towers, parameter_counts
 from scheduler import create_scheduler
@@ -71,8 +72,8 @@ class Batches:
     def __init__(self, tokenizer, steps, seed=0):
         generator = torch.Generator().manual_seed(seed)
         captions = ['a red circle', 'two blue squares on the left', 'a green triangle', 'a small yellow star']
-        self.batches = [(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=generator),
-                         tokenizer(captions, padding='longest', return_tensors='pt')) for _ in range(steps)]
+        self.batches = [Batch(image=torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=generator),
+                              text=tokenizer(captions, padding='longest', return_tensors='pt')) for _ in range(steps)]
         self.batch_size, self.sampler = 4, self
 
     def set_epoch(self, epoch, start=0):
@@ -82,7 +83,7 @@ class Batches:
         return len(self.batches)
 
     def __iter__(self):
-        return iter([(batch, 0) for batch in self.batches])
+        return iter(self.batches)
 
 
 def make_run(tmp_path, resume=False, epochs=1, **keys):
@@ -193,7 +194,7 @@ def test_grad_clip_norm_clips_the_true_gradient(tmp_path, fp16):
             return {'loss': (model.weight * torch.tensor([[3., 4.]])).sum() + 12 * model.bias.sum()}
 
         engine.train_one_epoch(model, OneBatch(), optimizer, scheduler, 0, run, training.state,
-                               lambda m, b, a: train_step(m, b, a, run))
+                               lambda m, b, a, **step: train_step(m, b, a, run))
     assert seen[None] == ([[3.0, 4.0]], [12.0])
     weight, bias = seen[6.5]
     assert weight[0] == pytest.approx([1.5, 2.0], rel=1e-5) and bias == pytest.approx([6.0], rel=1e-5)
@@ -210,4 +211,4 @@ class OneBatch:
         return 1
 
     def __iter__(self):
-        return iter([(None, 0)])
+        return iter([None])

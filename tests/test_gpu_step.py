@@ -17,7 +17,7 @@ import utils
 from conftest import ROOT
 
 
-def test_momentum_update_in_one_lerp_equals_the_per_parameter_loop(make_model):
+def test_momentum_update_in_one_lerp_equals_the_per_parameter_loop(make_model, tokenizer):
     """One torch._foreach_lerp_ over all parameters computes the original's loop
     m * theta_m + (1 - m) * theta at float32 rounding (not bit for bit: the rounding order
     differs); rtol 1e-6 is a few units in the last place."""
@@ -35,10 +35,14 @@ def test_momentum_update_in_one_lerp_equals_the_per_parameter_loop(make_model):
     assert len(updated) == len(expected) > 50
     for a, b in zip(updated, expected):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    model.momentum_paused = True  # accumulation: no update on the later micro-batches
+    # accumulation: a forward told so (the later micro-batches of an optimizer step) leaves them as they are
+    image = torch.randn(2, 3, 32, 32)
+    text = tokenizer(['a red circle', 'two blue squares'], padding='longest', return_tensors='pt')
     before = [p.clone() for p in updated]
-    model._momentum_update()
+    model(image, text, alpha=0.4, update_momentum=False)
     assert all(torch.equal(a, b) for a, b in zip(updated, before))
+    model(image, text, alpha=0.4)  # the default: the original's update in every forward
+    assert not any(torch.equal(a, b) for a, b in zip(updated, before))
 
 
 def test_contrastive_similarities_are_float32_under_bf16(make_model):

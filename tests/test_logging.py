@@ -16,6 +16,7 @@ import torch
 
 import engine
 import engine.options
+from dataset import Batch
 import Pretrain
 import tracking
 from conftest import run_script
@@ -259,8 +260,9 @@ def test_evaluate_accuracy_is_a_rounded_number(tokenizer):
     run = engine.Run(args=None, config={}, tokenizer=tokenizer)
     # 5 of 7 targets are 1: 0.714285... logged as 0.7143
     targets = [torch.tensor([1, 1, 0]), torch.tensor([1, 1, 1, 0])]
-    loader = [(torch.zeros(len(t), 3, 4, 4), ['a cat'] * len(t), t) for t in targets]
-    result = engine.evaluate_accuracy(Model(), loader, run, lambda batch: batch)
+    loader = [Batch(image=torch.zeros(len(t), 3, 4, 4), text=tokenizer(['a cat'] * len(t), return_tensors='pt'),
+                    targets=t) for t in targets]
+    result = engine.evaluate_accuracy(Model(), loader, run)
     assert result == {'acc': 0.7143} and type(result['acc']) is float
 
 

@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import engine
 from benchmarks.sync_check import Batches
+from dataset.collate import NLVRCollate, RetrievalCollate, VQACollate
 from engine.checkpointing import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +122,7 @@ def run_steps(model, tokenizer, batches, train_step, config_extra=None):
     optimizer = create_optimizer(config['optimizer'], model)  # fused AdamW, as the scripts build it
     recorder = HostReads()
     engine.train_one_epoch(model, Batches(batches, recorder.__enter__, lambda: recorder.__exit__(None, None, None)), optimizer, NoScheduler(), 1, run,
-                           TrainState(), lambda m, b, a: train_step(m, b, a, run))
+                           TrainState(), lambda m, b, a, **step: train_step(m, b, a, run, **step))
     return recorder
 
 
@@ -151,16 +152,18 @@ def uint8_images(n, seed):
 
 def test_pretraining_steps_read_nothing_back(make_model, tokenizer):
     import Pretrain
-    from dataset import CaptionCollate
-    # as the loader delivers them: uint8 images, captions tokenised by the workers' collate
-    collate = CaptionCollate(tokenizer)
+    from dataset import MaskedCaptionCollate
+    # as the loader delivers them: uint8 images, captions tokenised and masked by the workers' collate
+    model = make_model('pretrain')
+    collate = MaskedCaptionCollate(tokenizer, 0.15, model.text_encoder.config.vocab_size)
     batches = [collate(list(zip(uint8_images(4, s), captions(s)))) for s in range(4)]
-    assert_no_host_reads(run_steps(make_model('pretrain'), tokenizer, batches, Pretrain.train_step))
+    assert_no_host_reads(run_steps(model, tokenizer, batches, Pretrain.train_step))
 
 
 def test_retrieval_steps_read_nothing_back(make_model, tokenizer):
     import Retrieval
-    batches = [(images(4, s), captions(s), torch.tensor([s, s, s + 1, s + 2])) for s in range(4)]
+    collate = RetrievalCollate(tokenizer)
+    batches = [collate(list(zip(images(4, s), captions(s), [s, s, s + 1, s + 2]))) for s in range(4)]
     assert_no_host_reads(run_steps(make_model('retrieval'), tokenizer, batches, Retrieval.train_step))
 
 
@@ -168,16 +171,17 @@ def test_vqa_steps_read_nothing_back(make_model, tokenizer):
     import VQA
     questions = ['what color is the circle?', 'how many squares are there?', 'is there a triangle?',
                  'where is the square?']
-    batches = []
-    for s in range(4):
-        answers, weights, n = ['red', 'blue', 'two', 'yes', 'left', 'right'], [1., .5, .5, 1., .7, .3], [1, 2, 1, 2]
-        batches.append((images(4, s), questions, answers, torch.tensor(weights), n))
+    answers = [['red'], ['blue', 'two'], ['yes'], ['left', 'right']]
+    weights = [[1.], [.5, .5], [1.], [.7, .3]]
+    collate = VQACollate(tokenizer)
+    batches = [collate(list(zip(images(4, s), questions, answers, weights))) for s in range(4)]
     assert_no_host_reads(run_steps(make_model('vqa'), tokenizer, batches, VQA.train_step))
 
 
 def test_nlvr_steps_read_nothing_back(make_model, tokenizer):
     import NLVR
-    batches = [(images(4, s), images(4, s + 10), captions(s), torch.tensor([0, 1, 1, 0])) for s in range(4)]
+    collate = NLVRCollate(tokenizer)
+    batches = [collate(list(zip(images(4, s), images(4, s + 10), captions(s), [0, 1, 1, 0]))) for s in range(4)]
     assert_no_host_reads(run_steps(make_model('nlvr'), tokenizer, batches, NLVR.train_step))
 
 

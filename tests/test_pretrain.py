@@ -47,9 +47,9 @@ def initial_losses(config_path, seeds, batch_size):
         np.random.seed(seed)
         torch.manual_seed(seed)
         model = ALBEF(config=config, text_encoder=None, tokenizer=tokenizer, init_deit=False).train()
-        image, text = collate([dataset[int(i)] for i in torch.randperm(len(dataset))[:batch_size]])
-        with torch.no_grad():
-            losses.append(sum(loss.item() for loss in model(normalize(image), text, alpha=0)))
+        batch = collate([dataset[int(i)] for i in torch.randperm(len(dataset))[:batch_size]])
+        with torch.no_grad():  # (the masks drawn in the model, after the ITM noise)
+            losses.append(sum(loss.item() for loss in model(normalize(batch.image), batch.text, alpha=0)))
     return torch.tensor(losses, dtype=torch.float64)
 
 

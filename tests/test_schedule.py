@@ -27,7 +27,7 @@ class EpochLoader:
         return self.first_epoch_steps if self.epoch == 0 else 1
 
     def __iter__(self):
-        return iter([((self.epoch, i), 0) for i in range(len(self))])
+        return iter([(self.epoch, i) for i in range(len(self))])
 
 
 def step_trace(config_path, epochs, iterations_per_epoch, tmp_path, **fit_kwargs):
@@ -46,7 +46,7 @@ def step_trace(config_path, epochs, iterations_per_epoch, tmp_path, **fit_kwargs
                                Checkpointer(str(tmp_path), model, optimizer, scheduler, config), TrainState())
     trace = []
 
-    def train_step(model, batch, alpha, run):
+    def train_step(model, batch, alpha, run, update_momentum=True):
         epoch, i = batch
         trace.append((epoch, i, optimizer.param_groups[0]['lr'], float(alpha)))
         assert optimizer.param_groups[0]['lr'] == optimizer.param_groups[1]['lr']

@@ -178,8 +178,9 @@ def test_jpeg_draft_decodes_smaller_only_where_the_crop_keeps_its_resolution(tmp
 def test_caption_collate_tokenises(tokenizer):
     collate = dataset.CaptionCollate(tokenizer)
     images = [torch.zeros(3, 4, 4, dtype=torch.uint8)] * 2
-    image, text = collate(list(zip(images, ['a red square', 'two ' * 40])))
-    assert image.shape == (2, 3, 4, 4) and text.input_ids.shape == (2, 25)
+    batch = collate(list(zip(images, ['a red square', 'two ' * 40])))
+    image, text = batch.image, batch.text
+    assert batch.mlm is None and image.shape == (2, 3, 4, 4) and text.input_ids.shape == (2, 25)
     expected = tokenizer(['a red square', 'two ' * 40], padding='longest', truncation=True, max_length=25,
                          return_tensors='pt')
     assert torch.equal(text.input_ids, expected.input_ids) and torch.equal(text.attention_mask, expected.attention_mask)
