@@ -47,10 +47,11 @@ def _train(make_model, tokenizer, tmp_path, compiled):
     optimizer_step = engine.build.make_optimizer_step(optimizer, run, backend='aot_eager')
     losses, graphs = [], []
 
-    def train_step(m, batch, alpha):
+    def train_step(m, batch, alpha, update_momentum=True):
         image, caption = batch
         text = tokenizer(list(caption), padding='max_length', truncation=True, max_length=12, return_tensors='pt')
-        out = dict(zip(('loss_mlm', 'loss_ita', 'loss_itm'), m(image, text, alpha=alpha)))
+        out = dict(zip(('loss_mlm', 'loss_ita', 'loss_itm'), m(image, text, alpha=alpha,
+                                                                update_momentum=update_momentum)))
         losses.append([float(v.detach()) for v in out.values()])
         return out
 
@@ -60,7 +61,7 @@ def _train(make_model, tokenizer, tmp_path, compiled):
             graphs.append(counters['stats']['unique_graphs'])
 
     torch.manual_seed(0)
-    engine.train_one_epoch(step_model, run.train_loader(Captions(), 4), optimizer, EveryStep(), 0, run,
+    engine.train_one_epoch(step_model, engine.train_loader(run, Captions(), 4), optimizer, EveryStep(), 0, run,
                            TrainState(), train_step, optimizer_step=optimizer_step)
     assert fallback is None or not fallback.failed
     return losses, graphs, [group['lr'] for group in optimizer.param_groups]
