@@ -15,8 +15,8 @@ def test_a_non_finite_loss_stops_the_run(demo_config, tmp_path, capsys, monkeypa
                          schedular={'epochs': 1})
     train_step, steps = Pretrain.train_step, []
 
-    def nan_at_step_2(model, batch, alpha, run):
-        losses = train_step(model, batch, alpha, run)
+    def nan_at_step_2(model, batch, alpha, run, update_momentum=True):
+        losses = train_step(model, batch, alpha, run, update_momentum)
         steps.append(len(steps))
         if len(steps) == 3:
             losses['loss_itm'] = losses['loss_itm'] * float('nan')
