@@ -210,8 +210,8 @@ class ContrastiveALBEF(ALBEFBase):
         text.attention_mask, from which the text and fusion passes on another device learn which
         tokens to skip (xbert.Packing) without reading the device. `mlm_positions` (M,: flat
         positions b * L + l of the tokens the MLM head reads, on the device): the MLM outputs are
-        then those tokens' alone, (M, width), and the last fusion layer computes no others. `update_momentum`: see
-        _momentum_update.
+        then those tokens' alone, (M, width), and the last fusion layer computes no others.
+        `update_momentum`: see _momentum_update.
         """
         if host_mask is not None and image.device.type == 'cpu':
             host_mask = None  # the passes find the tokens from the mask itself
