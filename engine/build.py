@@ -101,7 +101,8 @@ def freeze(model, config):
     except ValueError as error:
         raise ConfigError(str(error)) from None
     trained, total = parameter_counts(model)
-    utils.print0(f'trained parameters: {trained:,} of {total:,}' + (f' ({frozen} frozen)' if frozen else ''), flush=True)
+    utils.print0(f'trained parameters: {trained:,} of {total:,}' + (f' ({frozen} frozen)' if frozen else ''),
+                 flush=True)
 
 
 def wrap_model(model, run, find_unused_parameters=False):

@@ -161,7 +161,8 @@ def fit(run, training, loader, train_step, evaluate=None, best_key=None, evaluat
         stats = {}
         if not evaluate_only:
             train_stats = train_one_epoch(training.model, loader, training.optimizer, training.lr_scheduler, epoch,
-                                          run, state, lambda m, b, a, update_momentum: train_step(m, b, a, run, update_momentum),
+                                          run, state,
+                                          lambda m, b, a, update_momentum: train_step(m, b, a, run, update_momentum),
                                           checkpointer, alpha_ramp=alpha_ramp, digits=digits,
                                           optimizer_step=training.optimizer_step)
             stats.update({f'train_{k}': v for k, v in train_stats.items()})

@@ -127,7 +127,8 @@ def setup(args, task):
               scaler=torch.amp.GradScaler(device.type, enabled=config['amp'] == 'fp16'))
     run.writer = tracking.ScalarWriter(run.output_dir, backends, config, enabled=run.is_main)
     if run.distributed:
-        print(f'process {run.rank} of {run.world_size} on {device} ({dist.get_backend()})')  # every process says where it runs
+        # every process says where it runs
+        print(f'process {run.rank} of {run.world_size} on {device} ({dist.get_backend()})')
     else:
         utils.print0(f'single process on {device}')
     return run
@@ -140,7 +141,7 @@ def check_output_dir(args):
     replaced = configuration.check_output_dir(args)
     if replaced:
         utils.print0(f"--overwrite: this run replaces {', '.join(replaced)} in {args.output_dir} "
-              f"(removed when it writes its first file)")
+                     f"(removed when it writes its first file)")
     return replaced
 
 

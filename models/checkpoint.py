@@ -116,7 +116,8 @@ def read_checkpoint(path, trust=False):
     except Exception as error:  # a truncated zip, a torn write, ...
         raise CheckpointError(f'{path} is not a PyTorch checkpoint ({one_line(error)})') from None
     if trust:
-        utils.print0(f'{path}: fully unpickled, as --trust_checkpoint asks (it holds {", ".join(needs) or "Python objects"})')
+        holds = ', '.join(needs) or 'Python objects'
+        utils.print0(f'{path}: fully unpickled, as --trust_checkpoint asks (it holds {holds})')
         return torch.load(path, map_location='cpu', weights_only=False)
     released = _read_released(path, needs)
     if released is not None:
