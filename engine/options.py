@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+import tasks
 import tracking
 from configuration import ConfigError
 
@@ -149,7 +150,7 @@ def compile_mode(value):
     if value is True:
         return 'layers'
     if value not in COMPILE_MODES:
-        raise ConfigError(f"compile: expected true (= layers), false, layers or step, got {value!r}")
+        raise ConfigError(f"compile: expected {tasks.COMMON_KEYS['compile'].allowed}, got {value!r}")
     return value
 
 

@@ -152,6 +152,16 @@ def tokenizer(minilm_dir):
 # ---- tiny ALBEF models (shared by the model tests) ------------------------------------------------
 TINY_BERT_CONFIG = os.path.join(ROOT, 'tests', 'fixtures', 'config_bert_tiny.json')
 
+
+def tiny_bert_config(**overrides):
+    """The tiny BERT's BertConfig, with `overrides` set on it."""
+    from models.xbert import BertConfig
+    config = BertConfig.from_json_file(TINY_BERT_CONFIG)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
 # ViT 32x32 with 8x8 patches (16 patches + CLS), width 48; BERT width 32, 4 layers, fusion at 2
 TINY_CONFIG = dict(bert_config=TINY_BERT_CONFIG, image_res=32, patch_size=8, vision_width=48, vision_depth=2,
                    vision_num_heads=4, embed_dim=16, temp=0.07, mlm_probability=0.15, queue_size=16,
@@ -308,3 +318,20 @@ def _pretrain_demo(base):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     last = sorted(p for p in os.listdir(out) if p.startswith('checkpoint_'))[-1]
     return {'world': world, 'pretrain_world': pretrain_world, 'checkpoint': str(out / last), 'config': config}
+
+
+def assert_same_steps(ours, our_grads, theirs, their_grads, grad_atol):
+    """Two paths' losses (rtol 1e-5, atol 1e-6) and gradients (rtol 1e-4, atol `grad_atol`) of one step."""
+    import torch
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert our_grads.keys() == their_grads.keys()
+    for name in our_grads:
+        torch.testing.assert_close(our_grads[name], their_grads[name], rtol=1e-4, atol=grad_atol, msg=name)
+
+
+def assert_same_state(model, other):
+    """Every state_dict entry, weights, momentum weights and queues alike (rtol 1e-5, atol 1e-6)."""
+    import torch
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

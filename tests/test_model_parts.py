@@ -14,16 +14,10 @@ import re
 import pytest
 import torch
 
-from conftest import ROOT, TINY_BERT_CONFIG
+from conftest import ROOT, TINY_BERT_CONFIG, tiny_bert_config
 from models.model_nlvr import share_cross_attention
 from models.xbert import BertConfig, BertForMaskedLM, BertModel
 
-
-def tiny_bert_config(**overrides):
-    config = BertConfig.from_json_file(TINY_BERT_CONFIG)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
 
 
 # ---------------------------------------------------------------------------------------------------

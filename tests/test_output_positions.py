@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_BERT_CONFIG
+from conftest import TINY_BERT_CONFIG, assert_same_state, assert_same_steps
 from models import xbert
 from models.xbert import Packing
 
@@ -130,10 +130,5 @@ def test_the_step_computing_only_what_it_reads_equals_the_full_passes(make_model
         with monkeypatch.context() as patch:
             full_passes(patch)
             theirs, their_grads = step(reference, image, text, idx, seed)
-        for a, b in zip(ours, theirs):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        assert our_grads.keys() == their_grads.keys()
-        for name in our_grads:
-            torch.testing.assert_close(our_grads[name], their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        assert_same_steps(ours, our_grads, theirs, their_grads, grad_atol=1e-6)
+    assert_same_state(model, reference)

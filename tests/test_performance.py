@@ -12,6 +12,7 @@ import torch
 import engine
 import engine.build
 import engine.options
+from conftest import assert_same_state, assert_same_steps
 from engine.checkpointing import TrainState
 from models.losses import sample_negatives
 
@@ -79,13 +80,8 @@ def test_default_path_equals_the_plain_path(bench, make_model, tokenizer, tiny_c
         text = tokenizer(captions, padding='longest', return_tensors='pt')
         with bench.plain_path():
             theirs, their_grads = losses_and_grads(plain, image, text, seed=step)
-        for a, b in zip(ours, theirs):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        assert our_grads.keys() == their_grads.keys()
-        for name in our_grads:
-            torch.testing.assert_close(our_grads[name], their_grads[name], rtol=1e-4, atol=1e-5, msg=name)
-    for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)  # momentum weights and queues
+        assert_same_steps(ours, our_grads, theirs, their_grads, grad_atol=1e-5)
+    assert_same_state(model, plain)  # momentum weights and queues too
 
 
 def test_explicit_attention_of_the_plain_path_equals_sdpa(bench):

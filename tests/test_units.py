@@ -11,18 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_BERT_CONFIG
+from conftest import tiny_bert_config
 from models import losses
 from models.model_vqa import tile
 from models.vit import VisionTransformer, interpolate_pos_embed
-from models.xbert import BertConfig, BertLMHeadModel, BertModel
+from models.xbert import BertLMHeadModel, BertModel
 
-
-def tiny_bert_config(**overrides):
-    config = BertConfig.from_json_file(TINY_BERT_CONFIG)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
 
 
 # ---------------------------------------------------------------------------------------------------
